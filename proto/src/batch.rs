@@ -1,0 +1,1 @@
+//! Batch file formats (placeholder).

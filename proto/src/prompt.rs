@@ -1,0 +1,1 @@
+//! The NewBie XML prompt language (placeholder; see the prompt-language work).

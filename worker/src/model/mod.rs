@@ -1,0 +1,1 @@
+//! NewBie-image-Exp0.1 model code: one struct per block, field paths equal to checkpoint key names.
