@@ -1,1 +1,18 @@
 //! NewBie-image-Exp0.1 model code: one struct per block, field paths equal to checkpoint key names.
+//!
+//! * [`dit`]: the Next-DiT denoiser (`NextDiT_CLIP`).
+//! * [`sampler`]: the flow-matching sampler (Euler / midpoint, CFG with truncation and renorm), apart
+//!   from the network behind a `Denoiser` trait.
+//! * [`gemma3`], [`jina`]: the two text encoders; [`tokenizer`]: their tokenizers.
+//! * [`vae`]: the FLUX VAE decoder.
+//! * [`loading`]: strict checkpoint loading (key sets compared both ways, shapes, dtypes).
+//! * [`pipeline`]: text to RGB images, the whole chain, with per-step callbacks and cancellation.
+
+pub mod dit;
+pub mod gemma3;
+pub mod jina;
+pub mod loading;
+pub mod pipeline;
+pub mod sampler;
+pub mod tokenizer;
+pub mod vae;
