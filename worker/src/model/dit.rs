@@ -1,1 +1,898 @@
-//! (in progress)
+//! The Next-DiT denoiser of NewBie-image-Exp0.1 (`NextDiT_CLIP`, spec §2-§4).
+//!
+//! Structure (one struct per block, field paths equal to the original checkpoint key names):
+//!
+//! * [`TimestepEmbedder`] `t_embedder.mlp.{0,2}`: sinusoid (256, `[cos, sin]`) → Linear → SiLU → Linear.
+//! * `clip_text_pooled_proj.{0,1}` (RMSNorm → Linear) and `time_text_embed.1` (SiLU → Linear on
+//!   `cat[t_emb, clip_emb]`) build the conditioning vector `adaln_in` used by every modulated block.
+//! * `cap_embedder.{0,1}` (RMSNorm → Linear) embeds the caption features.
+//! * [`JointTransformerBlock`]: sandwich RMSNorm around GQA attention (qk-norm, 3-axis interleaved RoPE)
+//!   and a SwiGLU FFN; modulated blocks add scale-only modulation and tanh gates.
+//!   Two unmodulated `context_refiner` blocks on the caption, two modulated `noise_refiner` blocks on
+//!   the image tokens, then `n_layers` modulated `layers` on the joint `[caption ; image]` sequence.
+//! * [`FinalLayer`]: LayerNorm without affine (eps 1e-6), scale-only modulation, Linear to patches.
+//!
+//! Numerics: timestep sinusoids, RoPE tables (angles in f64, then f32), RoPE rotation and every norm's
+//! statistics are computed in f32 and cast back to the weight dtype; the returned velocity is f32.
+//!
+//! Batches may mix captions of different lengths: each sample's joint sequence is
+//! `[its valid caption tokens ; its image tokens]`, right-padded to the longest one, and attention
+//! uses a boolean key-padding mask (dropped entirely when no sample is padded, so that the fastest
+//! SDPA kernel can run).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Width of the sinusoidal timestep embedding fed to `t_embedder.mlp.0` ([NB-model] `frequency_embedding_size`).
+pub const TIME_FREQ_DIM: i64 = 256;
+/// `max_period` of the timestep sinusoid ([NB-model]).
+pub const TIME_MAX_PERIOD: f64 = 10000.0;
+/// LayerNorm eps of the final layer ([NB-model] `FinalLayer`, `elementwise_affine=False, eps=1e-6`).
+pub const FINAL_LAYERNORM_EPS: f64 = 1e-6;
+/// Upper bound of the time-embedding width: `min(dim, 1024)` ([NB-model]).
+pub const MAX_T_EMB_DIM: i64 = 1024;
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// DiT configuration. Mirrors `transformer/config.json` of the official layout ([LT] converter:
+/// `patch_size, dim, n_layers, n_heads, n_kv_heads, in_channels, axes_dims, axes_lens, clip_text_dim`)
+/// plus the constructor defaults of `NextDiT` that the file leaves out; missing fields take the
+/// NewBie-image-Exp0.1 values. The diffusers `Lumina2Transformer2DModel` names are accepted as aliases.
+/// Derived sizes (`head_dim`, `ffn_hidden`, `t_emb_dim`, `n_rep`) are methods, never stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default = "DitConfig::newbie_exp0_1")]
+pub struct DitConfig {
+    pub patch_size: i64,
+    pub in_channels: i64,
+    #[serde(alias = "hidden_size")]
+    pub dim: i64,
+    #[serde(alias = "num_layers")]
+    pub n_layers: i64,
+    #[serde(alias = "num_refiner_layers")]
+    pub n_refiner_layers: i64,
+    #[serde(alias = "num_attention_heads")]
+    pub n_heads: i64,
+    #[serde(alias = "num_kv_heads")]
+    pub n_kv_heads: i64,
+    pub multiple_of: i64,
+    pub ffn_dim_multiplier: Option<f64>,
+    /// eps of the four block RMSNorms and of `cap_embedder.0`.
+    pub norm_eps: f64,
+    pub qk_norm: bool,
+    pub cap_feat_dim: i64,
+    #[serde(alias = "axes_dim_rope")]
+    pub axes_dims: Vec<i64>,
+    pub axes_lens: Vec<i64>,
+    #[serde(alias = "pooled_projection_dim")]
+    pub clip_text_dim: i64,
+    pub rope_theta: f64,
+    /// eps of `attention.q_norm` / `attention.k_norm` (spec §2: 1e-5 with apex, 1e-6 in the fallback class).
+    #[serde(default = "default_eps", alias = "qk_norm_rmsnorm_eps")]
+    pub qk_norm_eps: f64,
+    /// eps of `clip_text_pooled_proj.0`.
+    #[serde(default = "default_eps", alias = "clip_text_pooled_proj_rmsnorm_eps")]
+    pub clip_proj_norm_eps: f64,
+}
+
+impl DitConfig {
+    /// NewBie-image-Exp0.1: factory `NextDiT_3B_GQA_patch2_Adaln_Refiner_WHIT_CLIP` in
+    /// `NewBieAI-Lab/NewBie-image-Exp0.1` `models/model.py` (commit 709e9a4), built with
+    /// `in_channels=16, qk_norm=True, cap_feat_dim=2560` (Gemma3-4B hidden size) as in `demo.py`;
+    /// `transformer/config.json` per the official converter (spec §1-§2). 3,486,636,096 parameters.
+    pub fn newbie_exp0_1() -> Self {
+        Self {
+            patch_size: 2,
+            in_channels: 16,
+            dim: 2304,
+            n_layers: 36,
+            n_refiner_layers: 2,
+            n_heads: 24,
+            n_kv_heads: 8,
+            multiple_of: 256,
+            ffn_dim_multiplier: None,
+            norm_eps: 1e-5,
+            qk_norm: true,
+            cap_feat_dim: 2560,
+            axes_dims: vec![32, 32, 32],
+            axes_lens: vec![1024, 512, 512],
+            clip_text_dim: 1024,
+            rope_theta: 10000.0,
+            qk_norm_eps: 1e-5,
+            clip_proj_norm_eps: 1e-5,
+        }
+    }
+
+    /// The tiny configuration of the public goldens (spec §12.1, `goldens/dit.json` `config`):
+    /// GQA with n_rep 2, unequal RoPE axes, FFN rounding (4·64 → 288 with multiple_of 96).
+    pub fn tiny() -> Self {
+        Self {
+            patch_size: 2,
+            in_channels: 16,
+            dim: 64,
+            n_layers: 2,
+            n_refiner_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            multiple_of: 96,
+            ffn_dim_multiplier: None,
+            norm_eps: 1e-5,
+            qk_norm: true,
+            cap_feat_dim: 40,
+            axes_dims: vec![4, 6, 6],
+            axes_lens: vec![64, 32, 32],
+            clip_text_dim: 24,
+            rope_theta: 10000.0,
+            qk_norm_eps: 1e-5,
+            clip_proj_norm_eps: 1e-5,
+        }
+    }
+
+    /// Reads a `config.json` (original or diffusers names); absent fields take the NewBie values.
+    pub fn from_json_file(path: &Path) -> Result<Self, DitError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DitError::Config(format!("reading {}: {e}", path.display())))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| DitError::Config(format!("parsing {}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.dim / self.n_heads
+    }
+
+    pub fn n_rep(&self) -> i64 {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// SwiGLU hidden width: `multiple_of * ceil(m * 4 * dim / multiple_of)` ([NB-model] `FeedForward`).
+    pub fn ffn_hidden(&self) -> i64 {
+        let mut hidden = 4 * self.dim;
+        if let Some(m) = self.ffn_dim_multiplier {
+            hidden = (m * hidden as f64) as i64;
+        }
+        self.multiple_of * ((hidden + self.multiple_of - 1) / self.multiple_of)
+    }
+
+    /// Width of the timestep embedding and of `adaln_in`: `min(dim, 1024)`.
+    pub fn t_emb_dim(&self) -> i64 {
+        self.dim.min(MAX_T_EMB_DIM)
+    }
+
+    pub fn out_channels(&self) -> i64 {
+        self.in_channels
+    }
+
+    /// Length of one patch vector: `p * p * in_channels`.
+    pub fn patch_dim(&self) -> i64 {
+        self.patch_size * self.patch_size * self.in_channels
+    }
+
+    pub fn validate(&self) -> Result<(), DitError> {
+        let bad = |m: String| Err(DitError::Config(m));
+        if self.dim <= 0 || self.n_heads <= 0 || self.n_kv_heads <= 0 || self.patch_size <= 0 {
+            return bad("dim, n_heads, n_kv_heads and patch_size must be positive".into());
+        }
+        if self.dim % self.n_heads != 0 {
+            return bad(format!("dim {} not divisible by n_heads {}", self.dim, self.n_heads));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("n_heads {} not divisible by n_kv_heads {}", self.n_heads, self.n_kv_heads));
+        }
+        if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
+            return bad("axes_dims and axes_lens must have 3 entries".into());
+        }
+        if self.axes_dims.iter().any(|d| *d <= 0 || d % 2 != 0) {
+            return bad(format!("axes_dims {:?} must be positive and even", self.axes_dims));
+        }
+        if self.axes_dims.iter().sum::<i64>() != self.head_dim() {
+            return bad(format!(
+                "sum of axes_dims {:?} must equal head_dim {}",
+                self.axes_dims,
+                self.head_dim()
+            ));
+        }
+        if !self.qk_norm {
+            return bad("qk_norm=false is not supported (every released checkpoint has q_norm/k_norm)".into());
+        }
+        Ok(())
+    }
+
+    /// Every parameter of the model with its shape, in checkpoint key names (the key set a strict
+    /// loader expects). Computed from the configuration only; `NextDit::new` registers exactly these.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (d, t, c) = (self.dim, self.t_emb_dim(), self.clip_text_dim);
+        let hd = self.head_dim();
+        let qkv = (self.n_heads + 2 * self.n_kv_heads) * hd;
+        let f = self.ffn_hidden();
+        let mut v: Vec<(String, Vec<i64>)> = vec![
+            ("x_embedder.weight".into(), vec![d, self.patch_dim()]),
+            ("x_embedder.bias".into(), vec![d]),
+            ("t_embedder.mlp.0.weight".into(), vec![t, TIME_FREQ_DIM]),
+            ("t_embedder.mlp.0.bias".into(), vec![t]),
+            ("t_embedder.mlp.2.weight".into(), vec![t, t]),
+            ("t_embedder.mlp.2.bias".into(), vec![t]),
+            ("cap_embedder.0.weight".into(), vec![self.cap_feat_dim]),
+            ("cap_embedder.1.weight".into(), vec![d, self.cap_feat_dim]),
+            ("cap_embedder.1.bias".into(), vec![d]),
+            ("clip_text_pooled_proj.0.weight".into(), vec![c]),
+            ("clip_text_pooled_proj.1.weight".into(), vec![c, c]),
+            ("clip_text_pooled_proj.1.bias".into(), vec![c]),
+            ("time_text_embed.1.weight".into(), vec![t, t + c]),
+            ("time_text_embed.1.bias".into(), vec![t]),
+            ("norm_final.weight".into(), vec![d]),
+            ("final_layer.linear.weight".into(), vec![self.patch_size * self.patch_size * self.out_channels(), d]),
+            ("final_layer.linear.bias".into(), vec![self.patch_size * self.patch_size * self.out_channels()]),
+            ("final_layer.adaLN_modulation.1.weight".into(), vec![d, t]),
+            ("final_layer.adaLN_modulation.1.bias".into(), vec![d]),
+        ];
+        let mut block = |prefix: String, modulated: bool| {
+            let p = |s: &str| format!("{prefix}.{s}");
+            v.push((p("attention.qkv.weight"), vec![qkv, d]));
+            v.push((p("attention.out.weight"), vec![d, self.n_heads * hd]));
+            v.push((p("attention.q_norm.weight"), vec![hd]));
+            v.push((p("attention.k_norm.weight"), vec![hd]));
+            v.push((p("feed_forward.w1.weight"), vec![f, d]));
+            v.push((p("feed_forward.w2.weight"), vec![d, f]));
+            v.push((p("feed_forward.w3.weight"), vec![f, d]));
+            for n in ["attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"] {
+                v.push((p(&format!("{n}.weight")), vec![d]));
+            }
+            if modulated {
+                v.push((p("adaLN_modulation.1.weight"), vec![4 * d, t]));
+                v.push((p("adaLN_modulation.1.bias"), vec![4 * d]));
+            }
+        };
+        for i in 0..self.n_refiner_layers {
+            block(format!("noise_refiner.{i}"), true);
+        }
+        for i in 0..self.n_refiner_layers {
+            block(format!("context_refiner.{i}"), false);
+        }
+        for i in 0..self.n_layers {
+            block(format!("layers.{i}"), true);
+        }
+        v
+    }
+
+    /// Total parameter count, from [`Self::param_shapes`].
+    pub fn param_count(&self) -> i64 {
+        self.param_shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum()
+    }
+}
+
+/// Errors of the DiT: bad configuration or inputs that do not fit the model.
+#[derive(Debug, thiserror::Error)]
+pub enum DitError {
+    #[error("invalid DiT configuration: {0}")]
+    Config(String),
+    #[error("invalid DiT input: {0}")]
+    Input(String),
+}
+
+/// Registers a parameter with uninitialised storage: the weights are meant to be overwritten by the
+/// loader (or by [`NextDit::randomize`]), so nothing is written (and, for big models on CPU, no page
+/// is touched) at construction.
+fn param(vs: &nn::Path, name: &str, dims: &[i64]) -> Tensor {
+    vs.add(name, Tensor::empty(dims, (vs.kind(), vs.device())), false)
+}
+
+/// `x * rsqrt(mean(x², -1) + eps)` with the statistics in f32, cast back to `x`'s dtype (no weight).
+fn rms_normalize(x: &Tensor, eps: f64) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let ms = xf.square().mean_dim(Some(&[-1i64][..]), true, Kind::Float);
+    (xf * (ms + eps).rsqrt()).to_kind(x.kind())
+}
+
+/// A linear layer with the checkpoint's `[out, in]` weight.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        let weight = param(&vs, "weight", &[out_dim, in_dim]);
+        let bias = bias.then(|| param(&vs, "bias", &[out_dim]));
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// RMSNorm as in the official fallback class: normalise in f32, cast back, then multiply by the weight.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
+        Self { weight: param(&vs, "weight", &[dim]), eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        rms_normalize(x, self.eps) * &self.weight
+    }
+}
+
+/// `t_embedder`: sinusoid of t in [0,1] (no ×1000), then an MLP.
+#[derive(Debug)]
+pub struct TimestepEmbedder {
+    /// `mlp.0`
+    pub mlp_0: Linear,
+    /// `mlp.2` (`mlp.1` is the SiLU)
+    pub mlp_2: Linear,
+}
+
+impl TimestepEmbedder {
+    pub fn new(vs: nn::Path, cfg: &DitConfig) -> Self {
+        let mlp = vs.sub("mlp");
+        let t = cfg.t_emb_dim();
+        Self { mlp_0: Linear::new(mlp.sub("0"), TIME_FREQ_DIM, t, true), mlp_2: Linear::new(mlp.sub("2"), t, t, true) }
+    }
+
+    /// `[cos(t·f), sin(t·f)]` with `f_i = exp(-ln(max_period)·i/half)`, all in f32: `[B, 256]`.
+    pub fn sinusoid(t: &Tensor) -> Tensor {
+        let half = TIME_FREQ_DIM / 2;
+        let idx = Tensor::arange(half, (Kind::Float, t.device()));
+        let freqs = (idx * (-TIME_MAX_PERIOD.ln()) / (half as f64)).exp();
+        let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+        Tensor::cat(&[args.cos(), args.sin()], -1)
+    }
+
+    pub fn forward(&self, t: &Tensor, dtype: Kind) -> Tensor {
+        let e = Self::sinusoid(t).to_kind(dtype);
+        self.mlp_2.forward(&self.mlp_0.forward(&e).silu())
+    }
+}
+
+/// RoPE factors of a batch of tokens: `cos`, `sin`, each `[B, S, head_dim/2]` in f32.
+#[derive(Debug)]
+pub struct RopeFreqs {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl RopeFreqs {
+    /// The `[B, S, head_dim/2, 2]` (cos, sin) layout of the goldens.
+    pub fn stacked(&self) -> Tensor {
+        Tensor::stack(&[&self.cos, &self.sin], -1)
+    }
+
+    /// Zeroes the factors of rows where `keep` (`[B, S]`, bool) is false.
+    fn masked(&self, keep: &Tensor) -> Self {
+        let k = keep.to_kind(Kind::Float).unsqueeze(-1);
+        Self { cos: &self.cos * &k, sin: &self.sin * &k }
+    }
+}
+
+/// 3-axis rotary tables: axis a covers `axes_dims[a]/2` complex factors `exp(i·pos·θ^(-2j/d_a))`;
+/// a token's factors are the concatenation over the three axes.
+#[derive(Debug)]
+pub struct RopeEmbedder {
+    /// Per axis: `(cos, sin)` tables `[axes_lens[a], axes_dims[a]/2]`, f32.
+    tables: Vec<(Tensor, Tensor)>,
+    axes_lens: Vec<i64>,
+}
+
+impl RopeEmbedder {
+    pub fn new(cfg: &DitConfig, device: Device) -> Self {
+        let tables = cfg
+            .axes_dims
+            .iter()
+            .zip(&cfg.axes_lens)
+            .map(|(&d, &len)| {
+                // Angles in f64 (as the reference), then f32 before cos/sin.
+                let j = Tensor::arange_start_step(0, d, 2, (Kind::Double, Device::Cpu));
+                let omega = (j / (d as f64) * cfg.rope_theta.ln()).exp().reciprocal();
+                let pos = Tensor::arange(len, (Kind::Double, Device::Cpu));
+                let ang = pos.outer(&omega).to_kind(Kind::Float).to_device(device);
+                (ang.cos(), ang.sin())
+            })
+            .collect();
+        Self { tables, axes_lens: cfg.axes_lens.clone() }
+    }
+
+    /// Factors for integer position ids `[B, S, 3]` (any device; moved to the tables' device).
+    pub fn freqs(&self, ids: &Tensor) -> Result<RopeFreqs, DitError> {
+        let (b, s) = (ids.size()[0], ids.size()[1]);
+        let mut cos = Vec::with_capacity(3);
+        let mut sin = Vec::with_capacity(3);
+        for (a, (tc, ts)) in self.tables.iter().enumerate() {
+            let col = ids.select(2, a as i64).reshape([-1]).to_device(tc.device());
+            let max = if col.numel() > 0 { col.max().int64_value(&[]) } else { 0 };
+            if max >= self.axes_lens[a] {
+                return Err(DitError::Input(format!(
+                    "RoPE position {max} on axis {a} exceeds axes_lens[{a}] = {}",
+                    self.axes_lens[a]
+                )));
+            }
+            cos.push(tc.index_select(0, &col).view([b, s, -1]));
+            sin.push(ts.index_select(0, &col).view([b, s, -1]));
+        }
+        Ok(RopeFreqs { cos: Tensor::cat(&cos, -1), sin: Tensor::cat(&sin, -1) })
+    }
+}
+
+/// Rotates interleaved pairs `(x[2i], x[2i+1])` of `x` `[B, S, H, D]` by the per-token factors, in f32.
+fn apply_rope(x: &Tensor, f: &RopeFreqs) -> Tensor {
+    let size = x.size();
+    let xf = x.to_kind(Kind::Float).reshape([size[0], size[1], size[2], size[3] / 2, 2]);
+    let (x0, x1) = (xf.select(-1, 0), xf.select(-1, 1));
+    let (c, s) = (f.cos.unsqueeze(2), f.sin.unsqueeze(2));
+    let r0 = &x0 * &c - &x1 * &s;
+    let r1 = x0 * s + x1 * c;
+    Tensor::stack(&[r0, r1], -1).reshape(size.as_slice()).to_kind(x.kind())
+}
+
+/// `attention`: fused qkv (rows `[Q | K | V]`), per-head RMSNorm on q and k, RoPE, GQA SDPA, `out`.
+#[derive(Debug)]
+pub struct JointAttention {
+    pub qkv: Linear,
+    pub out: Linear,
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl JointAttention {
+    pub fn new(vs: nn::Path, cfg: &DitConfig) -> Self {
+        let hd = cfg.head_dim();
+        Self {
+            qkv: Linear::new(vs.sub("qkv"), cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, false),
+            out: Linear::new(vs.sub("out"), cfg.n_heads * hd, cfg.dim, false),
+            q_norm: RmsNorm::new(vs.sub("q_norm"), hd, cfg.qk_norm_eps),
+            k_norm: RmsNorm::new(vs.sub("k_norm"), hd, cfg.qk_norm_eps),
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+        }
+    }
+
+    /// `x` `[B, S, dim]`; `key_mask` `[B, 1, 1, S]` bool (true = attend) or `None` for no padding.
+    pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, freqs: &RopeFreqs) -> Tensor {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x);
+        let parts = qkv.split_with_sizes([h * hd, kvh * hd, kvh * hd], -1);
+        let q = self.q_norm.forward(&parts[0].view([b, s, h, hd]));
+        let k = self.k_norm.forward(&parts[1].view([b, s, kvh, hd]));
+        let v = parts[2].view([b, s, kvh, hd]);
+        let q = apply_rope(&q, freqs).transpose(1, 2);
+        let k = apply_rope(&k, freqs).transpose(1, 2);
+        let v = v.transpose(1, 2);
+        // KV head j serves query heads j*n_rep .. j*n_rep+n_rep-1 (repeat-interleave).
+        let n_rep = h / kvh;
+        let (k, v) = if n_rep > 1 {
+            let expand = |t: Tensor| t.unsqueeze(2).expand([b, kvh, n_rep, s, hd], false).reshape([b, h, s, hd]);
+            (expand(k), expand(v))
+        } else {
+            (k, v)
+        };
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            key_mask,
+            0.0,
+            false,
+            Some(1.0 / (hd as f64).sqrt()),
+            false,
+        );
+        self.out.forward(&o.transpose(1, 2).reshape([b, s, h * hd]))
+    }
+}
+
+/// `feed_forward`: SwiGLU `w2(SiLU(w1 x) * w3 x)`, no biases.
+#[derive(Debug)]
+pub struct FeedForward {
+    pub w1: Linear,
+    pub w2: Linear,
+    pub w3: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vs: nn::Path, cfg: &DitConfig) -> Self {
+        let f = cfg.ffn_hidden();
+        Self {
+            w1: Linear::new(vs.sub("w1"), cfg.dim, f, false),
+            w2: Linear::new(vs.sub("w2"), f, cfg.dim, false),
+            w3: Linear::new(vs.sub("w3"), cfg.dim, f, false),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.w2.forward(&(self.w1.forward(x).silu() * self.w3.forward(x)))
+    }
+}
+
+/// `JointTransformerBlock`: sandwich RMSNorms; modulated blocks scale the pre-norm outputs by
+/// `1 + scale` and gate the residual branches with `tanh(gate)` (chunks: scale_msa, gate_msa,
+/// scale_mlp, gate_mlp); no shift terms.
+#[derive(Debug)]
+pub struct JointTransformerBlock {
+    pub attention: JointAttention,
+    pub feed_forward: FeedForward,
+    pub attention_norm1: RmsNorm,
+    pub attention_norm2: RmsNorm,
+    pub ffn_norm1: RmsNorm,
+    pub ffn_norm2: RmsNorm,
+    /// `adaLN_modulation.1` (`.0` is the SiLU); absent in the context refiner.
+    pub adaln_modulation: Option<Linear>,
+}
+
+impl JointTransformerBlock {
+    pub fn new(vs: nn::Path, cfg: &DitConfig, modulated: bool) -> Self {
+        let norm = |name: &str| RmsNorm::new(vs.sub(name), cfg.dim, cfg.norm_eps);
+        Self {
+            attention: JointAttention::new(vs.sub("attention"), cfg),
+            feed_forward: FeedForward::new(vs.sub("feed_forward"), cfg),
+            attention_norm1: norm("attention_norm1"),
+            attention_norm2: norm("attention_norm2"),
+            ffn_norm1: norm("ffn_norm1"),
+            ffn_norm2: norm("ffn_norm2"),
+            adaln_modulation: modulated
+                .then(|| Linear::new(vs.sub("adaLN_modulation").sub("1"), cfg.t_emb_dim(), 4 * cfg.dim, true)),
+        }
+    }
+
+    /// `adaln_in` `[B, t_emb_dim]` is required by modulated blocks and ignored otherwise.
+    pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, freqs: &RopeFreqs, adaln_in: Option<&Tensor>) -> Tensor {
+        match (&self.adaln_modulation, adaln_in) {
+            (Some(m), Some(c)) => {
+                let mods = m.forward(&c.silu()).unsqueeze(1).chunk(4, -1);
+                let (scale_msa, gate_msa, scale_mlp, gate_mlp) = (&mods[0], &mods[1], &mods[2], &mods[3]);
+                let a = self.attention.forward(&(self.attention_norm1.forward(x) * (scale_msa + 1.0)), key_mask, freqs);
+                let x = x + gate_msa.tanh() * self.attention_norm2.forward(&a);
+                let f = self.feed_forward.forward(&(self.ffn_norm1.forward(&x) * (scale_mlp + 1.0)));
+                &x + gate_mlp.tanh() * self.ffn_norm2.forward(&f)
+            }
+            (None, _) => {
+                let a = self.attention.forward(&self.attention_norm1.forward(x), key_mask, freqs);
+                let x = x + self.attention_norm2.forward(&a);
+                let f = self.feed_forward.forward(&self.ffn_norm1.forward(&x));
+                &x + self.ffn_norm2.forward(&f)
+            }
+            (Some(_), None) => panic!("modulated block called without adaln_in"),
+        }
+    }
+}
+
+/// `final_layer`: LayerNorm (no affine, eps 1e-6, in f32) × `(1 + scale)`, then Linear to patch vectors.
+#[derive(Debug)]
+pub struct FinalLayer {
+    pub linear: Linear,
+    /// `adaLN_modulation.1`
+    pub adaln_modulation: Linear,
+    dim: i64,
+}
+
+impl FinalLayer {
+    pub fn new(vs: nn::Path, cfg: &DitConfig) -> Self {
+        let p2 = cfg.patch_size * cfg.patch_size;
+        Self {
+            linear: Linear::new(vs.sub("linear"), cfg.dim, p2 * cfg.out_channels(), true),
+            adaln_modulation: Linear::new(vs.sub("adaLN_modulation").sub("1"), cfg.t_emb_dim(), cfg.dim, true),
+            dim: cfg.dim,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, adaln_in: &Tensor) -> Tensor {
+        let scale = self.adaln_modulation.forward(&adaln_in.silu()).unsqueeze(1);
+        let normed = x
+            .to_kind(Kind::Float)
+            .layer_norm([self.dim], None::<&Tensor>, None::<&Tensor>, FINAL_LAYERNORM_EPS, true)
+            .to_kind(x.kind());
+        self.linear.forward(&(normed * (scale + 1.0)))
+    }
+}
+
+/// Named intermediate tensors of one forward pass, keyed like the goldens (`mid.*`, `out.velocity`).
+pub type Trace = BTreeMap<String, Tensor>;
+
+/// The whole denoiser. Build it inside a `VarStore` whose kind and device are the inference dtype and
+/// device (set `vs.set_kind` before `new`), then load weights with [`crate::model::loading`].
+#[derive(Debug)]
+pub struct NextDit {
+    pub x_embedder: Linear,
+    pub t_embedder: TimestepEmbedder,
+    /// `cap_embedder.0`
+    pub cap_embedder_norm: RmsNorm,
+    /// `cap_embedder.1`
+    pub cap_embedder_linear: Linear,
+    /// `clip_text_pooled_proj.0`
+    pub clip_proj_norm: RmsNorm,
+    /// `clip_text_pooled_proj.1`
+    pub clip_proj_linear: Linear,
+    /// `time_text_embed.1` (`.0` is the SiLU)
+    pub time_text_embed: Linear,
+    pub noise_refiner: Vec<JointTransformerBlock>,
+    pub context_refiner: Vec<JointTransformerBlock>,
+    pub layers: Vec<JointTransformerBlock>,
+    /// `norm_final`: present in every checkpoint, never used by the forward pass ([NB-model]).
+    pub norm_final: RmsNorm,
+    pub final_layer: FinalLayer,
+    pub rope: RopeEmbedder,
+    pub cfg: DitConfig,
+    kind: Kind,
+    device: Device,
+}
+
+impl NextDit {
+    /// Registers every parameter (uninitialised storage) under `vs` and builds the RoPE tables.
+    pub fn new(vs: nn::Path, cfg: &DitConfig) -> Result<Self, DitError> {
+        cfg.validate()?;
+        let d = cfg.dim;
+        let t = cfg.t_emb_dim();
+        let c = cfg.clip_text_dim;
+        let blocks = |name: &str, n: i64, modulated: bool| {
+            let p = vs.sub(name);
+            (0..n).map(|i| JointTransformerBlock::new(p.sub(i.to_string()), cfg, modulated)).collect::<Vec<_>>()
+        };
+        let model = Self {
+            x_embedder: Linear::new(vs.sub("x_embedder"), cfg.patch_dim(), d, true),
+            t_embedder: TimestepEmbedder::new(vs.sub("t_embedder"), cfg),
+            cap_embedder_norm: RmsNorm::new(vs.sub("cap_embedder").sub("0"), cfg.cap_feat_dim, cfg.norm_eps),
+            cap_embedder_linear: Linear::new(vs.sub("cap_embedder").sub("1"), cfg.cap_feat_dim, d, true),
+            clip_proj_norm: RmsNorm::new(vs.sub("clip_text_pooled_proj").sub("0"), c, cfg.clip_proj_norm_eps),
+            clip_proj_linear: Linear::new(vs.sub("clip_text_pooled_proj").sub("1"), c, c, true),
+            time_text_embed: Linear::new(vs.sub("time_text_embed").sub("1"), t + c, t, true),
+            noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true),
+            context_refiner: blocks("context_refiner", cfg.n_refiner_layers, false),
+            layers: blocks("layers", cfg.n_layers, true),
+            norm_final: RmsNorm::new(vs.sub("norm_final"), d, cfg.norm_eps),
+            final_layer: FinalLayer::new(vs.sub("final_layer"), cfg),
+            rope: RopeEmbedder::new(cfg, vs.device()),
+            cfg: cfg.clone(),
+            kind: vs.kind(),
+            device: vs.device(),
+        };
+        tch::no_grad(|| {
+            let _ = model.norm_final.weight.shallow_clone().fill_(1.0);
+        });
+        Ok(model)
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Fills every parameter of `vs` with random values (benchmarks, tests): norm weights
+    /// `1 + 0.1·N(0,1)`, biases `0.1·N(0,1)`, matrices `N(0,1)/sqrt(fan_in)`. Seeds torch's global
+    /// generator with `seed`.
+    pub fn randomize(vs: &nn::VarStore, seed: i64) {
+        tch::manual_seed(seed);
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (name, mut v) in vars {
+                let size = v.size();
+                let r = Tensor::randn(size.as_slice(), (Kind::Float, v.device()));
+                let r = if size.len() >= 2 {
+                    r / (size[1] as f64).sqrt()
+                } else if name.ends_with(".bias") {
+                    r * 0.1
+                } else {
+                    r * 0.1 + 1.0
+                };
+                v.copy_(&r);
+            }
+        });
+    }
+
+    /// Velocity `[B, C, H, W]` (f32) for latents `x` `[B, C, H, W]`, times `t` `[B]` in [0,1]
+    /// (0 = noise), caption features `cap_feats` `[B, L, cap_feat_dim]` with right-padded
+    /// `cap_mask` `[B, L]` (nonzero = valid), and pooled text vectors `clip_pooled` `[B, clip_text_dim]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cap_feats: &Tensor,
+        cap_mask: &Tensor,
+        clip_pooled: &Tensor,
+    ) -> Result<Tensor, DitError> {
+        tch::no_grad(|| self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, None))
+    }
+
+    /// Like [`Self::forward`], also returning the intermediates under the goldens' names.
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cap_feats: &Tensor,
+        cap_mask: &Tensor,
+        clip_pooled: &Tensor,
+    ) -> Result<(Tensor, Trace), DitError> {
+        let mut trace = Trace::new();
+        let v = tch::no_grad(|| self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, Some(&mut trace)))?;
+        Ok((v, trace))
+    }
+
+    fn check_inputs(&self, x: &Tensor, t: &Tensor, cap: &Tensor, mask: &Tensor, pooled: &Tensor) -> Result<(), DitError> {
+        let cfg = &self.cfg;
+        let xs = x.size();
+        let err = |m: String| Err(DitError::Input(m));
+        if xs.len() != 4 || xs[1] != cfg.in_channels {
+            return err(format!("latent must be [B,{},H,W], got {xs:?}", cfg.in_channels));
+        }
+        let b = xs[0];
+        if xs[2] % cfg.patch_size != 0 || xs[3] % cfg.patch_size != 0 {
+            return err(format!("latent size {}x{} not divisible by patch size {}", xs[2], xs[3], cfg.patch_size));
+        }
+        if t.size() != [b] {
+            return err(format!("t must be [{b}], got {:?}", t.size()));
+        }
+        let cs = cap.size();
+        if cs.len() != 3 || cs[0] != b || cs[2] != cfg.cap_feat_dim {
+            return err(format!("cap_feats must be [{b},L,{}], got {cs:?}", cfg.cap_feat_dim));
+        }
+        if mask.size() != [b, cs[1]] {
+            return err(format!("cap_mask must be [{b},{}], got {:?}", cs[1], mask.size()));
+        }
+        if pooled.size() != [b, cfg.clip_text_dim] {
+            return err(format!("clip_pooled must be [{b},{}], got {:?}", cfg.clip_text_dim, pooled.size()));
+        }
+        Ok(())
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cap_feats: &Tensor,
+        cap_mask: &Tensor,
+        clip_pooled: &Tensor,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor, DitError> {
+        self.check_inputs(x, t, cap_feats, cap_mask, clip_pooled)?;
+        let cfg = &self.cfg;
+        let (dev, kind) = (self.device, self.kind);
+        let mut record = |name: &str, v: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.insert(name.to_string(), v.shallow_clone());
+            }
+        };
+        let xs = x.size();
+        let (b, h, w) = (xs[0], xs[2] / cfg.patch_size, xs[3] / cfg.patch_size);
+        let n_img = h * w;
+        let l = cap_feats.size()[1];
+        let cap_lens: Vec<i64> = Vec::<i64>::try_from(
+            cap_mask.ne(0).sum_dim_intlist(Some(&[1i64][..]), false, Kind::Int64).to_device(Device::Cpu),
+        )
+        .map_err(|e| DitError::Input(format!("cap_mask: {e}")))?;
+
+        // 1-2. Conditioning vector.
+        let t_emb = self.t_embedder.forward(&t.to_device(dev), kind);
+        record("mid.t_emb", &t_emb);
+        let clip_emb = self.clip_proj_linear.forward(&self.clip_proj_norm.forward(&clip_pooled.to_device(dev).to_kind(kind)));
+        record("mid.clip_emb", &clip_emb);
+        let adaln_in = self.time_text_embed.forward(&Tensor::cat(&[&t_emb, &clip_emb], -1).silu());
+        record("mid.adaln_input", &adaln_in);
+
+        // 3. Caption embedding (all L rows).
+        let mut cap = self.cap_embedder_linear.forward(&self.cap_embedder_norm.forward(&cap_feats.to_device(dev).to_kind(kind)));
+        record("mid.cap_embedded", &cap);
+
+        // 4-5. Position ids and RoPE factors.
+        let s_max = cap_lens.iter().map(|c| c + n_img).max().unwrap_or(n_img);
+        let mut joint_ids = vec![0i64; (b * s_max * 3) as usize];
+        let mut joint_valid = vec![false; (b * s_max) as usize];
+        for (bi, &cl) in cap_lens.iter().enumerate() {
+            for s in 0..(cl + n_img) {
+                let at = ((bi as i64 * s_max + s) * 3) as usize;
+                let (p0, p1, p2) = if s < cl { (s, 0, 0) } else { (cl, (s - cl) / w, (s - cl) % w) };
+                joint_ids[at..at + 3].copy_from_slice(&[p0, p1, p2]);
+                joint_valid[(bi as i64 * s_max + s) as usize] = true;
+            }
+        }
+        let joint_ids = Tensor::from_slice(&joint_ids).view([b, s_max, 3]);
+        let joint_valid = Tensor::from_slice(&joint_valid).view([b, s_max]).to_device(dev);
+        record("mid.position_ids", &joint_ids);
+        record("mid.joint_mask", &joint_valid.to_kind(Kind::Int64));
+        let joint_freqs = self.rope.freqs(&joint_ids)?;
+        record("mid.joint_freqs_cis", &joint_freqs.stacked());
+
+        let cap_ids = Tensor::stack(
+            &[
+                Tensor::arange(l, (Kind::Int64, Device::Cpu)).unsqueeze(0).expand([b, l], false),
+                Tensor::zeros([b, l], (Kind::Int64, Device::Cpu)),
+                Tensor::zeros([b, l], (Kind::Int64, Device::Cpu)),
+            ],
+            -1,
+        );
+        let lens_t = Tensor::from_slice(&cap_lens);
+        let cap_valid = Tensor::arange(l, (Kind::Int64, Device::Cpu)).unsqueeze(0).lt_tensor(&lens_t.unsqueeze(1));
+        // Positions of padded caption rows are clamped to 0 and their factors zeroed.
+        let cap_ids = cap_ids * cap_valid.unsqueeze(-1).to_kind(Kind::Int64);
+        let cap_valid = cap_valid.to_device(dev);
+        let cap_freqs = self.rope.freqs(&cap_ids)?.masked(&cap_valid);
+        record("mid.cap_freqs_cis", &cap_freqs.stacked());
+
+        let img_ids = {
+            let r = Tensor::arange(h, (Kind::Int64, Device::Cpu)).view([1, h, 1]).expand([b, h, w], false);
+            let c = Tensor::arange(w, (Kind::Int64, Device::Cpu)).view([1, 1, w]).expand([b, h, w], false);
+            let a0 = lens_t.view([b, 1, 1]).expand([b, h, w], false);
+            Tensor::stack(&[a0, r, c], -1).reshape([b, n_img, 3])
+        };
+        let img_freqs = self.rope.freqs(&img_ids)?;
+        record("mid.img_freqs_cis", &img_freqs.stacked());
+
+        // 6. Context refiner on the caption, keys masked to the valid rows.
+        let cap_key_mask = cap_lens.iter().any(|&c| c < l).then(|| cap_valid.view([b, 1, 1, l]));
+        for (i, blk) in self.context_refiner.iter().enumerate() {
+            cap = blk.forward(&cap, cap_key_mask.as_ref(), &cap_freqs, None);
+            record(&format!("mid.context_refiner.{i}"), &cap);
+        }
+
+        // 7-8. Patchify, embed, noise refiner (no padding among image tokens).
+        let p = cfg.patch_size;
+        let patches = x
+            .to_device(dev)
+            .to_kind(kind)
+            .view([b, cfg.in_channels, h, p, w, p])
+            .permute([0, 2, 4, 3, 5, 1])
+            .reshape([b, n_img, cfg.patch_dim()]);
+        record("mid.patches", &patches);
+        let mut img = self.x_embedder.forward(&patches);
+        record("mid.x_embedded", &img);
+        for (i, blk) in self.noise_refiner.iter().enumerate() {
+            img = blk.forward(&img, None, &img_freqs, Some(&adaln_in));
+            record(&format!("mid.noise_refiner.{i}"), &img);
+        }
+
+        // 9. Joint sequence [valid caption ; image], zero-padded to s_max.
+        let rows: Vec<Tensor> = cap_lens
+            .iter()
+            .enumerate()
+            .map(|(bi, &cl)| {
+                let bi = bi as i64;
+                let seq = Tensor::cat(&[cap.get(bi).narrow(0, 0, cl), img.get(bi)], 0);
+                let pad = s_max - (cl + n_img);
+                if pad > 0 {
+                    seq.constant_pad_nd([0, 0, 0, pad])
+                } else {
+                    seq
+                }
+            })
+            .collect();
+        let mut joint = Tensor::stack(&rows, 0);
+        record("mid.joint_input", &joint);
+
+        // 10. Main layers.
+        let joint_key_mask = cap_lens.iter().any(|&c| c + n_img < s_max).then(|| joint_valid.view([b, 1, 1, s_max]));
+        for (i, blk) in self.layers.iter().enumerate() {
+            joint = blk.forward(&joint, joint_key_mask.as_ref(), &joint_freqs, Some(&adaln_in));
+            record(&format!("mid.layers.{i}"), &joint);
+        }
+
+        // 11-12. Final layer, then unpatchify each sample's image tokens.
+        let out = self.final_layer.forward(&joint, &adaln_in);
+        record("mid.final_layer", &out);
+        let img_tokens: Vec<Tensor> =
+            cap_lens.iter().enumerate().map(|(bi, &cl)| out.get(bi as i64).narrow(0, cl, n_img)).collect();
+        let co = cfg.out_channels();
+        let v = Tensor::stack(&img_tokens, 0)
+            .view([b, h, w, p, p, co])
+            .permute([0, 5, 1, 3, 2, 4])
+            .reshape([b, co, h * p, w * p])
+            .to_kind(Kind::Float);
+        record("out.velocity", &v);
+        Ok(v)
+    }
+}
