@@ -295,3 +295,138 @@ fn sampler_trajectories_match_goldens() {
         assert_close_f32(&format!("{run} final"), &out[0].latent, &traj.get(n), None);
     }
 }
+
+/// The diffusers `Lumina2Transformer2DModel` name of an original key (independent of the loader's
+/// map, which goes the other way); `None` for keys the diffusers layout drops.
+fn to_diffusers_name(key: &str) -> Option<String> {
+    let top = [
+        ("cap_embedder.", "time_caption_embed.caption_embedder."),
+        ("t_embedder.mlp.0.", "time_caption_embed.timestep_embedder.linear_1."),
+        ("t_embedder.mlp.2.", "time_caption_embed.timestep_embedder.linear_2."),
+        ("clip_text_pooled_proj.", "time_caption_embed.clip_text_pooled_proj."),
+        ("time_text_embed.", "time_caption_embed.time_text_embed."),
+        ("final_layer.adaLN_modulation.1.", "norm_out.linear_1."),
+        ("final_layer.linear.", "norm_out.linear_2."),
+    ];
+    if key == "norm_final.weight" {
+        return None;
+    }
+    for (o, d) in top {
+        if let Some(rest) = key.strip_prefix(o) {
+            return Some(format!("{d}{rest}"));
+        }
+    }
+    let context = key.starts_with("context_refiner.");
+    let inner = [
+        ("attention.out.", "attn.to_out.0.".to_string()),
+        ("attention.q_norm.", "attn.norm_q.".to_string()),
+        ("attention.k_norm.", "attn.norm_k.".to_string()),
+        ("feed_forward.w1.", "feed_forward.linear_1.".to_string()),
+        ("feed_forward.w2.", "feed_forward.linear_2.".to_string()),
+        ("feed_forward.w3.", "feed_forward.linear_3.".to_string()),
+        ("adaLN_modulation.1.", "norm1.linear.".to_string()),
+        ("attention_norm1.", if context { "norm1.".to_string() } else { "norm1.norm.".to_string() }),
+        ("attention_norm2.", "norm2.".to_string()),
+    ];
+    for (o, d) in inner {
+        if let Some(pos) = key.find(o) {
+            return Some(format!("{}{}{}", &key[..pos], d, &key[pos + o.len()..]));
+        }
+    }
+    Some(key.to_string())
+}
+
+fn assert_same_weights(a: &VarStore, b: &VarStore) {
+    let (va, vb) = (a.variables(), b.variables());
+    assert_eq!(va.len(), vb.len());
+    for (k, t) in &va {
+        if k == "norm_final.weight" {
+            continue;
+        }
+        let d = (t - &vb[k]).abs().max().double_value(&[]);
+        assert_eq!(d, 0.0, "{k}");
+    }
+}
+
+#[test]
+fn diffusers_sharded_and_comfyui_layouts_load_the_same_weights() {
+    let g = goldens();
+    let (reference, _) = build(&g, Kind::Float);
+    let weights = loading::read_all(&[g.weights.clone()]).unwrap();
+    let hd = g.cfg.head_dim();
+    let (q_rows, kv_rows) = (g.cfg.n_heads * hd, g.cfg.n_kv_heads * hd);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Diffusers names, qkv split into to_q/to_k/to_v (f32), everything else stored as bf16 (converted
+    // to the model's f32 on load), spread over two shards with an index.
+    let mut shards: [Vec<(String, Tensor)>; 2] = [Vec::new(), Vec::new()];
+    for (i, (k, t)) in weights.iter().enumerate() {
+        let shard = &mut shards[i % 2];
+        if let Some(prefix) = k.strip_suffix("attention.qkv.weight") {
+            shard.push((format!("{prefix}attn.to_q.weight"), t.narrow(0, 0, q_rows)));
+            shard.push((format!("{prefix}attn.to_k.weight"), t.narrow(0, q_rows, kv_rows)));
+            shards[(i + 1) % 2].push((format!("{prefix}attn.to_v.weight"), t.narrow(0, q_rows + kv_rows, kv_rows)));
+        } else if let Some(name) = to_diffusers_name(k) {
+            shard.push((name, t.to_kind(Kind::BFloat16)));
+        }
+    }
+    let tdir = dir.path().join("transformer");
+    std::fs::create_dir(&tdir).unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        Tensor::write_safetensors(shard, tdir.join(&file)).unwrap();
+        for (k, _) in shard {
+            map.insert(k.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(tdir.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let mut vs = VarStore::new(Device::Cpu);
+    let _m = NextDit::new(vs.root(), &g.cfg).unwrap();
+    let report = loading::load_dit(&mut vs, &tdir).unwrap();
+    assert_eq!(report.files.len(), 2);
+    assert_eq!(report.missing_allowed, vec!["norm_final.weight".to_string()]);
+    // Compare against the reference with the non-qkv tensors rounded to bf16.
+    let mut rounded = VarStore::new(Device::Cpu);
+    let _r = NextDit::new(rounded.root(), &g.cfg).unwrap();
+    rounded.copy(&reference).unwrap();
+    for (k, mut t) in rounded.variables() {
+        if !k.ends_with("attention.qkv.weight") {
+            tch::no_grad(|| t.copy_(&t.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
+        }
+    }
+    assert_same_weights(&vs, &rounded);
+
+    // A missing shard part is reported, not silently zero.
+    let mut broken = shards[0].clone_shallow();
+    broken.retain(|(k, _)| !k.ends_with("layers.0.attn.to_k.weight"));
+    let bfile = dir.path().join("broken.safetensors");
+    let mut all = broken;
+    all.extend(shards[1].clone_shallow().into_iter().filter(|(k, _)| !k.ends_with("layers.0.attn.to_k.weight")));
+    Tensor::write_safetensors(&all, &bfile).unwrap();
+    let err = loading::load_dit(&mut vs, &bfile).unwrap_err().to_string();
+    assert!(err.contains("layers.0.attention.qkv.weight: 2 of 3 parts"), "{err}");
+
+    // ComfyUI single file: original names under `model.diffusion_model.`.
+    let prefixed: Vec<(String, Tensor)> =
+        weights.iter().map(|(k, t)| (format!("model.diffusion_model.{k}"), t.shallow_clone())).collect();
+    let cfile = dir.path().join("comfy.safetensors");
+    Tensor::write_safetensors(&prefixed, &cfile).unwrap();
+    let mut vs2 = VarStore::new(Device::Cpu);
+    let _m2 = NextDit::new(vs2.root(), &g.cfg).unwrap();
+    let report = loading::load_dit(&mut vs2, &cfile).unwrap();
+    assert!(report.missing_allowed.is_empty());
+    assert_same_weights(&vs2, &reference);
+}
+
+trait CloneShallow {
+    fn clone_shallow(&self) -> Vec<(String, Tensor)>;
+}
+
+impl CloneShallow for Vec<(String, Tensor)> {
+    fn clone_shallow(&self) -> Vec<(String, Tensor)> {
+        self.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+    }
+}

@@ -529,6 +529,14 @@ pub fn dit_options_for(files: &[PathBuf]) -> Result<LoadOptions, LoadError> {
     Ok(dit_original_options())
 }
 
+/// Loads a DiT checkpoint (file, shard index or folder; original, ComfyUI-prefixed or diffusers
+/// names, detected from the keys) into the variables of a `NextDit` built in `vs`.
+pub fn load_dit(vs: &mut VarStore, path: &Path) -> Result<LoadReport, LoadError> {
+    let files = resolve_checkpoint(path)?;
+    let opts = dit_options_for(&files)?;
+    load_strict(vs, &files, &opts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
