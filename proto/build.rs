@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
+    // The worker API has an rpc named `Connect`; the generated client's `connect` constructor would clash
+    // with it, so clients are built from a `tonic::transport::Channel` with `new` instead.
     tonic_prost_build::configure()
+        .build_transport(false)
         .file_descriptor_set_path(out.join("farm_descriptor.bin"))
         .compile_protos(&files, &["."])?;
     Ok(())

@@ -1,1 +1,142 @@
-fn main() {}
+//! `farm-coordinator`: serve, migrate, and manage tokens.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use farm_coordinator::{auth, server};
+
+#[derive(Parser)]
+#[command(name = "farm-coordinator", version, about = "Coordinator of the NewBie-image render farm")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the job and worker gRPC APIs (plus health and reflection).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token (and its tenant if new); prints the token, which is not stored in clear.
+    Create {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Tenant the token belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// client (job API), worker (worker API) or admin (both).
+        #[arg(long, default_value = "client")]
+        role: String,
+        /// Free-form label kept with the token.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "FARM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// PostgreSQL URL (the job store).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Redis URL for cross-replica events; without it events stay in this process.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Where results are stored: a local directory (or file:// URL).
+    #[arg(long, env = "FARM_RESULTS", default_value = "./results")]
+    results: String,
+    /// Address of the Prometheus /metrics endpoint (off when not set).
+    #[arg(long, env = "FARM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Lease time-to-live in milliseconds; heartbeats renew it.
+    #[arg(long, env = "FARM_LEASE_TTL_MS", default_value_t = 15_000)]
+    lease_ttl_ms: u64,
+    /// Heartbeat interval asked of workers, in milliseconds.
+    #[arg(long, env = "FARM_HEARTBEAT_MS", default_value_t = 5_000)]
+    heartbeat_ms: u64,
+    /// How often an idle dispatch loop polls for work, in milliseconds (wake-ups make it rarely matter).
+    #[arg(long, env = "FARM_IDLE_POLL_MS", default_value_t = 500)]
+    idle_poll_ms: u64,
+    /// Connections in the PostgreSQL pool.
+    #[arg(long, env = "FARM_DB_POOL", default_value_t = 32)]
+    db_pool: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Migrate { database_url } => {
+            let pool = server::connect_db(&database_url, 2).await?;
+            server::MIGRATOR.run(&pool).await.context("migrating")?;
+            eprintln!("migrations applied");
+        }
+        Cmd::Token { cmd: TokenCmd::Create { database_url, tenant, role, label } } => {
+            let role = auth::Role::parse(&role).context("--role must be client, worker or admin")?;
+            let pool = server::connect_db(&database_url, 2).await?;
+            server::MIGRATOR.run(&pool).await.context("migrating")?;
+            let token = auth::create_token(&pool, &tenant, role, &label).await?;
+            println!("{token}");
+        }
+        Cmd::Serve(a) => {
+            if a.lease_ttl_ms < 2 * a.heartbeat_ms {
+                anyhow::bail!("--lease-ttl-ms must be at least twice --heartbeat-ms");
+            }
+            let opts = server::ServeOptions {
+                database_url: a.database_url,
+                redis_url: a.redis_url,
+                results: a.results,
+                lease_ttl: Duration::from_millis(a.lease_ttl_ms),
+                heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
+                idle_poll: Duration::from_millis(a.idle_poll_ms),
+                db_pool_size: a.db_pool,
+                metrics_listen: a.metrics_listen,
+            };
+            let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+            let addr = listener.local_addr()?;
+            let shared = server::build(&opts, addr.to_string()).await?;
+            if let Some(m) = opts.metrics_listen {
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = server::serve_metrics(m, s).await {
+                        tracing::error!(error = %e, "metrics endpoint failed");
+                    }
+                });
+            }
+            tracing::info!(%addr, redis = opts.redis_url.is_some(), "coordinator listening");
+            server::run(listener, shared, shutdown_signal()).await?;
+            tracing::info!("coordinator stopped");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

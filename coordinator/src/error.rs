@@ -1,0 +1,67 @@
+//! The coordinator's error type and its one mapping to gRPC status codes.
+//!
+//! Internal causes (SQL, I/O) are logged with their details and reach the caller only as a generic
+//! message: no SQL text ever leaves the process.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A lease or state precondition failed (stale fencing token, task no longer running, ...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+// SQLSTATE codes the store turns into domain errors or retries.
+pub const SQLSTATE_UNIQUE_VIOLATION: &str = "23505";
+pub const SQLSTATE_SERIALIZATION_FAILURE: &str = "40001";
+
+impl Error {
+    /// True for failures that a caller may retry (database or storage unavailable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Database(_) | Error::Storage(_))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::Unauthenticated(m) => Status::unauthenticated(m),
+            Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Database(err) => {
+                tracing::error!(error = %err, "database error");
+                Status::new(Code::Unavailable, "the job store is unavailable; retry later")
+            }
+            Error::Storage(err) => {
+                tracing::error!(error = %err, "result storage error");
+                Status::new(Code::Unavailable, "result storage is unavailable; retry later")
+            }
+            Error::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Job events (task state changes, per-step progress, job state changes) with per-job sequence numbers.
+//!
+//! Two transports behind one type:
+//! * **in-process** (no Redis): a per-job ring buffer and a broadcast channel. Watchers on this replica
+//!   see what workers on this replica report.
+//! * **Redis**: one stream per job (`farm:ev:{job}`); a Lua script assigns the next sequence number and
+//!   appends atomically, so every replica sees one order. Watchers read with `XREAD` from their last
+//!   sequence, which makes resuming after a disconnect a plain read.
+//!
+//! Events are not durable state: the job store in PostgreSQL is. When Redis is down, publishing fails
+//! fast and is counted; dispatch and status do not depend on it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use farm_proto::pb::{job_event, JobEvent};
+use futures::Stream;
+use prost::Message;
+use redis::aio::ConnectionManager;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// Events kept per job for replay.
+pub const HISTORY: usize = 10_000;
+const REDIS_TTL_SECS: u64 = 7 * 24 * 3600;
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+
+const PUBLISH_SCRIPT: &str = r"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], tostring(seq) .. '-0', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return seq
+";
+
+struct LocalJob {
+    seq: u64,
+    history: VecDeque<JobEvent>,
+    tx: broadcast::Sender<JobEvent>,
+}
+
+pub struct Events {
+    local: Mutex<HashMap<Uuid, LocalJob>>,
+    redis: Option<RedisEvents>,
+    /// Events that could not be published (Redis unreachable).
+    pub publish_failures: AtomicU64,
+}
+
+struct RedisEvents {
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    /// Connected on first use, so that a coordinator starts while Redis is away.
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    script: redis::Script,
+}
+
+impl RedisEvents {
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Events {
+    /// In-process events only.
+    pub fn local() -> Self {
+        Events { local: Mutex::new(HashMap::new()), redis: None, publish_failures: AtomicU64::new(0) }
+    }
+
+    /// Events through Redis. Connects lazily and reconnects by itself; an unreachable Redis at start is
+    /// not an error.
+    pub async fn redis(url: &str) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_millis(500))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(1);
+        Ok(Events {
+            local: Mutex::new(HashMap::new()),
+            redis: Some(RedisEvents {
+                client,
+                config,
+                conn: tokio::sync::Mutex::new(None),
+                script: redis::Script::new(PUBLISH_SCRIPT),
+            }),
+            publish_failures: AtomicU64::new(0),
+        })
+    }
+
+    pub fn uses_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Publishes one event; returns its sequence number (None when it could not be published).
+    pub async fn publish(&self, job: Uuid, event: job_event::Event) -> Option<u64> {
+        let mut ev = JobEvent { job_id: job.to_string(), sequence: 0, at_ms: now_ms(), event: Some(event) };
+        match &self.redis {
+            None => {
+                let mut map = self.local.lock().unwrap();
+                let entry = map.entry(job).or_insert_with(|| LocalJob {
+                    seq: 0,
+                    history: VecDeque::new(),
+                    tx: broadcast::channel(1024).0,
+                });
+                entry.seq += 1;
+                ev.sequence = entry.seq;
+                if entry.history.len() == HISTORY {
+                    entry.history.pop_front();
+                }
+                entry.history.push_back(ev.clone());
+                let _ = entry.tx.send(ev);
+                Some(entry.seq)
+            }
+            Some(r) => {
+                let payload = ev.encode_to_vec();
+                let call = async {
+                    let mut conn = r.connection().await?;
+                    let mut inv = r.script.prepare_invoke();
+                    inv.key(format!("farm:seq:{job}"))
+                        .key(format!("farm:ev:{job}"))
+                        .arg(payload)
+                        .arg(HISTORY)
+                        .arg(REDIS_TTL_SECS);
+                    inv.invoke_async::<u64>(&mut conn).await
+                };
+                match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
+                    Ok(Ok(seq)) => Some(seq),
+                    Ok(Err(e)) => {
+                        self.publish_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "event not published");
+                        None
+                    }
+                    Err(_) => {
+                        self.publish_failures.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Events of `job` with a sequence greater than `after`: the retained history first, then live ones.
+    /// The stream never ends by itself; the caller stops reading.
+    pub fn subscribe(&self, job: Uuid, after: u64) -> std::pin::Pin<Box<dyn Stream<Item = JobEvent> + Send>> {
+        match &self.redis {
+            None => {
+                let (history, mut rx) = {
+                    let mut map = self.local.lock().unwrap();
+                    let entry = map.entry(job).or_insert_with(|| LocalJob {
+                        seq: 0,
+                        history: VecDeque::new(),
+                        tx: broadcast::channel(1024).0,
+                    });
+                    let h: Vec<JobEvent> = entry.history.iter().filter(|e| e.sequence > after).cloned().collect();
+                    (h, entry.tx.subscribe())
+                };
+                Box::pin(async_stream::stream! {
+                    let mut last = after;
+                    for e in history {
+                        last = e.sequence;
+                        yield e;
+                    }
+                    loop {
+                        match rx.recv().await {
+                            Ok(e) if e.sequence > last => { last = e.sequence; yield e; }
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                })
+            }
+            Some(r) => {
+                let client = r.client.clone();
+                let key = format!("farm:ev:{job}");
+                Box::pin(async_stream::stream! {
+                    let mut last = after;
+                    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+                    loop {
+                        if conn.is_none() {
+                            match client.get_multiplexed_async_connection().await {
+                                Ok(c) => conn = Some(c),
+                                Err(_) => { tokio::time::sleep(Duration::from_millis(500)).await; continue; }
+                            }
+                        }
+                        let c = conn.as_mut().unwrap();
+                        let opts = redis::streams::StreamReadOptions::default().block(1000).count(1000);
+                        let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                            redis::AsyncCommands::xread_options(c, &[&key], &[format!("{last}-0")], &opts).await;
+                        match read {
+                            Ok(Some(reply)) => {
+                                for k in reply.keys {
+                                    for id in k.ids {
+                                        let seq: u64 = id.id.split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                                        let Some(redis::Value::BulkString(bytes)) = id.map.get("e") else { continue };
+                                        if let Ok(mut ev) = JobEvent::decode(bytes.as_slice()) {
+                                            ev.sequence = seq;
+                                            last = last.max(seq);
+                                            yield ev;
+                                        }
+                                    }
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(_) => {
+                                conn = None;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                })
+            }
+        }
+    }
+
+    /// Drops the in-process history of a finished job (Redis keys expire by themselves).
+    pub fn forget(&self, job: Uuid) {
+        if self.redis.is_none() {
+            self.local.lock().unwrap().remove(&job);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! `JobService`: the client API. Every call authenticates and is scoped to the caller's tenant.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use farm_proto::pb::job_service_server::JobService;
+use farm_proto::pb::{
+    job_event, submit_job_request, CancelJobRequest, CancelJobResponse, DownloadResultChunk, DownloadResultRequest,
+    GetJobRequest, GetTaskRequest, Job, JobEvent, JobState, JobStateChanged, ListJobsRequest, ListJobsResponse,
+    ListResultsRequest, ListResultsResponse, ListWorkersRequest, ListWorkersResponse, RetryJobRequest,
+    RetryJobResponse, SubmitJobRequest, SubmitJobResponse, Task, WatchJobRequest,
+};
+use futures::Stream;
+use tokio::io::AsyncReadExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Principal;
+use crate::error::Error;
+use crate::queries;
+use crate::state::{Metrics, Shared};
+use crate::store::parse_job_id;
+use crate::submit::{submit, ChunkStream};
+
+pub struct JobApi {
+    pub shared: Arc<Shared>,
+}
+
+impl JobApi {
+    async fn client<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let p = self.shared.auth.authenticate(req.metadata()).await?;
+        p.require_client()?;
+        Ok(p)
+    }
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        JobState::try_from(state).unwrap_or(JobState::Unspecified),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<DownloadResultChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    type WatchJobStream = EventStream;
+    type DownloadResultStream = DownloadStream;
+
+    async fn submit_job(&self, req: Request<Streaming<SubmitJobRequest>>) -> Result<Response<SubmitJobResponse>, Status> {
+        let p = self.client(&req).await?;
+        let mut inbound = req.into_inner();
+        let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header)) }) = inbound.message().await? else {
+            return Err(Status::invalid_argument("the first SubmitJob message must be a header"));
+        };
+        let chunks: ChunkStream<'_> = Box::pin(inbound.map(|m| match m {
+            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) }) => Ok(c.prompts),
+            Ok(_) => Err(Error::InvalidArgument("only prompt chunks may follow the header".into())),
+            Err(s) => Err(Error::InvalidArgument(format!("submission stream broke: {}", s.message()))),
+        }));
+        let out = submit(&self.shared.store, &self.shared.limits, &p.tenant, header, chunks).await?;
+        if let Some(job) = out.created {
+            Metrics::add(&self.shared.metrics.jobs_submitted, 1);
+            Metrics::add(&self.shared.metrics.prompts_submitted, out.response.accepted);
+            self.shared.new_work.notify_waiters();
+            tracing::info!(%job, tenant = %p.tenant, prompts = out.response.accepted, "job stored");
+        }
+        Ok(Response::new(out.response))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        Ok(Response::new(queries::get_job(&self.shared.store.pool, Some(&p.tenant), id).await?))
+    }
+
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let p = self.client(&req).await?;
+        Ok(Response::new(queries::list_jobs(&self.shared.store.pool, &p.tenant, req.get_ref()).await?))
+    }
+
+    async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        Ok(Response::new(queries::get_task(&self.shared.store.pool, &p.tenant, id, req.get_ref().index).await?))
+    }
+
+    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        self.shared.store.job_of_tenant(&p.tenant, id).await?;
+        let after = req.get_ref().after_sequence;
+        let shared = self.shared.clone();
+        let mut events = shared.events.subscribe(id, after);
+        let stream = async_stream::stream! {
+            let mut last = after;
+            let mut check = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    ev = events.next() => {
+                        let Some(ev) = ev else { break };
+                        last = last.max(ev.sequence);
+                        let done = matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state));
+                        yield Ok(ev);
+                        if done { break; }
+                    }
+                    _ = check.tick() => {
+                        // The final event may have been published before this watch started (or lost
+                        // while Redis was away): the job store is the source of truth.
+                        match queries::get_job(&shared.store.pool, None, id).await {
+                            Ok(job) if is_final(job.state) => {
+                                // Drain what is already published, then close with the final state.
+                                while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+                                    last = last.max(ev.sequence);
+                                    let done = matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state));
+                                    yield Ok(ev);
+                                    if done { return; }
+                                }
+                                yield Ok(JobEvent {
+                                    job_id: id.to_string(),
+                                    sequence: last,
+                                    at_ms: chrono::Utc::now().timestamp_millis(),
+                                    event: Some(job_event::Event::Job(JobStateChanged { state: job.state, counts: job.counts })),
+                                });
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        let (queued, running) = self.shared.store.cancel_job(&p.tenant, id).await?;
+        for (task, token, owner) in &running {
+            if !self.shared.cancel_local(*owner, *task, *token) {
+                self.shared.store.notify_cancel(*owner, *task, *token).await?;
+            }
+        }
+        self.shared
+            .events
+            .publish(id, job_event::Event::Job(JobStateChanged { state: JobState::Cancelled as i32, counts: None }))
+            .await;
+        self.shared.maybe_finish_job(id).await;
+        Ok(Response::new(CancelJobResponse { cancelled_queued: queued, cancelling_running: running.len() as u64 }))
+    }
+
+    async fn retry_job(&self, req: Request<RetryJobRequest>) -> Result<Response<RetryJobResponse>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        let n = self.shared.store.retry_job(&p.tenant, id, req.get_ref().include_cancelled).await?;
+        if n > 0 {
+            self.shared.store.notify_new_work().await?;
+        }
+        Ok(Response::new(RetryJobResponse { requeued: n }))
+    }
+
+    async fn list_results(&self, req: Request<ListResultsRequest>) -> Result<Response<ListResultsResponse>, Status> {
+        let p = self.client(&req).await?;
+        let r = req.get_ref();
+        let id = parse_job_id(&r.job_id)?;
+        let (results, next) = queries::list_results(
+            &self.shared.store.pool,
+            &p.tenant,
+            id,
+            r.from_index,
+            r.since_ms,
+            r.page_size,
+            &r.page_token,
+        )
+        .await?;
+        Ok(Response::new(ListResultsResponse { results, next_page_token: next }))
+    }
+
+    async fn download_result(&self, req: Request<DownloadResultRequest>) -> Result<Response<DownloadStream>, Status> {
+        let p = self.client(&req).await?;
+        let id = parse_job_id(&req.get_ref().job_id)?;
+        let (key, info) = queries::result_of(&self.shared.store.pool, &p.tenant, id, req.get_ref().index).await?;
+        let mut file = self.shared.blobs.open_read(&key).await?;
+        let stream = async_stream::stream! {
+            let mut first = Some(info);
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => {
+                        if let Some(info) = first.take() {
+                            yield Ok(DownloadResultChunk { info: Some(info), data: Vec::new() });
+                        }
+                        break;
+                    }
+                    Ok(n) => yield Ok(DownloadResultChunk { info: first.take(), data: buf[..n].to_vec() }),
+                    Err(e) => { yield Err(Status::from(Error::Storage(e))); break; }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        self.client(&req).await?;
+        let workers = queries::list_workers(&self.shared.store.pool, req.get_ref().include_disconnected).await?;
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+}

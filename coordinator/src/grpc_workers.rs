@@ -1,0 +1,414 @@
+//! `WorkerService`: worker sessions (dispatch by credits, leases, progress, failures) and uploads.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farm_proto::pb::worker_service_server::WorkerService;
+use farm_proto::pb::{
+    coordinator_message, job_event, upload_result_request, worker_message, Assign, CoordinatorMessage, Lease,
+    ResultInfo, TaskAssignment, TaskProgress, UploadResultRequest, UploadResultResponse, Welcome, WorkerCapabilities,
+    WorkerMessage,
+};
+use futures::Stream;
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::blobs::BlobStore;
+use crate::error::Error;
+use crate::params::params_of;
+use crate::state::{Metrics, Shared};
+use crate::store::{Claimed, Transition, WorkerSlot, TASK_CANCELLED, TASK_FAILED, TASK_RUNNING};
+
+/// Largest result accepted.
+pub const MAX_RESULT_BYTES: u64 = 256 << 20;
+
+pub struct WorkerApi {
+    pub shared: Arc<Shared>,
+}
+
+pub fn caps_to_json(c: &WorkerCapabilities) -> serde_json::Value {
+    json!({
+        "device": c.device, "device_name": c.device_name, "vram_total_bytes": c.vram_total_bytes,
+        "vram_free_bytes": c.vram_free_bytes, "model_name": c.model_name, "model_hash": c.model_hash,
+        "precision": c.precision, "max_batch": c.max_batch, "max_pixels": c.max_pixels, "version": c.version,
+        "verified": c.verified, "verified_at_ms": c.verified_at_ms,
+    })
+}
+
+pub fn caps_from_json(s: &str) -> WorkerCapabilities {
+    let v: serde_json::Value = serde_json::from_str(s).unwrap_or_default();
+    let st = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    WorkerCapabilities {
+        device: st("device"),
+        device_name: st("device_name"),
+        vram_total_bytes: u("vram_total_bytes"),
+        vram_free_bytes: u("vram_free_bytes"),
+        model_name: st("model_name"),
+        model_hash: st("model_hash"),
+        precision: u("precision") as i32,
+        max_batch: u("max_batch") as u32,
+        max_pixels: u("max_pixels"),
+        version: st("version"),
+        verified: v.get("verified").and_then(|x| x.as_bool()).unwrap_or(false),
+        verified_at_ms: v.get("verified_at_ms").and_then(|x| x.as_i64()).unwrap_or(0),
+    }
+}
+
+fn parse_lease(l: &Option<Lease>) -> Result<(Uuid, i64), Status> {
+    let l = l.as_ref().ok_or_else(|| Status::invalid_argument("lease is required"))?;
+    let id = Uuid::parse_str(&l.task_id).map_err(|_| Status::invalid_argument("lease.task_id: not a task id"))?;
+    Ok((id, l.lease_token as i64))
+}
+
+fn assignment(c: &Claimed) -> TaskAssignment {
+    TaskAssignment {
+        lease: Some(Lease { task_id: c.task_id.to_string(), lease_token: c.lease_token as u64 }),
+        job_id: c.job_id.to_string(),
+        index: c.idx as u64,
+        prompt: c.prompt.clone(),
+        negative_prompt: c.negative_prompt.clone(),
+        params: Some(params_of(&c.shape)),
+        seed: c.seed as u64,
+        attempt: c.failures as u32 + 1,
+        lease_expires_at_ms: c.lease_expires_at.timestamp_millis(),
+    }
+}
+
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    type ConnectStream = ConnectStream;
+
+    async fn connect(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<ConnectStream>, Status> {
+        let shared = self.shared.clone();
+        let principal = shared.auth.authenticate(req.metadata()).await?;
+        principal.require_worker()?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+        let Some(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        let caps = hello.capabilities.clone().unwrap_or_default();
+        if caps.model_name.is_empty() {
+            return Err(Status::invalid_argument("hello.capabilities.model_name is required"));
+        }
+        let max_batch = caps.max_batch.clamp(1, 256);
+        let max_pixels = if caps.max_pixels == 0 { 1024 * 1024 } else { caps.max_pixels } as i64;
+        let name = if hello.name.is_empty() { "worker".to_string() } else { hello.name.clone() };
+        let worker_id = shared
+            .store
+            .register_worker(&principal.tenant, &name, caps_to_json(&caps), &caps.model_name, max_pixels,
+                             max_batch as i32, &shared.replica)
+            .await?;
+        let held: Vec<(Uuid, i64)> = hello
+            .held_leases
+            .iter()
+            .filter_map(|l| Uuid::parse_str(&l.task_id).ok().map(|id| (id, l.lease_token as i64)))
+            .collect();
+        let kept = shared.store.adopt_leases(worker_id, &held).await?;
+        tracing::info!(%worker_id, %name, model = %caps.model_name, max_batch, held = held.len(), kept = kept.len(),
+                       "worker connected");
+        let (tx, rx) = mpsc::channel::<CoordinatorMessage>(256);
+        let welcome = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Welcome(Welcome {
+                worker_id: worker_id.to_string(),
+                lease_ttl_ms: shared.store.cfg.lease_ttl.as_millis() as u32,
+                heartbeat_interval_ms: shared.heartbeat_interval.as_millis() as u32,
+                coordinator: shared.replica.clone(),
+                kept_leases: kept.iter().map(|(id, t)| Lease { task_id: id.to_string(), lease_token: *t as u64 }).collect(),
+            })),
+        };
+        tx.send(welcome).await.map_err(|_| Status::cancelled("stream closed"))?;
+        shared.sessions.lock().unwrap().insert(worker_id, tx.clone());
+        let slot = WorkerSlot { worker_id, name, model: caps.model_name.clone(), max_pixels };
+        tokio::spawn(run_session(shared, slot, max_batch, inbound, tx));
+        let out = ReceiverStream::new(rx).map(Ok::<_, Status>);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn upload_result(
+        &self,
+        req: Request<Streaming<UploadResultRequest>>,
+    ) -> Result<Response<UploadResultResponse>, Status> {
+        let shared = &self.shared;
+        let principal = shared.auth.authenticate(req.metadata()).await?;
+        principal.require_worker()?;
+        let mut inbound = req.into_inner();
+        let Some(UploadResultRequest { msg: Some(upload_result_request::Msg::Header(header)) }) = inbound.message().await?
+        else {
+            return Err(Status::invalid_argument("the first upload message must be a header"));
+        };
+        let (task_id, token) = parse_lease(&header.lease)?;
+        let (job_id, idx) = match shared.store.check_lease(task_id, token).await {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::add(&shared.metrics.stale_refusals, 1);
+                return Err(e.into());
+            }
+        };
+        if header.size_bytes > MAX_RESULT_BYTES {
+            return Err(Status::invalid_argument(format!("result exceeds the limit of {MAX_RESULT_BYTES} bytes")));
+        }
+        let key = BlobStore::key_for(&job_id, idx as u64);
+        let mut blob = shared.blobs.create(&key).await.map_err(Status::from)?;
+        let received: Result<(), Status> = async {
+            while let Some(m) = inbound.message().await? {
+                match m.msg {
+                    Some(upload_result_request::Msg::Data(d)) => {
+                        if blob.size + d.len() as u64 > MAX_RESULT_BYTES {
+                            return Err(Status::invalid_argument(format!(
+                                "result exceeds the limit of {MAX_RESULT_BYTES} bytes"
+                            )));
+                        }
+                        blob.write(&d).await?;
+                    }
+                    _ => return Err(Status::invalid_argument("only data may follow the header")),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = received {
+            blob.discard().await;
+            return Err(e);
+        }
+        let sha = match blob.finish().await {
+            Ok(s) => s,
+            Err(e) => {
+                blob.discard().await;
+                return Err(e.into());
+            }
+        };
+        if (header.size_bytes != 0 && header.size_bytes != blob.size) || (!header.sha256.is_empty() && header.sha256 != sha) {
+            blob.discard().await;
+            return Err(Status::data_loss("result size or sha256 does not match the header"));
+        }
+        let size = blob.size;
+        let tx = match shared.store.lock_lease(task_id, token).await {
+            Ok(tx) => tx,
+            Err(e) => {
+                blob.discard().await;
+                Metrics::add(&shared.metrics.stale_refusals, 1);
+                return Err(e.into());
+            }
+        };
+        shared.blobs.publish(blob, &key).await.map_err(Status::from)?;
+        let t = shared.store.commit_result(tx, task_id, token, &key, size as i64, &sha).await.map_err(|e| {
+            if matches!(e, Error::FailedPrecondition(_)) {
+                Metrics::add(&shared.metrics.stale_refusals, 1);
+            }
+            Status::from(e)
+        })?;
+        Metrics::add(&shared.metrics.tasks_succeeded, 1);
+        shared.task_event(&t, None).await;
+        shared.maybe_finish_job(job_id).await;
+        Ok(Response::new(UploadResultResponse {
+            result: Some(ResultInfo {
+                job_id: job_id.to_string(),
+                index: idx as u64,
+                size_bytes: size,
+                sha256: sha,
+                content_type: if header.content_type.is_empty() { "image/png".into() } else { header.content_type },
+                created_at_ms: chrono::Utc::now().timestamp_millis(),
+                worker_id: String::new(),
+            }),
+        }))
+    }
+}
+
+/// One worker session: a dispatch loop driven by credits, and the inbound message loop. When the
+/// stream ends, for whatever reason, every lease the session holds is requeued at once.
+async fn run_session(
+    shared: Arc<Shared>,
+    slot: WorkerSlot,
+    max_batch: u32,
+    mut inbound: Streaming<WorkerMessage>,
+    tx: mpsc::Sender<CoordinatorMessage>,
+) {
+    let worker_id = slot.worker_id;
+    let credits = Arc::new(AtomicU32::new(0));
+    let credit_added = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let dispatcher = tokio::spawn(dispatch_loop(
+        shared.clone(),
+        slot.clone(),
+        max_batch,
+        credits.clone(),
+        credit_added.clone(),
+        stop_rx,
+        tx.clone(),
+    ));
+
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(%worker_id, error = %e, "worker stream dropped");
+                break;
+            }
+        };
+        let Some(msg) = msg.msg else { continue };
+        if let Err(e) = handle_message(&shared, &slot, msg, &credits, &credit_added).await {
+            tracing::warn!(%worker_id, error = %e, "worker message not handled");
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    let _ = dispatcher.await;
+    shared.sessions.lock().unwrap().remove(&worker_id);
+    // Requeue what the session held; retry while the database is away (the lease sweep is the backstop).
+    for attempt in 0..5 {
+        match shared.store.requeue_worker(worker_id, "lost").await {
+            Ok(ts) => {
+                Metrics::add(&shared.metrics.requeues, ts.len() as u64);
+                for t in &ts {
+                    shared.task_event(t, Some(worker_id)).await;
+                }
+                if !ts.is_empty() {
+                    let _ = shared.store.notify_new_work().await;
+                    tracing::info!(%worker_id, requeued = ts.len(), "requeued the tasks of a lost worker");
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%worker_id, error = %e, attempt, "requeue failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+        }
+    }
+    tracing::info!(%worker_id, "worker session ended");
+}
+
+async fn handle_message(
+    shared: &Arc<Shared>,
+    slot: &WorkerSlot,
+    msg: worker_message::Msg,
+    credits: &AtomicU32,
+    credit_added: &Notify,
+) -> Result<(), Error> {
+    let worker_id = slot.worker_id;
+    match msg {
+        worker_message::Msg::Hello(_) => {}
+        worker_message::Msg::Credits(c) => {
+            credits.fetch_add(c.add, Ordering::SeqCst);
+            credit_added.notify_one();
+        }
+        worker_message::Msg::Heartbeat(_) => shared.store.heartbeat(worker_id).await?,
+        worker_message::Msg::Progress(p) => {
+            let (task_id, token) = parse_lease(&p.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+            if let Some((job_id, idx)) = shared.store.progress(task_id, token, p.step as i32).await? {
+                shared
+                    .events
+                    .publish(
+                        job_id,
+                        job_event::Event::Progress(TaskProgress {
+                            index: idx as u64,
+                            step: p.step,
+                            total_steps: p.total_steps,
+                            worker_id: worker_id.to_string(),
+                        }),
+                    )
+                    .await;
+            } else {
+                Metrics::add(&shared.metrics.stale_refusals, 1);
+            }
+        }
+        worker_message::Msg::Rendered(_) => {}
+        worker_message::Msg::Failed(f) => {
+            let (task_id, token) = parse_lease(&f.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+            Metrics::add(&shared.metrics.tasks_failed_reports, 1);
+            match shared.store.report_failure(task_id, token, &slot.name, &f.error, f.retryable, &f.kind).await? {
+                Some(out) => {
+                    shared.task_event(&out.transition, Some(worker_id)).await;
+                    if matches!(out.transition.state, TASK_FAILED | TASK_CANCELLED) {
+                        shared.maybe_finish_job(out.transition.job_id).await;
+                    } else {
+                        shared.store.notify_new_work().await?;
+                    }
+                }
+                None => Metrics::add(&shared.metrics.stale_refusals, 1),
+            }
+        }
+        worker_message::Msg::Released(r) => {
+            let (task_id, token) = parse_lease(&r.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+            if let Some(t) = shared.store.release(task_id, token).await? {
+                Metrics::add(&shared.metrics.requeues, 1);
+                shared.task_event(&t, Some(worker_id)).await;
+                shared.store.notify_new_work().await?;
+            }
+        }
+        worker_message::Msg::Goodbye(g) => tracing::info!(%worker_id, reason = %g.reason, "worker says goodbye"),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch_loop(
+    shared: Arc<Shared>,
+    slot: WorkerSlot,
+    max_batch: u32,
+    credits: Arc<AtomicU32>,
+    credit_added: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::Sender<CoordinatorMessage>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let available = credits.load(Ordering::SeqCst);
+        if available == 0 {
+            tokio::select! {
+                _ = credit_added.notified() => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
+        let want = available.min(max_batch);
+        let started = Instant::now();
+        match shared.store.claim(&slot, want).await {
+            Ok(claimed) if !claimed.is_empty() => {
+                let n = claimed.len() as u32;
+                credits.fetch_sub(n, Ordering::SeqCst);
+                Metrics::add(&shared.metrics.tasks_dispatched, u64::from(n));
+                Metrics::add(&shared.metrics.dispatch_claims, 1);
+                Metrics::add(&shared.metrics.dispatch_latency_us_sum, started.elapsed().as_micros() as u64);
+                let msg = CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::Assign(Assign { tasks: claimed.iter().map(assignment).collect() })),
+                };
+                if tx.send(msg).await.is_err() {
+                    return; // the session ends; its leases are requeued there
+                }
+                for c in &claimed {
+                    let t = Transition { job_id: c.job_id, idx: c.idx, state: TASK_RUNNING, error: None };
+                    shared.task_event(&t, Some(slot.worker_id)).await;
+                }
+            }
+            Ok(_) => {
+                tokio::select! {
+                    _ = shared.new_work.notified() => {}
+                    _ = tokio::time::sleep(shared.idle_poll) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claim failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Wiring: the gRPC server (job and worker services, health, reflection), the lease sweeper, the
+//! PostgreSQL notification listener and the metrics endpoint. `main` and the tests call [`run`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm_proto::pb::job_service_server::JobServiceServer;
+use farm_proto::pb::worker_service_server::WorkerServiceServer;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use uuid::Uuid;
+
+use crate::auth::Authenticator;
+use crate::blobs::BlobStore;
+use crate::events::Events;
+use crate::grpc_jobs::JobApi;
+use crate::grpc_workers::WorkerApi;
+use crate::state::{Metrics, Shared};
+use crate::store::{Store, StoreConfig};
+use crate::submit::SubmitLimits;
+
+/// Everything `serve` needs; `main` fills it from flags and the environment.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub results: String,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub idle_poll: Duration,
+    pub db_pool_size: u32,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+pub async fn connect_db(url: &str, pool_size: u32) -> anyhow::Result<sqlx::PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await?)
+}
+
+/// Builds the shared state: connects, migrates, opens storage and events.
+pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<Shared>> {
+    let pool = connect_db(&opts.database_url, opts.db_pool_size).await?;
+    MIGRATOR.run(&pool).await?;
+    let events = match &opts.redis_url {
+        Some(url) => Events::redis(url).await?,
+        None => Events::local(),
+    };
+    let results = opts.results.strip_prefix("file://").unwrap_or(&opts.results);
+    if results.contains("://") {
+        anyhow::bail!("--results {results}: only local directories (or file:// URLs) are supported by this build");
+    }
+    let store = Store::new(pool.clone(), StoreConfig { lease_ttl: opts.lease_ttl, ..Default::default() });
+    Ok(Arc::new(Shared {
+        store,
+        auth: Authenticator::new(pool),
+        events,
+        blobs: BlobStore::open(results).await?,
+        limits: SubmitLimits::default(),
+        sessions: Mutex::new(HashMap::new()),
+        new_work: Notify::new(),
+        replica,
+        heartbeat_interval: opts.heartbeat_interval,
+        idle_poll: opts.idle_poll,
+        metrics: Metrics::default(),
+    }))
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
+    health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(farm_proto::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let background = vec![
+        tokio::spawn(sweep_loop(shared.clone())),
+        tokio::spawn(listen_loop(shared.clone())),
+    ];
+
+    let jobs = JobServiceServer::new(JobApi { shared: shared.clone() })
+        .max_decoding_message_size(64 << 20)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let workers = WorkerServiceServer::new(WorkerApi { shared: shared.clone() }).max_decoding_message_size(64 << 20);
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(jobs)
+        .add_service(workers)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    for b in background {
+        b.abort();
+    }
+    result?;
+    Ok(())
+}
+
+/// Requeues expired leases every second (every replica runs it; the claim is `SKIP LOCKED`).
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    loop {
+        tick.tick().await;
+        match shared.store.sweep_expired().await {
+            Ok(ts) if !ts.is_empty() => {
+                Metrics::add(&shared.metrics.lease_expiries, ts.len() as u64);
+                tracing::info!(expired = ts.len(), "requeued tasks whose lease expired");
+                for t in &ts {
+                    shared.task_event(t, None).await;
+                }
+                let _ = shared.store.notify_new_work().await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "lease sweep failed"),
+        }
+    }
+}
+
+/// Cross-replica wake-ups and cancels through PostgreSQL LISTEN/NOTIFY.
+async fn listen_loop(shared: Arc<Shared>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&shared.store.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "notification listener cannot connect; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if listener.listen_all(["farm_tasks", "farm_cancel"]).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        loop {
+            match listener.recv().await {
+                Ok(n) if n.channel() == "farm_tasks" => shared.new_work.notify_waiters(),
+                Ok(n) => {
+                    let parts: Vec<&str> = n.payload().split(' ').collect();
+                    if let [w, t, tok] = parts[..] {
+                        if let (Ok(w), Ok(t), Ok(tok)) = (Uuid::parse_str(w), Uuid::parse_str(t), tok.parse::<i64>()) {
+                            shared.cancel_local(w, t, tok);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "notification listener lost its connection");
+                    // Work may have arrived while we were deaf.
+                    shared.new_work.notify_waiters();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Prometheus text exposition of the replica's counters and the queue's state.
+pub async fn render_metrics(shared: &Shared) -> String {
+    use std::fmt::Write;
+    let m = &shared.metrics;
+    let mut s = String::new();
+    let counter = |s: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter(&mut s, "farm_tasks_dispatched_total", "Tasks sent to workers by this replica.", m.tasks_dispatched.load(Ordering::Relaxed));
+    counter(&mut s, "farm_tasks_succeeded_total", "Results committed by this replica.", m.tasks_succeeded.load(Ordering::Relaxed));
+    counter(&mut s, "farm_task_failure_reports_total", "Render failures reported by workers.", m.tasks_failed_reports.load(Ordering::Relaxed));
+    counter(&mut s, "farm_requeues_total", "Tasks requeued after a worker was lost or released them.", m.requeues.load(Ordering::Relaxed));
+    counter(&mut s, "farm_lease_expiries_total", "Leases that expired (silent workers).", m.lease_expiries.load(Ordering::Relaxed));
+    counter(&mut s, "farm_stale_lease_refusals_total", "Reports and uploads refused for a stale fencing token.", m.stale_refusals.load(Ordering::Relaxed));
+    counter(&mut s, "farm_jobs_submitted_total", "Jobs stored by this replica.", m.jobs_submitted.load(Ordering::Relaxed));
+    counter(&mut s, "farm_prompts_submitted_total", "Prompts stored by this replica.", m.prompts_submitted.load(Ordering::Relaxed));
+    counter(&mut s, "farm_dispatch_claims_total", "Claim queries that returned work.", m.dispatch_claims.load(Ordering::Relaxed));
+    let _ = writeln!(
+        s,
+        "# HELP farm_dispatch_latency_seconds_sum Time spent in successful claims.\n# TYPE farm_dispatch_latency_seconds_sum counter\nfarm_dispatch_latency_seconds_sum {}",
+        m.dispatch_latency_us_sum.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "# HELP farm_connected_workers Worker sessions on this replica.\n# TYPE farm_connected_workers gauge\nfarm_connected_workers {}",
+        shared.sessions.lock().unwrap().len()
+    );
+    counter(&mut s, "farm_event_publish_failures_total", "Events that could not be published (Redis away).", shared.events.publish_failures.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# HELP farm_tasks Tasks by state (queued and running).\n# TYPE farm_tasks gauge");
+    if let Ok(rows) = sqlx::query_as::<_, (i16, i64)>(
+        "select state, count(*)::bigint from tasks where state in (1, 2) group by state",
+    )
+    .fetch_all(&shared.store.pool)
+    .await
+    {
+        let mut q = 0;
+        let mut r = 0;
+        for (st, n) in rows {
+            if st == 1 { q = n } else { r = n }
+        }
+        let _ = writeln!(s, "farm_tasks{{state=\"queued\"}} {q}\nfarm_tasks{{state=\"running\"}} {r}");
+    }
+    s
+}
+
+/// Serves `/metrics` over plain HTTP/1.
+pub async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(render_metrics(&shared).await)))
+                    } else {
+                        hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

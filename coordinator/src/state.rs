@@ -1,0 +1,101 @@
+//! State shared by the gRPC services of one coordinator replica. Nothing here must survive a restart:
+//! the job store is PostgreSQL, events go through Redis when replicas share one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use farm_proto::pb::{coordinator_message, job_event, CancelTasks, CoordinatorMessage, JobStateChanged, Lease,
+                     TaskCounts, TaskStateChanged};
+use tokio::sync::{mpsc, Notify};
+use uuid::Uuid;
+
+use crate::auth::Authenticator;
+use crate::blobs::BlobStore;
+use crate::events::Events;
+use crate::store::{Store, Transition};
+use crate::submit::SubmitLimits;
+
+/// Counters exported on `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub tasks_dispatched: AtomicU64,
+    pub dispatch_latency_us_sum: AtomicU64,
+    pub dispatch_claims: AtomicU64,
+    pub tasks_succeeded: AtomicU64,
+    pub tasks_failed_reports: AtomicU64,
+    pub requeues: AtomicU64,
+    pub lease_expiries: AtomicU64,
+    pub stale_refusals: AtomicU64,
+    pub jobs_submitted: AtomicU64,
+    pub prompts_submitted: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct Shared {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub events: Events,
+    pub blobs: BlobStore,
+    pub limits: SubmitLimits,
+    /// Worker sessions connected to this replica.
+    pub sessions: Mutex<HashMap<Uuid, mpsc::Sender<CoordinatorMessage>>>,
+    /// Woken when work may be available (new job, requeue, retry).
+    pub new_work: Notify,
+    /// Name of this replica (host:port).
+    pub replica: String,
+    pub heartbeat_interval: Duration,
+    /// How often an idle dispatch loop looks for work without a wake-up.
+    pub idle_poll: Duration,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    /// Publishes a task state change.
+    pub async fn task_event(&self, t: &Transition, worker_id: Option<Uuid>) {
+        let ev = job_event::Event::Task(TaskStateChanged {
+            index: t.idx as u64,
+            state: i32::from(t.state),
+            worker_id: worker_id.map(|w| w.to_string()).unwrap_or_default(),
+            error: t.error.clone().unwrap_or_default(),
+        });
+        self.events.publish(t.job_id, ev).await;
+    }
+
+    /// After a task reached a final state: closes the job when nothing is left and says so.
+    pub async fn maybe_finish_job(&self, job_id: Uuid) {
+        match self.store.finish_job_if_done(job_id).await {
+            Ok(Some(state)) => {
+                let counts = crate::queries::get_job(&self.store.pool, None, job_id).await.ok();
+                let counts = counts.and_then(|j| j.counts).unwrap_or_else(TaskCounts::default);
+                self.events
+                    .publish(job_id, job_event::Event::Job(JobStateChanged { state: i32::from(state), counts: Some(counts) }))
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, %job_id, "could not close job"),
+        }
+    }
+
+    /// Routes a cancel to a worker session of this replica; false if the session is not here.
+    pub fn cancel_local(&self, worker_id: Uuid, task_id: Uuid, token: i64) -> bool {
+        let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
+        match tx {
+            Some(tx) => {
+                let msg = CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::Cancel(CancelTasks {
+                        leases: vec![Lease { task_id: task_id.to_string(), lease_token: token as u64 }],
+                    })),
+                };
+                tx.try_send(msg).is_ok()
+            }
+            None => false,
+        }
+    }
+}

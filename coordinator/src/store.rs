@@ -1,0 +1,634 @@
+//! The job store and scheduler on PostgreSQL: plain async methods returning the crate's own error.
+//! The gRPC layer (`grpc_jobs`, `grpc_workers`) only translates.
+//!
+//! Invariants kept here:
+//! * a task is `running` only under a lease (owner session, fencing token from the `lease_tokens`
+//!   sequence, expiry); every report and upload names its token and is refused when it is not current;
+//! * losing a worker (stream drop, expired lease, drain) requeues without charging an attempt; only
+//!   render failures count toward `max_attempts`;
+//! * claims use `FOR UPDATE SKIP LOCKED`, pick the job by priority then least-recently-served (fair
+//!   share among equal priorities), then tasks by index, all of one shape.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+pub const TASK_QUEUED: i16 = 1;
+pub const TASK_RUNNING: i16 = 2;
+pub const TASK_SUCCEEDED: i16 = 3;
+pub const TASK_FAILED: i16 = 4;
+pub const TASK_CANCELLED: i16 = 5;
+
+pub const JOB_QUEUED: i16 = 1;
+pub const JOB_RUNNING: i16 = 2;
+pub const JOB_CANCELLED: i16 = 5;
+
+/// Scheduling settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub lease_ttl: Duration,
+    /// A worker that failed this many tasks of a job gets no more of that job.
+    pub max_worker_failures_per_job: i32,
+    /// Backoff after the first render failure; doubles per failure, capped at 60 s.
+    pub backoff_base: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            lease_ttl: Duration::from_secs(15),
+            max_worker_failures_per_job: 2,
+            backoff_base: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub pool: PgPool,
+    pub cfg: StoreConfig,
+}
+
+/// A task handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub task_id: Uuid,
+    pub job_id: Uuid,
+    pub idx: i64,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: i64,
+    pub shape: String,
+    pub failures: i32,
+    pub lease_token: i64,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// A task whose state changed, for events.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub job_id: Uuid,
+    pub idx: i64,
+    pub state: i16,
+    pub error: Option<String>,
+}
+
+/// What a worker session needs to claim work.
+#[derive(Debug, Clone)]
+pub struct WorkerSlot {
+    pub worker_id: Uuid,
+    pub name: String,
+    pub model: String,
+    pub max_pixels: i64,
+}
+
+/// Outcome of a failure report.
+#[derive(Debug, Clone)]
+pub struct FailureOutcome {
+    pub transition: Transition,
+    /// Render failures charged so far.
+    pub failures: i32,
+}
+
+impl Store {
+    pub fn new(pool: PgPool, cfg: StoreConfig) -> Self {
+        Store { pool, cfg }
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        self.cfg.lease_ttl.as_millis() as i64
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Dispatch
+
+    /// Claims up to `n` queued tasks of one shape for `w`.
+    pub async fn claim(&self, w: &WorkerSlot, n: u32) -> Result<Vec<Claimed>> {
+        let rows = sqlx::query(
+            r#"
+            with job as (
+                select j.id from jobs j
+                where j.finished_at is null and j.cancelled_at is null and j.model = $1
+                  and exists (select 1 from tasks t
+                              where t.job_id = j.id and t.state = 1 and t.pixels <= $2
+                                and (t.not_before is null or t.not_before <= now()))
+                  and not exists (select 1 from job_worker_failures f
+                                  where f.job_id = j.id and f.worker_name = $3 and f.failures >= $4)
+                order by j.priority desc, j.last_claimed_at asc nulls first, j.created_at
+                limit 1
+            ),
+            first as (
+                select t.shape from tasks t join job on t.job_id = job.id
+                where t.state = 1 and t.pixels <= $2 and (t.not_before is null or t.not_before <= now())
+                order by t.idx limit 1
+            ),
+            picked as (
+                select t.id from tasks t join job on t.job_id = job.id join first on t.shape = first.shape
+                where t.state = 1 and (t.not_before is null or t.not_before <= now())
+                order by t.idx
+                limit $5
+                for update of t skip locked
+            ),
+            upd as (
+                update tasks t
+                set state = 2, lease_owner = $6, lease_token = nextval('lease_tokens'),
+                    lease_expires_at = now() + $7 * interval '1 millisecond', current_step = 0
+                from picked where t.id = picked.id
+                returning t.id, t.job_id, t.idx, t.prompt, t.negative_prompt, t.seed, t.shape, t.failures,
+                          t.lease_token, t.lease_expires_at
+            ),
+            attempts as (
+                insert into task_attempts (task_id, attempt, worker_id, worker_name, lease_token)
+                select id, failures + 1, $6, $3, lease_token from upd
+            ),
+            touch as (
+                update jobs set last_claimed_at = clock_timestamp(),
+                                state = case when state = 1 then 2 else state end
+                where id = (select j.id from jobs j join job on j.id = job.id for update of j skip locked)
+            )
+            select * from upd order by idx
+            "#,
+        )
+        .bind(&w.model)
+        .bind(w.max_pixels)
+        .bind(&w.name)
+        .bind(self.cfg.max_worker_failures_per_job)
+        .bind(n as i64)
+        .bind(w.worker_id)
+        .bind(self.ttl_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Claimed {
+                task_id: r.get("id"),
+                job_id: r.get("job_id"),
+                idx: r.get("idx"),
+                prompt: r.get("prompt"),
+                negative_prompt: r.get("negative_prompt"),
+                seed: r.get("seed"),
+                shape: r.get("shape"),
+                failures: r.get("failures"),
+                lease_token: r.get("lease_token"),
+                lease_expires_at: r.get("lease_expires_at"),
+            })
+            .collect())
+    }
+
+    /// A new worker session.
+    pub async fn register_worker(
+        &self,
+        tenant: &str,
+        name: &str,
+        capabilities: serde_json::Value,
+        model: &str,
+        max_pixels: i64,
+        max_batch: i32,
+        coordinator: &str,
+    ) -> Result<Uuid> {
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "insert into workers (id, tenant_id, name, capabilities, model, max_pixels, max_batch, coordinator)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(name)
+        .bind(capabilities)
+        .bind(model)
+        .bind(max_pixels)
+        .bind(max_batch)
+        .bind(coordinator)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Leases a reconnecting worker still holds: those still current (running, or requeued but not yet
+    /// claimed again, with the same token) move to the new session. Returns the kept ones.
+    pub async fn adopt_leases(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) -> Result<Vec<(Uuid, i64)>> {
+        if leases.is_empty() {
+            return Ok(vec![]);
+        }
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
+        let tokens: Vec<i64> = leases.iter().map(|l| l.1).collect();
+        let rows = sqlx::query(
+            r#"
+            with held as (select * from unnest($1::uuid[], $2::bigint[]) as h(id, token)),
+            upd as (
+                update tasks t set state = 2, lease_owner = $3,
+                       lease_expires_at = now() + $4 * interval '1 millisecond'
+                from held, jobs j
+                where t.id = held.id and t.lease_token = held.token and t.state in (1, 2)
+                  and j.id = t.job_id and j.cancelled_at is null
+                returning t.id, t.lease_token
+            ),
+            att as (
+                update task_attempts a set worker_id = $3, outcome = 'running', ended_at = null
+                from upd where a.lease_token = upd.lease_token
+            )
+            select id, lease_token from upd
+            "#,
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(worker_id)
+        .bind(self.ttl_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Renews every lease of the session.
+    pub async fn heartbeat(&self, worker_id: Uuid) -> Result<()> {
+        sqlx::query(
+            "with t as (update tasks set lease_expires_at = now() + $2 * interval '1 millisecond'
+                        where lease_owner = $1 and state = 2)
+             update workers set last_heartbeat = now() where id = $1",
+        )
+        .bind(worker_id)
+        .bind(self.ttl_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The session ended: every lease it holds goes back to the queue, no attempt charged.
+    pub async fn requeue_worker(&self, worker_id: Uuid, outcome: &str) -> Result<Vec<Transition>> {
+        let rows = sqlx::query(
+            r#"
+            with upd as (
+                update tasks set state = 1, lease_owner = null, lease_expires_at = null, current_step = 0
+                where lease_owner = $1 and state = 2
+                returning id, job_id, idx, lease_token
+            ),
+            att as (
+                update task_attempts a set ended_at = now(), outcome = $2
+                from upd where a.lease_token = upd.lease_token and a.ended_at is null
+            ),
+            w as (update workers set disconnected_at = coalesce(disconnected_at, now()) where id = $1)
+            select job_id, idx from upd
+            "#,
+        )
+        .bind(worker_id)
+        .bind(outcome)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Transition { job_id: r.get(0), idx: r.get(1), state: TASK_QUEUED, error: None })
+            .collect())
+    }
+
+    /// Requeues tasks whose lease expired (silent workers), and marks silent sessions disconnected.
+    pub async fn sweep_expired(&self) -> Result<Vec<Transition>> {
+        let rows = sqlx::query(
+            r#"
+            with exp as (
+                select id from tasks where state = 2 and lease_expires_at < now()
+                for update skip locked
+            ),
+            upd as (
+                update tasks t set state = 1, lease_owner = null, lease_expires_at = null, current_step = 0
+                from exp where t.id = exp.id
+                returning t.job_id, t.idx, t.lease_token
+            ),
+            att as (
+                update task_attempts a set ended_at = now(), outcome = 'expired'
+                from upd where a.lease_token = upd.lease_token and a.ended_at is null
+            )
+            select job_id, idx from upd
+            "#,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        sqlx::query(
+            "update workers set disconnected_at = now()
+             where disconnected_at is null and last_heartbeat < now() - $1 * interval '1 millisecond'",
+        )
+        .bind(self.ttl_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Transition { job_id: r.get(0), idx: r.get(1), state: TASK_QUEUED, error: None })
+            .collect())
+    }
+
+    /// Records a denoising step. Returns the task's job and index, or None when the lease is stale.
+    pub async fn progress(&self, task_id: Uuid, token: i64, step: i32) -> Result<Option<(Uuid, i64)>> {
+        let row = sqlx::query(
+            "update tasks set current_step = $3 where id = $1 and lease_token = $2 and state = 2
+             returning job_id, idx",
+        )
+        .bind(task_id)
+        .bind(token)
+        .bind(step)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// A render failed (or was cancelled). Charges the attempt unless the failure is not the task's fault.
+    pub async fn report_failure(
+        &self,
+        task_id: Uuid,
+        token: i64,
+        worker_name: &str,
+        error: &str,
+        retryable: bool,
+        kind: &str,
+    ) -> Result<Option<FailureOutcome>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled
+             from tasks t join jobs j on j.id = t.job_id
+             where t.id = $1 and t.lease_token = $2 and t.state = 2 for update of t",
+        )
+        .bind(task_id)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let job_id: Uuid = row.get(0);
+        let idx: i64 = row.get(1);
+        let failures: i32 = row.get(2);
+        let max_attempts: i32 = row.get(3);
+        let cancelled: bool = row.get(4);
+        // Cancellation and running out of GPU memory are not the task's fault.
+        let charged = !(cancelled || kind == "cancelled" || kind == "out_of_memory");
+        let failures = if charged { failures + 1 } else { failures };
+        let (state, outcome) = if cancelled {
+            (TASK_CANCELLED, "cancelled")
+        } else if charged && (!retryable || failures >= max_attempts) {
+            (TASK_FAILED, "failed")
+        } else {
+            (TASK_QUEUED, if charged { "failed" } else { "released" })
+        };
+        let backoff_ms = if charged && state == TASK_QUEUED {
+            let base = self.cfg.backoff_base.as_millis() as i64;
+            (base << (failures - 1).clamp(0, 16)).min(60_000)
+        } else {
+            0
+        };
+        sqlx::query(
+            "update tasks set state = $2, failures = $3, last_error = $4, lease_owner = null,
+                    lease_expires_at = null, current_step = 0,
+                    not_before = case when $5 > 0 then now() + $5 * interval '1 millisecond' else null end,
+                    finished_at = case when $2 in (4, 5) then now() else null end
+             where id = $1",
+        )
+        .bind(task_id)
+        .bind(state)
+        .bind(failures)
+        .bind(error)
+        .bind(backoff_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "update task_attempts set ended_at = now(), outcome = $2, error = $3
+             where lease_token = $1 and ended_at is null",
+        )
+        .bind(token)
+        .bind(outcome)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        if charged {
+            sqlx::query(
+                "insert into job_worker_failures (job_id, worker_name, failures) values ($1, $2, 1)
+                 on conflict (job_id, worker_name) do update set failures = job_worker_failures.failures + 1",
+            )
+            .bind(job_id)
+            .bind(worker_name)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "update workers set failed = failed + 1
+                 where id = (select worker_id from task_attempts where lease_token = $1 limit 1)",
+            )
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(FailureOutcome {
+            transition: Transition { job_id, idx, state, error: Some(error.to_string()) },
+            failures,
+        }))
+    }
+
+    /// The worker hands an unstarted task back (drain): requeued, no attempt charged.
+    pub async fn release(&self, task_id: Uuid, token: i64) -> Result<Option<Transition>> {
+        let row = sqlx::query(
+            r#"
+            with upd as (
+                update tasks set state = 1, lease_owner = null, lease_expires_at = null, current_step = 0
+                where id = $1 and lease_token = $2 and state = 2
+                returning job_id, idx
+            ),
+            att as (
+                update task_attempts set ended_at = now(), outcome = 'released'
+                where lease_token = $2 and ended_at is null
+            )
+            select job_id, idx from upd
+            "#,
+        )
+        .bind(task_id)
+        .bind(token)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Transition { job_id: r.get(0), idx: r.get(1), state: TASK_QUEUED, error: None }))
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Results
+
+    /// Job and index of a task whose lease `token` is current; FAILED_PRECONDITION otherwise.
+    pub async fn check_lease(&self, task_id: Uuid, token: i64) -> Result<(Uuid, i64)> {
+        let row = sqlx::query("select job_id, idx from tasks where id = $1 and lease_token = $2 and state = 2")
+            .bind(task_id)
+            .bind(token)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| (r.get(0), r.get(1))).ok_or_else(stale_lease)
+    }
+
+    /// Locks the task if `token` is still current; the caller publishes the blob, then calls
+    /// [`Store::commit_result`] on the same transaction.
+    pub async fn lock_lease(&self, task_id: Uuid, token: i64) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        let ok = sqlx::query("select 1 from tasks where id = $1 and lease_token = $2 and state = 2 for update")
+            .bind(task_id)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if ok.is_none() {
+            return Err(stale_lease());
+        }
+        Ok(tx)
+    }
+
+    /// Marks the task succeeded with its stored result, on the transaction from [`Store::lock_lease`].
+    pub async fn commit_result(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        task_id: Uuid,
+        token: i64,
+        key: &str,
+        size: i64,
+        sha256: &str,
+    ) -> Result<Transition> {
+        let row = sqlx::query(
+            "update tasks set state = 3, result_key = $3, result_size = $4, result_sha256 = $5,
+                    result_worker = coalesce((select w.name from workers w where w.id = tasks.lease_owner), ''),
+                    result_at = clock_timestamp(), finished_at = clock_timestamp(), current_step = steps,
+                    lease_owner = null, lease_expires_at = null
+             where id = $1 and lease_token = $2 and state = 2
+             returning job_id, idx, result_worker",
+        )
+        .bind(task_id)
+        .bind(token)
+        .bind(key)
+        .bind(size)
+        .bind(sha256)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Err(stale_lease()) };
+        sqlx::query(
+            "with a as (update task_attempts set ended_at = now(), outcome = 'succeeded'
+                        where lease_token = $1 and ended_at is null returning worker_id)
+             update workers set completed = completed + 1 where id in (select worker_id from a)",
+        )
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Transition { job_id: row.get(0), idx: row.get(1), state: TASK_SUCCEEDED, error: None })
+    }
+
+    /// Marks the job finished when no task is queued or running any more. Returns its final state.
+    pub async fn finish_job_if_done(&self, job_id: Uuid) -> Result<Option<i16>> {
+        let row = sqlx::query(
+            "update jobs set finished_at = now(),
+                    state = case when cancelled_at is not null then 5
+                                 when exists (select 1 from tasks where job_id = $1 and state = 4) then 4
+                                 else 3 end
+             where id = $1 and finished_at is null
+               and not exists (select 1 from tasks where job_id = $1 and state in (1, 2))
+             returning state",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Control
+
+    /// Cancels a job: queued tasks at once; returns the running leases (task, token, owner) to stop.
+    pub async fn cancel_job(&self, tenant: &str, job_id: Uuid) -> Result<(u64, Vec<(Uuid, i64, Uuid)>)> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query(
+            "update jobs set cancelled_at = coalesce(cancelled_at, now()), state = 5 where id = $1 and tenant_id = $2 returning id",
+        )
+        .bind(job_id)
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if found.is_none() {
+            return Err(job_not_found(job_id));
+        }
+        let n = sqlx::query("update tasks set state = 5, finished_at = now() where job_id = $1 and state = 1")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let running = sqlx::query("select id, lease_token, lease_owner from tasks where job_id = $1 and state = 2")
+            .bind(job_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((n, running.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()))
+    }
+
+    /// Queues failed (and optionally cancelled) tasks again with a fresh attempt budget.
+    pub async fn retry_job(&self, tenant: &str, job_id: Uuid, include_cancelled: bool) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query("select 1 from jobs where id = $1 and tenant_id = $2 for update")
+            .bind(job_id)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(job_not_found(job_id));
+        }
+        let n = sqlx::query(
+            "update tasks set state = 1, failures = 0, not_before = null, last_error = null, finished_at = null,
+                    current_step = 0, lease_token = null
+             where job_id = $1 and (state = 4 or ($2 and state = 5))",
+        )
+        .bind(job_id)
+        .bind(include_cancelled)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            sqlx::query("delete from job_worker_failures where job_id = $1").bind(job_id).execute(&mut *tx).await?;
+            sqlx::query(
+                "update jobs set finished_at = null, state = 2,
+                        cancelled_at = case when $2 then null else cancelled_at end
+                 where id = $1",
+            )
+            .bind(job_id)
+            .bind(include_cancelled)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Wakes dispatch loops on every replica (new or requeued work).
+    pub async fn notify_new_work(&self) -> Result<()> {
+        sqlx::query("select pg_notify('farm_tasks', '')").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Asks the replica holding a worker session to cancel a task there.
+    pub async fn notify_cancel(&self, worker_id: Uuid, task_id: Uuid, token: i64) -> Result<()> {
+        sqlx::query("select pg_notify('farm_cancel', $1)")
+            .bind(format!("{worker_id} {task_id} {token}"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The tenant owning a job, or NOT_FOUND for anyone else.
+    pub async fn job_of_tenant(&self, tenant: &str, job_id: Uuid) -> Result<()> {
+        let found = sqlx::query("select 1 from jobs where id = $1 and tenant_id = $2")
+            .bind(job_id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        found.map(|_| ()).ok_or_else(|| job_not_found(job_id))
+    }
+}
+
+pub fn stale_lease() -> Error {
+    Error::FailedPrecondition("lease is not current (expired, reassigned or already committed)".into())
+}
+
+pub fn job_not_found(job_id: Uuid) -> Error {
+    Error::NotFound(format!("job {job_id} not found"))
+}
+
+/// Parses a job id from the API; a malformed id is simply not found.
+pub fn parse_job_id(s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s.trim()).map_err(|_| Error::NotFound(format!("job {s:?} not found")))
+}
