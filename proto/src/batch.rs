@@ -195,8 +195,13 @@ impl<R: BufRead> BatchReader<R> {
                 json: format == BatchFormat::Jsonl,
             },
         };
-        BatchReader { source, limits: Some(PromptLimits::default()), max_record_bytes: DEFAULT_MAX_RECORD_BYTES, done: false }
-            .apply_cap()
+        BatchReader {
+            source,
+            limits: Some(PromptLimits::default()),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            done: false,
+        }
+        .apply_cap()
     }
 
     /// Validates each prompt with [`parse_prompt`] under `limits`.
@@ -234,7 +239,9 @@ impl<R: BufRead> Iterator for BatchReader<R> {
         }
         let item = match &mut self.source {
             Source::Xml(x) => x.next_prompt(self.limits.as_ref()),
-            Source::Lines { lines, json } => lines.next_prompt(*json, self.limits.as_ref(), self.max_record_bytes),
+            Source::Lines { lines, json } => {
+                lines.next_prompt(*json, self.limits.as_ref(), self.max_record_bytes)
+            }
         };
         match item {
             Step::Prompt(p) => Some(Ok(p)),
@@ -356,7 +363,9 @@ impl<R: BufRead> LineSource<R> {
             let overflow = match self.read_line(cap) {
                 Ok(None) => return Step::End,
                 Ok(Some(o)) => o,
-                Err(e) => return Step::Fatal(berr(self.line_no.saturating_add(1), 1, format!("read error: {e}"))),
+                Err(e) => {
+                    return Step::Fatal(berr(self.line_no.saturating_add(1), 1, format!("read error: {e}")))
+                }
             };
             let line = self.line_no;
             if overflow {
@@ -375,7 +384,11 @@ impl<R: BufRead> LineSource<R> {
             }
             let lead = s.len() - s.trim_start().len();
             let column = prompt::saturate(s[..lead].chars().count() + 1);
-            return if json { json_prompt(trimmed, line, column, limits) } else { text_prompt(trimmed, line, column, limits) };
+            return if json {
+                json_prompt(trimmed, line, column, limits)
+            } else {
+                text_prompt(trimmed, line, column, limits)
+            };
         }
     }
 }
@@ -470,7 +483,9 @@ impl<R: BufRead> Tracker<R> {
 
     /// Moves the mark forward to `abs`, dropping the bytes before it.
     fn advance_to(&mut self, abs: u64) {
-        let n = usize::try_from(abs.saturating_sub(self.window_start)).unwrap_or(usize::MAX).min(self.window.len());
+        let n = usize::try_from(abs.saturating_sub(self.window_start))
+            .unwrap_or(usize::MAX)
+            .min(self.window.len());
         let (line, column) = self.scan(n);
         self.line = line;
         self.column = column;
@@ -501,7 +516,9 @@ impl<R: BufRead> Tracker<R> {
     /// Up to `n` bytes from absolute offset `abs`, reading ahead of the consumed input if needed (used
     /// only to describe an error, after which nothing more is read).
     fn lookahead(&mut self, abs: u64, n: usize) -> Vec<u8> {
-        let a = usize::try_from(abs.saturating_sub(self.window_start)).unwrap_or(usize::MAX).min(self.window.len());
+        let a = usize::try_from(abs.saturating_sub(self.window_start))
+            .unwrap_or(usize::MAX)
+            .min(self.window.len());
         let mut out = self.window[a..].to_vec();
         loop {
             out.extend_from_slice(&self.chunk[self.head..]);
@@ -639,10 +656,12 @@ impl<R: BufRead> XmlBatch<R> {
     /// Maps a quick-xml read error (or an I/O or size error) to a fatal step.
     fn read_error(&mut self, err: &quick_xml::Error, record_start: u64) -> Step {
         if self.tracker().overflowed {
-            return Step::Fatal(self.err_at(
-                record_start,
-                format!("this element is larger than {} bytes", self.tracker().cap),
-            ));
+            return Step::Fatal(
+                self.err_at(
+                    record_start,
+                    format!("this element is larger than {} bytes", self.tracker().cap),
+                ),
+            );
         }
         if let quick_xml::Error::Io(e) = err {
             let pos = self.reader.buffer_position();
@@ -688,17 +707,25 @@ impl<R: BufRead> XmlBatch<R> {
             };
             drop(event);
             match (self.state, kind) {
-                (_, "doctype") => return Step::Fatal(self.err_at(pos, "DOCTYPE declarations are not allowed")),
-                (_, "pi") => return Step::Fatal(self.err_at(pos, "processing instructions (<?...?>) are not allowed")),
+                (_, "doctype") => {
+                    return Step::Fatal(self.err_at(pos, "DOCTYPE declarations are not allowed"))
+                }
+                (_, "pi") => {
+                    return Step::Fatal(self.err_at(pos, "processing instructions (<?...?>) are not allowed"))
+                }
                 (_, "decl") => {
-                    return Step::Fatal(self.err_at(pos, "an XML declaration is only allowed at the very start of the file"))
+                    return Step::Fatal(
+                        self.err_at(pos, "an XML declaration is only allowed at the very start of the file"),
+                    )
                 }
                 (XmlState::Prolog, "start" | "empty") if name == "batch" => {
                     self.batch_at = self.tracker().position(pos);
                     self.state = if kind == "start" { XmlState::InBatch } else { XmlState::AfterBatch };
                 }
                 (XmlState::Prolog, "start" | "empty") => {
-                    return Step::Fatal(self.err_at(pos, format!("expected the root element <batch>, found <{name}>")))
+                    return Step::Fatal(
+                        self.err_at(pos, format!("expected the root element <batch>, found <{name}>")),
+                    )
                 }
                 (XmlState::Prolog, "eof") => {
                     return Step::Fatal(self.err_at(pos, "no <batch> root element found"));
@@ -714,22 +741,35 @@ impl<R: BufRead> XmlBatch<R> {
                     };
                 }
                 (XmlState::InBatch, "start" | "empty") => {
-                    return Step::Fatal(self.err_at(pos, format!("unexpected element <{name}> in <batch>; expected <prompt>")))
+                    return Step::Fatal(
+                        self.err_at(
+                            pos,
+                            format!("unexpected element <{name}> in <batch>; expected <prompt>"),
+                        ),
+                    )
                 }
                 (XmlState::InBatch, "end") if name == "batch" => self.state = XmlState::AfterBatch,
                 (XmlState::InBatch, "end") => {
-                    return Step::Fatal(self.err_at(pos, format!("closing tag </{name}> does not match <batch>")))
+                    return Step::Fatal(
+                        self.err_at(pos, format!("closing tag </{name}> does not match <batch>")),
+                    )
                 }
                 (XmlState::InBatch, "text") => {
-                    return Step::Error(self.err_at(pos, "text outside <prompt> elements is not allowed in <batch>"))
+                    return Step::Error(
+                        self.err_at(pos, "text outside <prompt> elements is not allowed in <batch>"),
+                    )
                 }
                 (XmlState::InBatch, "eof") => {
                     let (l, c) = self.batch_at;
-                    return Step::Fatal(self.err_at(pos, format!("<batch> opened at line {l}, column {c} is not closed")));
+                    return Step::Fatal(
+                        self.err_at(pos, format!("<batch> opened at line {l}, column {c} is not closed")),
+                    );
                 }
                 (XmlState::AfterBatch, "eof") => return Step::End,
                 (XmlState::AfterBatch, _) | (XmlState::Prolog, _) => {
-                    return Step::Fatal(self.err_at(pos, "only comments and whitespace may appear outside <batch>"))
+                    return Step::Fatal(
+                        self.err_at(pos, "only comments and whitespace may appear outside <batch>"),
+                    )
                 }
                 (XmlState::InBatch, _) => unreachable!("all event kinds handled"),
             }
@@ -737,7 +777,12 @@ impl<R: BufRead> XmlBatch<R> {
     }
 
     /// Reads the body of a `<prompt>` whose start tag began at `tag_start`, up to its `</prompt>`.
-    fn read_prompt(&mut self, tag_start: u64, attrs: Result<BatchPrompt, BatchError>, limits: Option<&PromptLimits>) -> Step {
+    fn read_prompt(
+        &mut self,
+        tag_start: u64,
+        attrs: Result<BatchPrompt, BatchError>,
+        limits: Option<&PromptLimits>,
+    ) -> Step {
         let body_start = self.reader.buffer_position();
         let mut open: Vec<(String, u64)> = Vec::new();
         let mut has_elements = false;
@@ -748,9 +793,13 @@ impl<R: BufRead> XmlBatch<R> {
             let pos = self.reader.buffer_position();
             self.buf.clear();
             let ev = match self.reader.read_event_into(&mut self.buf) {
-                Ok(Event::Start(e)) => BodyEvent::Open(String::from_utf8_lossy(e.name().as_ref()).into_owned()),
+                Ok(Event::Start(e)) => {
+                    BodyEvent::Open(String::from_utf8_lossy(e.name().as_ref()).into_owned())
+                }
                 Ok(Event::Empty(_)) => BodyEvent::Empty,
-                Ok(Event::End(e)) => BodyEvent::Close(String::from_utf8_lossy(e.name().as_ref()).into_owned()),
+                Ok(Event::End(e)) => {
+                    BodyEvent::Close(String::from_utf8_lossy(e.name().as_ref()).into_owned())
+                }
                 Ok(Event::Text(t)) => BodyEvent::Text(t.to_vec(), pos),
                 Ok(Event::CData(t)) => BodyEvent::Text(t.to_vec(), pos + 9),
                 Ok(Event::GeneralRef(r)) => BodyEvent::Ref(String::from_utf8_lossy(&r).into_owned()),
@@ -772,24 +821,26 @@ impl<R: BufRead> XmlBatch<R> {
                     has_elements = true;
                     first_char.get_or_insert(pos);
                 }
-                BodyEvent::Close(name) => match open.pop() {
-                    None if name == "prompt" => break pos,
-                    None => {
-                        let (l, c) = self.tracker().position(tag_start);
-                        return Step::Fatal(self.err_at(
+                BodyEvent::Close(name) => {
+                    match open.pop() {
+                        None if name == "prompt" => break pos,
+                        None => {
+                            let (l, c) = self.tracker().position(tag_start);
+                            return Step::Fatal(self.err_at(
                             pos,
                             format!("closing tag </{name}> does not match <prompt> opened at line {l}, column {c}"),
                         ));
-                    }
-                    Some((top, at)) if top != name => {
-                        let (l, c) = self.tracker().position(at);
-                        return Step::Fatal(self.err_at(
+                        }
+                        Some((top, at)) if top != name => {
+                            let (l, c) = self.tracker().position(at);
+                            return Step::Fatal(self.err_at(
                             pos,
                             format!("closing tag </{name}> does not match <{top}> opened at line {l}, column {c}"),
                         ));
+                        }
+                        Some(_) => {}
                     }
-                    Some(_) => {}
-                },
+                }
                 BodyEvent::Text(bytes, at) => {
                     match std::str::from_utf8(&bytes) {
                         Ok(s) => {
@@ -842,7 +893,9 @@ impl<R: BufRead> XmlBatch<R> {
         let text = if has_elements {
             match std::str::from_utf8(self.tracker().slice(body_start, body_end)) {
                 Ok(s) => s.trim().to_owned(),
-                Err(e) => return Step::Error(self.err_at(body_start + e.valid_up_to() as u64, "invalid UTF-8")),
+                Err(e) => {
+                    return Step::Error(self.err_at(body_start + e.valid_up_to() as u64, "invalid UTF-8"))
+                }
             }
         } else {
             // Every piece was checked above, and references add whole characters.
@@ -880,7 +933,11 @@ fn parse_prompt_attributes<R: BufRead>(
             Ok(a) => a,
             Err(err) => {
                 let (line, column) = at(prompt::attr_error_offset(&err));
-                return Err(berr(line, column, format!("in <prompt>: {}", prompt::describe_attr_error(&err))));
+                return Err(berr(
+                    line,
+                    column,
+                    format!("in <prompt>: {}", prompt::describe_attr_error(&err)),
+                ));
             }
         };
         let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
@@ -891,13 +948,16 @@ fn parse_prompt_attributes<R: BufRead>(
         let key_at = cursor;
         cursor = skip_attribute(content, cursor);
         let (line, column) = at(key_at);
-        let raw = std::str::from_utf8(&attr.value).map_err(|_| berr(line, column, format!("attribute {key}: invalid UTF-8")))?;
+        let raw = std::str::from_utf8(&attr.value)
+            .map_err(|_| berr(line, column, format!("attribute {key}: invalid UTF-8")))?;
         let value = quick_xml::escape::unescape(raw)
             .map_err(|err| berr(line, column, format!("attribute {key}: {err}")))?
             .into_owned();
         let bad = |what: &str| berr(line, column, format!("attribute {key}=\"{value}\": expected {what}"));
         match key.as_str() {
-            "seed" => prompt.seed = Some(value.trim().parse().map_err(|_| bad("an unsigned 64-bit integer"))?),
+            "seed" => {
+                prompt.seed = Some(value.trim().parse().map_err(|_| bad("an unsigned 64-bit integer"))?)
+            }
             "width" => prompt.width = Some(value.trim().parse().map_err(|_| bad("an unsigned integer"))?),
             "height" => prompt.height = Some(value.trim().parse().map_err(|_| bad("an unsigned integer"))?),
             "steps" => prompt.steps = Some(value.trim().parse().map_err(|_| bad("an unsigned integer"))?),
@@ -1085,12 +1145,18 @@ mod tests {
 
     #[test]
     fn xml_doctype_and_processing_instructions_are_refused() {
-        let r = read_both("<?xml version=\"1.0\"?>\n<!DOCTYPE batch [<!ENTITY x \"y\">]>\n<batch/>", BatchFormat::Xml);
+        let r = read_both(
+            "<?xml version=\"1.0\"?>\n<!DOCTYPE batch [<!ENTITY x \"y\">]>\n<batch/>",
+            BatchFormat::Xml,
+        );
         assert_eq!(r.len(), 1);
         let (l, c, m) = bad(&r[0]);
         assert_eq!((l, c), (2, 1));
         assert!(m.contains("DOCTYPE"), "{m}");
-        let r = read_both("<batch>\n<prompt>\n<caption>a</caption><?pi x?></prompt><prompt>b</prompt></batch>", BatchFormat::Xml);
+        let r = read_both(
+            "<batch>\n<prompt>\n<caption>a</caption><?pi x?></prompt><prompt>b</prompt></batch>",
+            BatchFormat::Xml,
+        );
         let (l, c, m) = bad(&r[0]);
         assert_eq!((l, c), (3, 21));
         assert!(m.contains("processing instruction"), "{m}");
@@ -1110,11 +1176,23 @@ mod tests {
         let cases: &[(&str, (u32, u32), &str)] = &[
             ("", (1, 1), "no <batch>"),
             ("  \n<!-- only a comment -->\n", (3, 1), "no <batch>"),
-            ("<prompts><prompt>x</prompt></prompts>", (1, 1), "expected the root element <batch>, found <prompts>"),
+            (
+                "<prompts><prompt>x</prompt></prompts>",
+                (1, 1),
+                "expected the root element <batch>, found <prompts>",
+            ),
             ("<batch>\n<prompt>a</prompt>\n<item>b</item></batch>", (3, 1), "unexpected element <item>"),
             ("<batch>\n<prompt>a</prompt>\n", (3, 1), "<batch> opened at line 1, column 1 is not closed"),
-            ("<batch>\n<prompt>\n<n>a</prompt></batch>", (3, 5), "closing tag </prompt> does not match <n> opened at line 3, column 1"),
-            ("<batch>\n<prompt>a</n></batch>", (2, 10), "closing tag </n> does not match <prompt> opened at line 2, column 1"),
+            (
+                "<batch>\n<prompt>\n<n>a</prompt></batch>",
+                (3, 5),
+                "closing tag </prompt> does not match <n> opened at line 3, column 1",
+            ),
+            (
+                "<batch>\n<prompt>a</n></batch>",
+                (2, 10),
+                "closing tag </n> does not match <prompt> opened at line 2, column 1",
+            ),
             ("<batch>\n <prompt>a", (2, 11), "<prompt> opened at line 2, column 2 is not closed"),
             ("<batch></batch>\n<batch></batch>", (2, 1), "outside <batch>"),
             ("<batch></prompt>", (1, 8), "closing tag </prompt> does not match <batch>"),
@@ -1140,8 +1218,12 @@ mod tests {
 
     #[test]
     fn xml_record_size_limit() {
-        let big = format!("<batch>\n<prompt>ok</prompt>\n<prompt>{}</prompt><prompt>never</prompt></batch>", "x".repeat(5000));
-        let r: Vec<_> = BatchReader::new(big.as_bytes(), BatchFormat::Xml).with_max_record_bytes(1000).collect();
+        let big = format!(
+            "<batch>\n<prompt>ok</prompt>\n<prompt>{}</prompt><prompt>never</prompt></batch>",
+            "x".repeat(5000)
+        );
+        let r: Vec<_> =
+            BatchReader::new(big.as_bytes(), BatchFormat::Xml).with_max_record_bytes(1000).collect();
         assert_eq!(r.len(), 2);
         assert_eq!(ok(&r[0]).text, "ok");
         let (l, c, m) = bad(&r[1]);

@@ -495,7 +495,8 @@ impl XmlWalker<'_> {
                     self.push_text(s);
                 }
                 Event::GeneralRef(r) => {
-                    let body = std::str::from_utf8(&r).expect("slices of a str at ASCII boundaries are UTF-8");
+                    let body =
+                        std::str::from_utf8(&r).expect("slices of a str at ASCII boundaries are UTF-8");
                     match resolve_reference(body) {
                         Ok(c) => self.push_text(c.encode_utf8(&mut [0; 4])),
                         Err((code, message)) => return Err(self.diag(pos, code, message)),
@@ -526,7 +527,10 @@ impl XmlWalker<'_> {
             return Err(self.diag(
                 frame.start,
                 codes::XML_SYNTAX,
-                format!("unclosed tag <{}>: </{}> not found before the end of the prompt", frame.name, frame.name),
+                format!(
+                    "unclosed tag <{}>: </{}> not found before the end of the prompt",
+                    frame.name, frame.name
+                ),
             ));
         }
         self.flush_loose();
@@ -583,7 +587,11 @@ impl XmlWalker<'_> {
         for attr in e.attributes() {
             if let Err(err) = attr {
                 let off = start + 1 + attr_error_offset(&err);
-                return Err(self.diag(off, codes::XML_SYNTAX, format!("in <{name}>: {}", describe_attr_error(&err))));
+                return Err(self.diag(
+                    off,
+                    codes::XML_SYNTAX,
+                    format!("in <{name}>: {}", describe_attr_error(&err)),
+                ));
             }
         }
         let depth = self.stack.len() + 1;
@@ -626,7 +634,9 @@ impl XmlWalker<'_> {
                     let w = self.diag(
                         start,
                         codes::UNKNOWN_TAG,
-                        format!("unknown tag <{name}> {place}; it is passed to the encoders but not interpreted"),
+                        format!(
+                            "unknown tag <{name}> {place}; it is passed to the encoders but not interpreted"
+                        ),
                     );
                     self.out.warnings.push(w);
                     Role::Unknown
@@ -635,7 +645,8 @@ impl XmlWalker<'_> {
             Some((Role::Character(ci), pname)) => {
                 self.flush_mixed();
                 if !CHARACTER_FIELDS.contains(&name.as_str()) {
-                    let w = self.diag(start, codes::UNKNOWN_TAG, format!("unknown tag <{name}> in <{pname}>"));
+                    let w =
+                        self.diag(start, codes::UNKNOWN_TAG, format!("unknown tag <{name}> in <{pname}>"));
                     self.out.warnings.push(w);
                 }
                 Role::Leaf(Leaf::CharacterField(ci))
@@ -643,7 +654,8 @@ impl XmlWalker<'_> {
             Some((Role::General, pname)) => {
                 self.flush_mixed();
                 if !GENERAL_TAG_FIELDS.contains(&name.as_str()) {
-                    let w = self.diag(start, codes::UNKNOWN_TAG, format!("unknown tag <{name}> in <{pname}>"));
+                    let w =
+                        self.diag(start, codes::UNKNOWN_TAG, format!("unknown tag <{name}> in <{pname}>"));
                     self.out.warnings.push(w);
                 }
                 Role::Leaf(Leaf::GeneralField)
@@ -830,7 +842,9 @@ mod tests {
 
     #[test]
     fn plain_prompts() {
-        for s in ["1girl, solo, masterpiece", "a girl with <3 hearts & stars", "x < y > z", "A cat; &amp; stays"] {
+        for s in
+            ["1girl, solo, masterpiece", "a girl with <3 hearts & stars", "x < y > z", "A cat; &amp; stays"]
+        {
             let p = parse(&format!("\n  {s}  \n")).unwrap();
             assert_eq!(p.kind, PromptKind::Plain, "{s}");
             assert_eq!(p.text, s);
@@ -858,7 +872,10 @@ mod tests {
     fn mixed_text_inside_containers() {
         let p = parse("<character_1>1girl, solo<n>a</n>smile</character_1><general_tags>hd<count>1</count></general_tags>")
             .unwrap();
-        assert_eq!(p.characters[0].fields, fields(&[("#text", "1girl, solo"), ("n", "a"), ("#text", "smile")]));
+        assert_eq!(
+            p.characters[0].fields,
+            fields(&[("#text", "1girl, solo"), ("n", "a"), ("#text", "smile")])
+        );
         assert_eq!(p.general_tags, fields(&[("#text", "hd"), ("count", "1")]));
     }
 
@@ -869,7 +886,12 @@ mod tests {
         let got: Vec<(u32, u32, &str)> = p.warnings.iter().map(|w| (w.line, w.column, w.code)).collect();
         assert_eq!(
             got,
-            vec![(3, 3, "unknown_tag"), (5, 15, "unknown_tag"), (6, 1, "unknown_tag"), (7, 12, "unknown_tag")]
+            vec![
+                (3, 3, "unknown_tag"),
+                (5, 15, "unknown_tag"),
+                (6, 1, "unknown_tag"),
+                (7, 12, "unknown_tag")
+            ]
         );
         assert!(p.warnings[0].message.contains("<hat>"), "{}", p.warnings[0].message);
         assert!(p.warnings[0].message.contains("<character_1>"));
@@ -927,7 +949,8 @@ mod tests {
         assert_eq!((d.code, d.line, d.column), (codes::TOO_DEEP, 5, 5));
         assert!(d.message.contains("<i>") && d.message.contains("5 levels"), "{}", d.message);
         let limits = PromptLimits { max_depth: 1, ..PromptLimits::default() };
-        let d = parse_prompt("<caption>a</caption><general_tags><count>1</count></general_tags>", &limits).unwrap_err();
+        let d = parse_prompt("<caption>a</caption><general_tags><count>1</count></general_tags>", &limits)
+            .unwrap_err();
         assert_eq!((d.code, d.line, d.column), (codes::TOO_DEEP, 1, 35));
         // Empty elements count too.
         let d = parse_prompt("<general_tags><count/></general_tags>", &limits).unwrap_err();

@@ -8,7 +8,10 @@ use common::{gen_plain, gen_prompt};
 use farm_proto::batch::{BatchError, BatchFormat, BatchPrompt, BatchReader};
 use proptest::prelude::*;
 
-fn settings() -> impl Strategy<Value = (Option<u64>, Option<u32>, Option<u32>, Option<u32>, Option<f32>, Option<String>)> {
+/// seed, width, height, steps, cfg, negative.
+type Settings = (Option<u64>, Option<u32>, Option<u32>, Option<u32>, Option<f32>, Option<String>);
+
+fn settings() -> impl Strategy<Value = Settings> {
     (
         prop::option::of(any::<u64>()),
         prop::option::of(16u32..4096),
@@ -26,16 +29,18 @@ fn prompt_text() -> impl Strategy<Value = String> {
 }
 
 fn batch_prompt() -> impl Strategy<Value = BatchPrompt> {
-    (prompt_text(), settings()).prop_map(|(text, (seed, width, height, steps, cfg_scale, negative_prompt))| BatchPrompt {
-        text,
-        seed,
-        width,
-        height,
-        steps,
-        cfg_scale,
-        negative_prompt,
-        line: 0,
-    })
+    (prompt_text(), settings()).prop_map(
+        |(text, (seed, width, height, steps, cfg_scale, negative_prompt))| BatchPrompt {
+            text,
+            seed,
+            width,
+            height,
+            steps,
+            cfg_scale,
+            negative_prompt,
+            line: 0,
+        },
+    )
 }
 
 fn read(bytes: &[u8], format: BatchFormat) -> Vec<Result<BatchPrompt, BatchError>> {

@@ -56,7 +56,10 @@ fn example_batch_parses_completely() {
     assert_eq!(first.line, 11);
     assert!(first.text.starts_with("<character_1>\n      <n>$hatsune_miku$</n>"));
     assert!(first.text.ends_with("</general_tags>"));
-    assert_eq!((first.width, first.height, first.steps, first.cfg_scale), (Some(1024), Some(1024), Some(28), Some(4.5)));
+    assert_eq!(
+        (first.width, first.height, first.steps, first.cfg_scale),
+        (Some(1024), Some(1024), Some(28), Some(4.5))
+    );
     assert!(prompts[4].text.starts_with("1girl, solo, silver_hair"));
     assert!(prompts[5].text.starts_with("A cozy cafe"));
     assert_eq!(prompts[6].negative_prompt.as_deref(), Some("blurry, \"extra fingers\""));

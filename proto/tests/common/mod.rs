@@ -92,7 +92,8 @@ impl Builder {
 }
 
 fn build(d: Desc) -> GenPrompt {
-    let mut b = Builder { out: d.lead.clone(), seps: d.seps.clone(), next_sep: 0, starts: vec![], ends: vec![] };
+    let mut b =
+        Builder { out: d.lead.clone(), seps: d.seps.clone(), next_sep: 0, starts: vec![], ends: vec![] };
     let mut g = GenPrompt {
         input: String::new(),
         characters: vec![],
@@ -154,7 +155,13 @@ fn build(d: Desc) -> GenPrompt {
 }
 
 fn ws() -> impl Strategy<Value = String> {
-    prop_oneof![Just(String::new()), Just("\n".to_string()), Just("  ".to_string()), Just("\n\t ".to_string()), Just("\r\n".to_string())]
+    prop_oneof![
+        Just(String::new()),
+        Just("\n".to_string()),
+        Just("  ".to_string()),
+        Just("\n\t ".to_string()),
+        Just("\r\n".to_string())
+    ]
 }
 
 /// Well-formed prompts with up to four characters, optional general tags, caption, style and `<image>` root.
