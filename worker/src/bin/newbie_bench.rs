@@ -1,1 +1,475 @@
-fn main() {}
+//! `newbie-bench`: speed of the Next-DiT denoising step, and a side-by-side with PyTorch eager.
+//!
+//! Denoise mode (default): builds the DiT (random weights or a checkpoint), warms up, then times
+//! `--steps` sampler steps with CFG (cond + uncond of `--batch` images in one forward pass of
+//! 2·batch rows) and prints seconds per step, images/s extrapolated to 28 steps, peak device memory,
+//! achieved TFLOP/s from an analytic FLOP count, and a raw matmul rate measured in the same process.
+//!
+//! Compare mode (`--compare-pytorch SCRIPT`): runs the same forward pass (same weights, same inputs,
+//! written to a temporary folder) in this crate and in the PyTorch eager script, prints both times,
+//! their ratio and the largest output difference.
+//!
+//! FLOP count of one forward pass, per batch row (multiply-add = 2 FLOPs; element-wise work,
+//! norms, softmax and RoPE are not counted):
+//!   block(S)  = 2·S·d·(H + 2·Hkv)·hd + 4·S²·H·hd + 2·S·d·(H·hd) + 6·S·d·F + 2·t·4d
+//!   forward   = Σ_context-refiner block(L) + Σ_noise-refiner block(N) + Σ_layers block(L + N)
+//!             + 2·N·(p²C)·d + 2·L·c·d + 2·(L+N)·d·(p²C)
+//! with d = dim, H/Hkv heads, hd = head_dim, F = FFN hidden, t = t-embedding width, L = valid caption
+//! tokens, N = image tokens, c = caption feature width, p = patch, C = latent channels.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use farm_worker::model::dit::{DitConfig, NextDit};
+use farm_worker::model::loading;
+use farm_worker::model::sampler::{self, Conditioning, SampleItem, SampleParams, SamplerKind, StepControl};
+use serde_json::json;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(name = "newbie-bench", about = "Next-DiT denoising-step benchmark and PyTorch eager comparison")]
+struct Args {
+    /// DiT preset: newbie-exp0.1 or tiny.
+    #[arg(long, default_value = "newbie-exp0.1")]
+    preset: String,
+    /// A transformer config.json that replaces the preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Use random weights (the default when --weights is absent).
+    #[arg(long)]
+    random_weights: bool,
+    /// DiT checkpoint (file, shard index or folder) instead of random weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// cuda, cuda:N or cpu.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// bf16, fp16 or fp32.
+    #[arg(long, default_value = "bf16")]
+    precision: String,
+    /// Image width in pixels (latent = width/8).
+    #[arg(long, default_value_t = 1024)]
+    width: i64,
+    #[arg(long, default_value_t = 1024)]
+    height: i64,
+    /// Timed denoising steps.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Images per batch (the CFG batch has twice as many rows).
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    /// Classifier-free guidance on every step (cond + uncond in one pass).
+    #[arg(long)]
+    cfg: bool,
+    /// Caption tokens of the conditional rows.
+    #[arg(long, default_value_t = 256)]
+    cap_len: i64,
+    /// Caption tokens of the unconditional rows (default: --cap-len; shorter means padding and a masked attention kernel).
+    #[arg(long)]
+    uncond_len: Option<i64>,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Side of the square matmul used for the raw rate (default 8192 on CUDA, 1024 on CPU).
+    #[arg(long)]
+    matmul_size: Option<i64>,
+    #[arg(long, default_value_t = 10)]
+    matmul_iters: usize,
+    /// libtorch intra-op threads (CPU).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Compare mode: the PyTorch eager script (worker/bench/pytorch_dit.py).
+    #[arg(long)]
+    compare_pytorch: Option<PathBuf>,
+    /// Python interpreter for --compare-pytorch.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Timed forward passes in compare mode.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        s if s.starts_with("cuda:") => Ok(Device::Cuda(s[5..].parse().context("cuda index")?)),
+        _ => bail!("unknown device {s} (cuda, cuda:N, cpu)"),
+    }
+}
+
+fn parse_kind(s: &str) -> Result<Kind> {
+    match s {
+        "bf16" => Ok(Kind::BFloat16),
+        "fp16" => Ok(Kind::Half),
+        "fp32" => Ok(Kind::Float),
+        _ => bail!("unknown precision {s} (bf16, fp16, fp32)"),
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Analytic FLOPs of one forward row (see the module docs).
+fn forward_flops(cfg: &DitConfig, cap_len: i64, n_img: i64) -> f64 {
+    let (d, h, kvh, hd, f, t) =
+        (cfg.dim as f64, cfg.n_heads as f64, cfg.n_kv_heads as f64, cfg.head_dim() as f64, cfg.ffn_hidden() as f64, cfg.t_emb_dim() as f64);
+    let block = |s: f64| 2.0 * s * d * (h + 2.0 * kvh) * hd + 4.0 * s * s * h * hd + 2.0 * s * d * h * hd + 6.0 * s * d * f + 8.0 * t * d;
+    let (l, n) = (cap_len as f64, n_img as f64);
+    let pd = cfg.patch_dim() as f64;
+    cfg.n_refiner_layers as f64 * (block(l) + block(n))
+        + cfg.n_layers as f64 * block(l + n)
+        + 2.0 * n * pd * d
+        + 2.0 * l * cfg.cap_feat_dim as f64 * d
+        + 2.0 * (l + n) * d * pd
+}
+
+/// Device memory in use (bytes, whole device) from the CUDA driver (`cuMemGetInfo_v2`), falling back
+/// to `nvidia-smi`. Includes the CUDA context and the caching allocator's reserve.
+fn device_memory_used(device: Device) -> Option<u64> {
+    let Device::Cuda(index) = device else { return None };
+    driver_memory_used().or_else(|| nvidia_smi_memory_used(index))
+}
+
+fn driver_memory_used() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: dlopen/dlsym of the CUDA driver; the symbol has the documented C signature
+    // `CUresult cuMemGetInfo_v2(size_t *free, size_t *total)` and libtorch has made a context current
+    // on this thread by the time this is called.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        let lib = if lib.is_null() { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) } else { lib };
+        if lib.is_null() {
+            return None;
+        }
+        let sym = libc::dlsym(lib, c"cuMemGetInfo_v2".as_ptr());
+        if sym.is_null() {
+            return None;
+        }
+        let f: MemGetInfo = std::mem::transmute(sym);
+        let (mut free, mut total) = (0usize, 0usize);
+        (f(&mut free, &mut total) == 0).then(|| (total - free) as u64)
+    }
+}
+
+fn nvidia_smi_memory_used(index: usize) -> Option<u64> {
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", &format!("--id={index}")])
+        .output()
+        .ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib << 20)
+}
+
+/// Raw `n×n×n` matmul rate (TFLOP/s) in `kind` on `device`.
+fn matmul_tflops(device: Device, kind: Kind, n: i64, iters: usize) -> f64 {
+    tch::no_grad(|| {
+        let a = Tensor::randn([n, n], (kind, device));
+        let b = Tensor::randn([n, n], (kind, device));
+        for _ in 0..3 {
+            let _ = a.matmul(&b);
+        }
+        sync(device);
+        let start = Instant::now();
+        for _ in 0..iters {
+            let _ = a.matmul(&b);
+        }
+        sync(device);
+        2.0 * (n as f64).powi(3) * iters as f64 / start.elapsed().as_secs_f64() / 1e12
+    })
+}
+
+fn config_of(args: &Args) -> Result<DitConfig> {
+    if let Some(p) = &args.config {
+        return Ok(DitConfig::from_json_file(p)?);
+    }
+    match args.preset.as_str() {
+        "newbie-exp0.1" | "newbie_exp0_1" => Ok(DitConfig::newbie_exp0_1()),
+        "tiny" => Ok(DitConfig::tiny()),
+        p => bail!("unknown preset {p} (newbie-exp0.1, tiny)"),
+    }
+}
+
+fn build_model(args: &Args, cfg: &DitConfig, device: Device, kind: Kind) -> Result<(VarStore, NextDit)> {
+    let mut vs = VarStore::new(device);
+    vs.set_kind(kind);
+    let model = NextDit::new(vs.root(), cfg)?;
+    match &args.weights {
+        Some(path) if !args.random_weights => {
+            let r = loading::load_dit(&mut vs, path)?;
+            eprintln!("loaded {} tensors from {} file(s)", r.loaded, r.files.len());
+        }
+        _ => NextDit::randomize(&vs, 1234),
+    }
+    Ok((vs, model))
+}
+
+fn random_cond(cfg: &DitConfig, len: i64, seed: i64, device: Device) -> Conditioning {
+    tch::manual_seed(seed);
+    Conditioning {
+        cap_feats: Tensor::randn([1, len, cfg.cap_feat_dim], (Kind::Float, device)),
+        cap_mask: Tensor::ones([1, len], (Kind::Int64, device)),
+        pooled: Tensor::randn([1, cfg.clip_text_dim], (Kind::Float, device)),
+    }
+}
+
+fn latent_dims(args: &Args, cfg: &DitConfig) -> Result<(i64, i64)> {
+    let unit = 8 * cfg.patch_size;
+    if args.width % unit != 0 || args.height % unit != 0 {
+        bail!("width and height must be multiples of {unit} pixels");
+    }
+    Ok((args.height / 8, args.width / 8))
+}
+
+fn denoise_bench(args: &Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let kind = parse_kind(&args.precision)?;
+    if let Device::Cuda(_) = device {
+        if !tch::Cuda::is_available() {
+            bail!("CUDA requested but libtorch reports no CUDA device (is the CUDA build of libtorch on LD_LIBRARY_PATH?)");
+        }
+    }
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let cfg = config_of(args)?;
+    let (lh, lw) = latent_dims(args, &cfg)?;
+    let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+    let uncond_len = args.uncond_len.unwrap_or(args.cap_len);
+    let mem_before = device_memory_used(device);
+    let t_build = Instant::now();
+    let (_vs, model) = build_model(args, &cfg, device, kind)?;
+    sync(device);
+    let build_s = t_build.elapsed().as_secs_f64();
+    let mem_weights = device_memory_used(device);
+
+    let items = |seed0: u64| -> Vec<SampleItem> {
+        (0..args.batch)
+            .map(|i| SampleItem {
+                noise: sampler::seeded_noise(seed0 + i as u64, cfg.in_channels, lh, lw).to_device(device),
+                cond: random_cond(&cfg, args.cap_len, 10 + i, device),
+                uncond: random_cond(&cfg, uncond_len, 1000 + i, device),
+            })
+            .collect()
+    };
+    let params = |steps: usize| SampleParams {
+        steps,
+        shift: 6.0,
+        cfg_scale: 5.0,
+        cfg_trunc: if args.cfg { 1.0 } else { 0.0 },
+        renorm_cfg: 0.0,
+        kind: SamplerKind::Euler,
+    };
+    let mut peak = mem_weights.unwrap_or(0);
+    if args.warmup > 0 {
+        sampler::sample(&model, items(1), &params(args.warmup), |_| {
+            sync(device);
+            if let Some(m) = device_memory_used(device) {
+                peak = peak.max(m);
+            }
+            StepControl::Continue
+        })?;
+    }
+    sync(device);
+    let mut step_s = Vec::with_capacity(args.steps);
+    let start = Instant::now();
+    let mut last = start;
+    sampler::sample(&model, items(100), &params(args.steps), |_| {
+        sync(device);
+        let now = Instant::now();
+        step_s.push((now - last).as_secs_f64());
+        last = now;
+        StepControl::Continue
+    })?;
+    let total = start.elapsed().as_secs_f64();
+    if let Some(m) = device_memory_used(device) {
+        peak = peak.max(m);
+    }
+    let per_step = total / args.steps as f64;
+    let min_step = step_s.iter().cloned().fold(f64::INFINITY, f64::min);
+    let rows_flops = args.batch as f64
+        * (forward_flops(&cfg, args.cap_len, n_img) + if args.cfg { forward_flops(&cfg, uncond_len, n_img) } else { 0.0 });
+    let achieved = rows_flops / per_step / 1e12;
+    let images_per_s = args.batch as f64 / (28.0 * per_step);
+    let mm_n = args.matmul_size.unwrap_or(if device == Device::Cpu { 1024 } else { 8192 });
+    let mm = matmul_tflops(device, kind, mm_n, args.matmul_iters);
+
+    let report = json!({
+        "preset": args.config.as_ref().map(|p| p.display().to_string()).unwrap_or(args.preset.clone()),
+        "params": cfg.param_count(),
+        "device": args.device,
+        "precision": args.precision,
+        "width": args.width, "height": args.height,
+        "latent": [cfg.in_channels, lh, lw],
+        "image_tokens": n_img,
+        "cap_len": args.cap_len, "uncond_len": uncond_len,
+        "batch": args.batch, "cfg": args.cfg,
+        "rows_per_forward": if args.cfg { 2 * args.batch } else { args.batch },
+        "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "build_and_init_s": build_s,
+        "s_per_step": per_step,
+        "s_per_step_min": min_step,
+        "images_per_s_at_28_steps": images_per_s,
+        "s_per_image_at_28_steps": 1.0 / images_per_s,
+        "tflop_per_step": rows_flops / 1e12,
+        "achieved_tflops": achieved,
+        "matmul_size": mm_n,
+        "matmul_tflops": mm,
+        "fraction_of_matmul_rate": achieved / mm,
+        "device_memory_before_bytes": mem_before,
+        "device_memory_after_weights_bytes": mem_weights,
+        "device_memory_peak_bytes": (peak > 0).then_some(peak),
+        "memory_note": "whole-device memory in use from the CUDA driver (cuMemGetInfo) or nvidia-smi, sampled after each step: includes the CUDA context and the caching allocator's reserve",
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let gib = |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+        println!("newbie-bench: {} ({} params) on {} in {}", report["preset"], cfg.param_count(), args.device, args.precision);
+        println!("  image {}x{} -> latent {}x{} -> {} image tokens; caption {} (uncond {}) tokens", args.width, args.height, lh, lw, n_img, args.cap_len, uncond_len);
+        println!("  batch {} image(s), CFG {}, {} rows per forward", args.batch, args.cfg, report["rows_per_forward"]);
+        println!("  s/step            {per_step:.4} (min {min_step:.4}) over {} steps after {} warm-up", args.steps, args.warmup);
+        println!("  images/s @28 steps {images_per_s:.4}  ({:.2} s per image)", 1.0 / images_per_s);
+        println!("  achieved          {achieved:.1} TFLOP/s ({:.2} TFLOP per step, analytic)", rows_flops / 1e12);
+        println!("  raw matmul        {mm:.1} TFLOP/s ({mm_n}^3, {}) -> fraction {:.3}", args.precision, achieved / mm);
+        println!("  device memory     before {}, with weights {}, peak {}", gib(mem_before), gib(mem_weights), gib((peak > 0).then_some(peak)));
+    }
+    Ok(())
+}
+
+/// A private temporary folder, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+        let p = std::env::temp_dir().join(format!("newbie-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(Self(p))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn compare_pytorch(args: &Args, script: &Path) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let kind = parse_kind(&args.precision)?;
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let threads = args.threads.unwrap_or_else(tch::get_num_threads);
+    let cfg = config_of(args)?;
+    let (lh, lw) = latent_dims(args, &cfg)?;
+    let dir = ScratchDir::new()?;
+    let (vs, model) = build_model(args, &cfg, device, kind)?;
+    let weights_path = dir.path().join("weights.safetensors");
+    vs.save(&weights_path)?;
+    let cfg_path = dir.path().join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+
+    // CFG-shaped batch: row 0 with the full caption, row 1 shorter (padding exercised).
+    let uncond_len = args.uncond_len.unwrap_or((args.cap_len / 2).max(1)).min(args.cap_len);
+    tch::manual_seed(7);
+    let x = Tensor::randn([2, cfg.in_channels, lh, lw], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[0.3f32, 0.3]);
+    let cap = Tensor::randn([2, args.cap_len, cfg.cap_feat_dim], (Kind::Float, Device::Cpu));
+    let mask = Tensor::from_slice(
+        &(0..2 * args.cap_len).map(|i| (i < args.cap_len || i - args.cap_len < uncond_len) as i64).collect::<Vec<_>>(),
+    )
+    .view([2, args.cap_len]);
+    let pooled = Tensor::randn([2, cfg.clip_text_dim], (Kind::Float, Device::Cpu));
+    let inputs_path = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&[("x", &x), ("t", &t), ("cap_feats", &cap), ("cap_mask", &mask), ("clip_pooled", &pooled)], &inputs_path)?;
+
+    let (xd, td, cd, md, pd) =
+        (x.to_device(device), t.to_device(device), cap.to_device(device), mask.to_device(device), pooled.to_device(device));
+    for _ in 0..args.warmup.max(1) {
+        let _ = model.forward(&xd, &td, &cd, &md, &pd)?;
+    }
+    sync(device);
+    let mut times = Vec::with_capacity(args.iters);
+    let mut out = None;
+    for _ in 0..args.iters {
+        let s = Instant::now();
+        let v = model.forward(&xd, &td, &cd, &md, &pd)?;
+        sync(device);
+        times.push(s.elapsed().as_secs_f64() * 1e3);
+        out = Some(v);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rust_median = times[times.len() / 2];
+    let rust_mean = times.iter().sum::<f64>() / times.len() as f64;
+
+    let out_path = dir.path().join("pytorch_out.safetensors");
+    let py = Command::new(&args.python)
+        .arg(script)
+        .args(["--config", &cfg_path.display().to_string()])
+        .args(["--weights", &weights_path.display().to_string()])
+        .args(["--inputs", &inputs_path.display().to_string()])
+        .args(["--out", &out_path.display().to_string()])
+        .args(["--iters", &args.iters.to_string(), "--warmup", &args.warmup.max(1).to_string()])
+        .args(["--threads", &threads.to_string(), "--device", &args.device, "--precision", &args.precision])
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !py.status.success() {
+        bail!("PyTorch script failed:\n{}", String::from_utf8_lossy(&py.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or_else(|| anyhow!("no JSON from the script: {stdout}"))?;
+    let pyres: serde_json::Value = serde_json::from_str(line)?;
+    let py_median = pyres["ms_median"].as_f64().ok_or_else(|| anyhow!("no ms_median in {line}"))?;
+    let py_out = loading::read_all(&[out_path])?.into_iter().find(|(k, _)| k == "velocity").ok_or_else(|| anyhow!("no velocity"))?.1;
+    let ours = out.expect("iters >= 1").to_device(Device::Cpu);
+    let max_diff = (&ours - &py_out).abs().max().double_value(&[]);
+    let absmax = py_out.abs().max().double_value(&[]);
+    let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+
+    let report = json!({
+        "config": args.config.as_ref().map(|p| p.display().to_string()).unwrap_or(args.preset.clone()),
+        "device": args.device, "precision": args.precision, "threads": threads,
+        "batch_rows": 2, "latent": [cfg.in_channels, lh, lw], "image_tokens": n_img,
+        "cap_len": args.cap_len, "uncond_len": uncond_len, "iters": args.iters,
+        "rust_ms_median": rust_median, "rust_ms_mean": rust_mean,
+        "pytorch_ms_median": py_median, "pytorch_ms_mean": pyres["ms_mean"],
+        "ratio_rust_over_pytorch": rust_median / py_median,
+        "output_max_abs_diff": max_diff, "output_absmax": absmax,
+        "pytorch": pyres,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("forward pass, {} on {} in {}, {} threads: batch 2 (caption {} / {} tokens), latent {}x{} ({} image tokens), {} iterations",
+            report["config"], args.device, args.precision, threads, args.cap_len, uncond_len, lh, lw, n_img, args.iters);
+        println!("  farm-worker (tch)  {rust_median:8.3} ms median ({rust_mean:.3} mean)");
+        println!("  PyTorch eager      {py_median:8.3} ms median ({} mean)", pyres["ms_mean"]);
+        println!("  ratio rust/pytorch {:8.3}  (below 1 = this crate is faster)", rust_median / py_median);
+        println!("  outputs agree to   {max_diff:.3e} max abs (output absmax {absmax:.3})");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let _guard = tch::no_grad_guard();
+    match &args.compare_pytorch {
+        Some(script) => compare_pytorch(&args, script),
+        None => denoise_bench(&args),
+    }
+}
