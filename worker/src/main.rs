@@ -1,1 +1,154 @@
-fn main() {}
+//! `farm-worker`: loads the NewBie pipeline once, keeps it resident, and renders what the coordinator
+//! assigns until stopped (SIGTERM/SIGINT drain: the running batch finishes and uploads, queued tasks go
+//! back, exit 0).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use farm_proto::pb::{Precision, RenderParams};
+use farm_worker::device::parse_device;
+use farm_worker::model::pipeline::{Pipeline, PipelineOptions, Preset};
+use farm_worker::render::{ModelRenderer, RenderItem, Renderer, SyntheticRenderer};
+use farm_worker::runtime::{run, WorkerOptions};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PrecisionArg {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum RendererArg {
+    /// The NewBie-image pipeline (default).
+    Model,
+    /// A deterministic pattern without a model, for control-plane load tests only.
+    Synthetic,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "farm-worker", version, about = "GPU worker of the NewBie-image render farm")]
+struct Args {
+    /// Coordinator gRPC endpoint.
+    #[arg(long, env = "FARM_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Worker token (`farm-coordinator token create --role worker`).
+    #[arg(long, env = "FARM_WORKER_TOKEN")]
+    token: String,
+    /// Model preset: newbie-exp0.1 (needs --model-dir) or tiny (random weights, for tests and demos).
+    #[arg(long, default_value = "newbie-exp0.1")]
+    model: String,
+    /// Checkpoint directory in the published layout (transformer/, text_encoder/, clip_model/, vae/).
+    #[arg(long, env = "FARM_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N (one process per GPU).
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
+    /// Numerical precision of the model.
+    #[arg(long, value_enum, default_value = "bf16")]
+    precision: PrecisionArg,
+    /// Most images rendered together in one batch.
+    #[arg(long, default_value_t = 4)]
+    max_batch: u32,
+    /// Name shown in listings (default: host name and device).
+    #[arg(long)]
+    name: Option<String>,
+    /// Keep the text encoders on the CPU between prompts (for 16 GB cards).
+    #[arg(long)]
+    offload_text_encoders: bool,
+    /// Renderer behind the worker.
+    #[arg(long, value_enum, default_value = "model")]
+    renderer: RendererArg,
+    /// Simulated milliseconds per step of the synthetic renderer.
+    #[arg(long, default_value_t = 0)]
+    synthetic_step_ms: u64,
+    /// Longest wait between reconnect attempts, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    max_backoff_ms: u64,
+    /// Skip the warm-up render at start.
+    #[arg(long)]
+    no_warmup: bool,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    if a.max_batch == 0 || a.max_batch > 256 {
+        anyhow::bail!("--max-batch must be between 1 and 256");
+    }
+    let precision = match a.precision {
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Fp16 => Precision::Fp16,
+        PrecisionArg::Fp32 => Precision::Fp32,
+    };
+    let mut renderer: Box<dyn Renderer> = match a.renderer {
+        RendererArg::Synthetic => Box::new(SyntheticRenderer { step_ms: a.synthetic_step_ms, model_name: a.model.clone() }),
+        RendererArg::Model => {
+            let preset = Preset::parse(&a.model).with_context(|| format!("--model {}: expected newbie-exp0.1 or tiny", a.model))?;
+            if preset == Preset::NewbieExp01 && a.model_dir.is_none() {
+                anyhow::bail!("--model newbie-exp0.1 needs --model-dir DIR (the checkpoint in its published layout)");
+            }
+            let device = parse_device(&a.device).map_err(anyhow::Error::msg)?;
+            if let tch::Device::Cuda(i) = device {
+                if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+                    anyhow::bail!("--device {}: no such CUDA device on this machine", a.device);
+                }
+            }
+            let kind = match precision {
+                Precision::Fp16 => tch::Kind::Half,
+                Precision::Fp32 => tch::Kind::Float,
+                _ => tch::Kind::BFloat16,
+            };
+            let started = Instant::now();
+            let pipeline = Pipeline::load(&PipelineOptions {
+                preset,
+                model_dir: a.model_dir.clone(),
+                device,
+                kind,
+                offload_text_encoders: a.offload_text_encoders,
+                seed: 0,
+                text_cache_size: 1024,
+            })
+            .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+            tracing::info!(model = %pipeline.model_name(), hash = %pipeline.weights_hash(), load_ms = started.elapsed().as_millis() as u64,
+                           "model loaded and resident");
+            Box::new(ModelRenderer { pipeline, precision, device_label: a.device.clone() })
+        }
+    };
+    if !a.no_warmup {
+        let started = Instant::now();
+        let params = RenderParams { width: 64, height: 64, steps: 1, cfg_scale: 5.0, cfg_trunc: 1.0, shift: 6.0, sampler: 1, ..Default::default() };
+        let item = RenderItem { prompt: "warm-up".into(), negative_prompt: String::new(), seed: 0 };
+        renderer.render(&[item], &params, &mut |_, _| Vec::new()).map_err(|e| anyhow::anyhow!("warm-up render failed: {e}"))?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "warm-up done");
+    }
+    let opts = WorkerOptions {
+        coordinator: a.coordinator,
+        token: a.token,
+        name: a.name.unwrap_or_else(|| format!("{}/{}", host_name(), a.device)),
+        max_batch: a.max_batch,
+        max_backoff: Duration::from_millis(a.max_backoff_ms.max(100)),
+        verified: None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stop requested: draining");
+        };
+        run(opts, renderer, shutdown).await
+    })
+}

@@ -1,0 +1,667 @@
+//! The worker runtime: one OS thread owns the renderer (and so the model on its device); an async
+//! controller on tokio holds the session with the coordinator. Bounded channels join them.
+//!
+//! * Credits: the controller asks for at most `2 x max_batch` tasks beyond what it holds, so one batch
+//!   renders while the next waits.
+//! * Batching: queued tasks of one shape (equal `RenderParams`) go to the GPU thread together, up to the
+//!   current batch limit (halved after an out-of-memory failure).
+//! * Progress after every step; cancels are honoured between steps, the rest of the batch goes on.
+//! * PNG encoding and uploads run off the GPU thread, overlapping the next batch. A render finished
+//!   while the coordinator is away is uploaded after reconnecting if its lease is still current.
+//! * Drain (SIGTERM/SIGINT or a coordinator `Drain`): queued tasks are released, the running batch
+//!   finishes and uploads, then the worker says goodbye and exits.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use farm_proto::pb::worker_service_client::WorkerServiceClient;
+use farm_proto::pb::{
+    coordinator_message, upload_result_request, worker_message, CoordinatorMessage, Credits, Goodbye, Heartbeat,
+    Hello, Lease, StepProgress, TaskAssignment, TaskFailed, TaskReleased, TaskRendered, UploadHeader,
+    UploadResultRequest, WorkerCapabilities, WorkerMessage,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::pngmeta::{encode_png, ResultMetadata};
+use crate::render::{precision_name, sampler_name, Image, RenderError, RenderItem, Renderer, RendererInfo};
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub coordinator: String,
+    pub token: String,
+    pub name: String,
+    pub max_batch: u32,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// Numerical self-check outcome to report in the hello: (passed, unix ms).
+    pub verified: Option<(bool, i64)>,
+}
+
+type Client = WorkerServiceClient<InterceptedService<Channel, AuthInterceptor>>;
+
+#[derive(Clone)]
+pub struct AuthInterceptor(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn lease_of(t: &TaskAssignment) -> Lease {
+    t.lease.clone().unwrap_or_default()
+}
+
+fn task_id(t: &TaskAssignment) -> String {
+    lease_of(t).task_id
+}
+
+fn shape_key(t: &TaskAssignment) -> String {
+    format!("{:?}", t.params)
+}
+
+/// From the GPU thread to the controller.
+enum GpuEvent {
+    Progress { lease: Lease, step: u32, total: u32 },
+    Finished { tasks: Vec<TaskAssignment>, images: Vec<Option<Image>>, render_ms: u64 },
+    Failed { tasks: Vec<TaskAssignment>, error: RenderError },
+}
+
+/// An encoded result waiting to be uploaded.
+struct PendingUpload {
+    task: TaskAssignment,
+    png: Arc<Vec<u8>>,
+    sha256: String,
+    uploading: bool,
+}
+
+enum UploadOutcome {
+    Committed(String),
+    /// The lease is gone: someone else owns the task now, drop the result.
+    Stale(String),
+    /// Try again later (coordinator or storage away).
+    Retry(String),
+}
+
+/// Starts the GPU thread; returns the channel for batches and the one for its events.
+fn spawn_gpu_thread(
+    mut renderer: Box<dyn Renderer>,
+    cancelled: Arc<Mutex<HashSet<String>>>,
+) -> (std::sync::mpsc::SyncSender<Vec<TaskAssignment>>, mpsc::Receiver<GpuEvent>) {
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Vec<TaskAssignment>>(1);
+    let (ev_tx, ev_rx) = mpsc::channel::<GpuEvent>(1024);
+    std::thread::Builder::new()
+        .name("gpu".into())
+        .spawn(move || {
+            while let Ok(tasks) = job_rx.recv() {
+                let params = tasks[0].params.clone().unwrap_or_default();
+                let items: Vec<RenderItem> = tasks
+                    .iter()
+                    .map(|t| RenderItem { prompt: t.prompt.clone(), negative_prompt: t.negative_prompt.clone(), seed: t.seed })
+                    .collect();
+                let ids: Vec<String> = tasks.iter().map(task_id).collect();
+                let started = Instant::now();
+                let mut dropped: HashSet<usize> = HashSet::new();
+                let result = {
+                    let mut on_step = |step: usize, total: usize| -> Vec<usize> {
+                        let c = cancelled.lock().unwrap();
+                        let mut drop_now = Vec::new();
+                        for (i, id) in ids.iter().enumerate() {
+                            if dropped.contains(&i) {
+                                continue;
+                            }
+                            if c.contains(id) {
+                                drop_now.push(i);
+                                continue;
+                            }
+                            // Progress is best effort: never block the GPU on the network.
+                            let _ = ev_tx.try_send(GpuEvent::Progress {
+                                lease: lease_of(&tasks[i]),
+                                step: step as u32,
+                                total: total as u32,
+                            });
+                        }
+                        dropped.extend(drop_now.iter().copied());
+                        drop_now
+                    };
+                    renderer.render(&items, &params, &mut on_step)
+                };
+                let render_ms = started.elapsed().as_millis() as u64;
+                let ev = match result {
+                    Ok(images) => GpuEvent::Finished { tasks, images, render_ms },
+                    Err(error) => GpuEvent::Failed { tasks, error },
+                };
+                if ev_tx.blocking_send(ev).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn gpu thread");
+    (job_tx, ev_rx)
+}
+
+struct Session {
+    out: mpsc::Sender<WorkerMessage>,
+    inbound: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+    heartbeat: Duration,
+    granted_unfilled: u32,
+}
+
+struct Controller {
+    opts: WorkerOptions,
+    info: RendererInfo,
+    client: Option<Client>,
+    session: Option<Session>,
+    queue: VecDeque<TaskAssignment>,
+    running: Vec<TaskAssignment>,
+    uploads: HashMap<String, PendingUpload>,
+    cancelled: Arc<Mutex<HashSet<String>>>,
+    batch_limit: u32,
+    draining: bool,
+    job_tx: std::sync::mpsc::SyncSender<Vec<TaskAssignment>>,
+    upload_tx: mpsc::Sender<(String, UploadOutcome)>,
+    png_tx: mpsc::Sender<(String, Result<Vec<u8>, String>)>,
+}
+
+impl Controller {
+    fn capabilities(&self) -> WorkerCapabilities {
+        WorkerCapabilities {
+            device: self.info.device.clone(),
+            device_name: self.info.device_name.clone(),
+            vram_total_bytes: self.info.vram_total_bytes,
+            vram_free_bytes: self.info.vram_free_bytes,
+            model_name: self.info.model_name.clone(),
+            model_hash: self.info.model_hash.clone(),
+            precision: self.info.precision as i32,
+            max_batch: self.opts.max_batch,
+            max_pixels: self.info.max_pixels,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            verified: self.opts.verified.map(|v| v.0).unwrap_or(false),
+            verified_at_ms: self.opts.verified.map(|v| v.1).unwrap_or(0),
+        }
+    }
+
+    fn held_leases(&self) -> Vec<Lease> {
+        self.queue
+            .iter()
+            .chain(self.running.iter())
+            .chain(self.uploads.values().map(|u| &u.task))
+            .map(lease_of)
+            .collect()
+    }
+
+    async fn send(&mut self, msg: worker_message::Msg) {
+        if let Some(s) = &self.session {
+            if s.out.send(WorkerMessage { msg: Some(msg) }).await.is_err() {
+                tracing::warn!("coordinator stream closed");
+                self.session = None;
+            }
+        }
+    }
+
+    /// Opens a session: channel, Connect stream, hello, welcome. Leases the coordinator did not keep are
+    /// dropped here.
+    async fn connect(&mut self) -> Result<(), String> {
+        let client = match &self.client {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(self.opts.coordinator.clone())
+                    .map_err(|e| format!("coordinator URL: {e}"))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(10));
+                let channel = endpoint.connect_lazy();
+                let value: MetadataValue<_> = format!("Bearer {}", self.opts.token)
+                    .parse()
+                    .map_err(|_| "the token contains characters not allowed in metadata".to_string())?;
+                let c = WorkerServiceClient::with_interceptor(channel, AuthInterceptor(value))
+                    .max_decoding_message_size(64 << 20);
+                self.client = Some(c.clone());
+                c
+            }
+        };
+        let (out_tx, out_rx) = mpsc::channel::<WorkerMessage>(1024);
+        let hello = Hello { name: self.opts.name.clone(), capabilities: Some(self.capabilities()), held_leases: self.held_leases() };
+        out_tx
+            .send(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) })
+            .await
+            .map_err(|_| "internal channel closed".to_string())?;
+        let mut c = client;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.connect(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+        )
+        .await
+        .map_err(|_| "timed out connecting".to_string())?
+        .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?;
+        let mut inbound = resp.into_inner();
+        let welcome = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| "no welcome".to_string())?
+            .map_err(|s| s.message().to_string())?;
+        let Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Welcome(w)) }) = welcome else {
+            return Err("the coordinator did not welcome us".into());
+        };
+        let kept: HashSet<String> = w.kept_leases.iter().map(|l| l.task_id.clone()).collect();
+        let before = self.queue.len() + self.running.len() + self.uploads.len();
+        self.queue.retain(|t| kept.contains(&task_id(t)));
+        for t in &self.running {
+            if !kept.contains(&task_id(t)) {
+                self.cancelled.lock().unwrap().insert(task_id(t));
+            }
+        }
+        self.uploads.retain(|id, _| kept.contains(id));
+        tracing::info!(worker_id = %w.worker_id, coordinator = %w.coordinator, kept = kept.len(), held = before,
+                       "connected to the coordinator");
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        if in_tx.send(Ok(m)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = in_tx.send(Err(Status::unavailable("the coordinator closed the stream"))).await;
+                        break;
+                    }
+                    Err(s) => {
+                        let _ = in_tx.send(Err(s)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        self.session = Some(Session {
+            out: out_tx,
+            inbound: in_rx,
+            heartbeat: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(100))),
+            granted_unfilled: 0,
+        });
+        self.top_up().await;
+        self.retry_uploads();
+        Ok(())
+    }
+
+    /// Grants credits so that the coordinator may send up to two batches beyond what is held.
+    async fn top_up(&mut self) {
+        if self.draining {
+            return;
+        }
+        let held = (self.queue.len() + self.running.len()) as u32;
+        let Some(s) = &self.session else { return };
+        let target = 2 * self.batch_limit.max(1);
+        let want = target.saturating_sub(held + s.granted_unfilled);
+        if want > 0 {
+            if let Some(s) = self.session.as_mut() {
+                s.granted_unfilled += want;
+            }
+            self.send(worker_message::Msg::Credits(Credits { add: want })).await;
+        }
+    }
+
+    /// Hands the next batch (first queued task and others of its shape) to the GPU thread when idle.
+    fn start_batch(&mut self) {
+        if !self.running.is_empty() || self.queue.is_empty() {
+            return;
+        }
+        let first = self.queue.pop_front().expect("non-empty");
+        let key = shape_key(&first);
+        let mut batch = vec![first];
+        let mut rest = VecDeque::new();
+        while let Some(t) = self.queue.pop_front() {
+            if batch.len() < self.batch_limit as usize && shape_key(&t) == key {
+                batch.push(t);
+            } else {
+                rest.push_back(t);
+            }
+        }
+        self.queue = rest;
+        self.running = batch.clone();
+        if self.job_tx.send(batch).is_err() {
+            tracing::error!("the GPU thread is gone");
+        }
+    }
+
+    async fn on_coordinator(&mut self, msg: CoordinatorMessage) {
+        match msg.msg {
+            Some(coordinator_message::Msg::Assign(a)) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.granted_unfilled = s.granted_unfilled.saturating_sub(a.tasks.len() as u32);
+                }
+                if self.draining {
+                    for t in a.tasks {
+                        let lease = Some(lease_of(&t));
+                        self.send(worker_message::Msg::Released(TaskReleased { lease, reason: "draining".into() })).await;
+                    }
+                    return;
+                }
+                self.queue.extend(a.tasks);
+                self.start_batch();
+            }
+            Some(coordinator_message::Msg::Cancel(c)) => self.cancel(c.leases, true).await,
+            Some(coordinator_message::Msg::Revoked(r)) => self.cancel(r.leases, false).await,
+            Some(coordinator_message::Msg::Drain(d)) => {
+                tracing::info!(reason = %d.reason, "the coordinator asks us to drain");
+                self.begin_drain().await;
+            }
+            Some(coordinator_message::Msg::Welcome(_)) | None => {}
+        }
+    }
+
+    async fn cancel(&mut self, leases: Vec<Lease>, report: bool) {
+        let ids: HashSet<String> = leases.iter().map(|l| l.task_id.clone()).collect();
+        let (gone, keep): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|t| ids.contains(&task_id(t)));
+        self.queue = keep.into();
+        for t in gone {
+            if report {
+                self.report_failure(&t, "cancelled before it started", false, "cancelled").await;
+            }
+        }
+        let mut c = self.cancelled.lock().unwrap();
+        for t in &self.running {
+            if ids.contains(&task_id(t)) {
+                c.insert(task_id(t));
+            }
+        }
+        drop(c);
+        self.top_up().await;
+    }
+
+    async fn report_failure(&mut self, t: &TaskAssignment, error: &str, retryable: bool, kind: &str) {
+        self.send(worker_message::Msg::Failed(TaskFailed {
+            lease: Some(lease_of(t)),
+            error: error.to_string(),
+            retryable,
+            kind: kind.to_string(),
+        }))
+        .await;
+    }
+
+    async fn begin_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let queued: Vec<TaskAssignment> = self.queue.drain(..).collect();
+        tracing::info!(released = queued.len(), running = self.running.len(), "draining");
+        for t in queued {
+            self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&t)), reason: "worker draining".into() }))
+                .await;
+        }
+    }
+
+    async fn on_gpu(&mut self, ev: GpuEvent) {
+        match ev {
+            GpuEvent::Progress { lease, step, total } => {
+                self.send(worker_message::Msg::Progress(StepProgress { lease: Some(lease), step, total_steps: total })).await;
+            }
+            GpuEvent::Finished { tasks, images, render_ms } => {
+                self.running.clear();
+                let batch_size = tasks.len() as u32;
+                for (t, img) in tasks.into_iter().zip(images) {
+                    let id = task_id(&t);
+                    let was_cancelled = self.cancelled.lock().unwrap().remove(&id);
+                    match img {
+                        None => {
+                            if was_cancelled {
+                                self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
+                            }
+                        }
+                        Some(img) => {
+                            self.send(worker_message::Msg::Rendered(TaskRendered { lease: Some(lease_of(&t)), render_ms })).await;
+                            self.encode_and_upload(t, img, render_ms, batch_size);
+                        }
+                    }
+                }
+                self.start_batch();
+                self.top_up().await;
+            }
+            GpuEvent::Failed { tasks, error } => {
+                self.running.clear();
+                tracing::warn!(error = %error, tasks = tasks.len(), "render failed");
+                if matches!(error, RenderError::OutOfMemory(_)) && self.batch_limit > 1 {
+                    self.batch_limit = (self.batch_limit / 2).max(1);
+                    tracing::warn!(batch_limit = self.batch_limit, "out of memory: smaller batches from now on");
+                }
+                for t in &tasks {
+                    self.cancelled.lock().unwrap().remove(&task_id(t));
+                    self.report_failure(t, &error.to_string(), error.retryable(), error.kind()).await;
+                }
+                self.start_batch();
+                self.top_up().await;
+            }
+        }
+    }
+
+    fn encode_and_upload(&mut self, t: TaskAssignment, img: Image, render_ms: u64, batch_size: u32) {
+        let p = t.params.clone().unwrap_or_default();
+        let meta = ResultMetadata {
+            prompt: t.prompt.clone(),
+            negative_prompt: t.negative_prompt.clone(),
+            seed: t.seed,
+            steps: p.steps,
+            cfg_scale: p.cfg_scale,
+            cfg_trunc: p.cfg_trunc,
+            renorm_cfg: p.renorm_cfg,
+            shift: p.shift,
+            sampler: sampler_name(p.sampler).to_string(),
+            width: img.width,
+            height: img.height,
+            precision: precision_name(self.info.precision).to_string(),
+            model: self.info.model_name.clone(),
+            model_hash: self.info.model_hash.clone(),
+            worker: self.opts.name.clone(),
+            job_id: t.job_id.clone(),
+            index: t.index,
+            task_id: task_id(&t),
+            attempt: t.attempt,
+            render_ms,
+            batch_size,
+        };
+        let png_tx = self.png_tx.clone();
+        let id = task_id(&t);
+        self.uploads.insert(id.clone(), PendingUpload { task: t, png: Arc::new(Vec::new()), sha256: String::new(), uploading: true });
+        tokio::spawn(async move {
+            let encoded = tokio::task::spawn_blocking(move || encode_png(img.width, img.height, &img.rgb, &meta)).await;
+            let png = match encoded {
+                Ok(Ok(png)) => Ok(png),
+                Ok(Err(e)) => Err(format!("PNG encoding failed: {e}")),
+                Err(e) => Err(format!("PNG encoding panicked: {e}")),
+            };
+            let _ = png_tx.send((id, png)).await;
+        });
+    }
+
+    /// Starts uploads of every encoded result that is not being uploaded.
+    fn retry_uploads(&mut self) {
+        let Some(client) = self.client.clone() else { return };
+        for (id, u) in self.uploads.iter_mut() {
+            if u.uploading || u.png.is_empty() {
+                continue;
+            }
+            u.uploading = true;
+            let (id, lease, png, sha, tx, c) =
+                (id.clone(), lease_of(&u.task), u.png.clone(), u.sha256.clone(), self.upload_tx.clone(), client.clone());
+            tokio::spawn(async move {
+                let outcome = upload(c, lease, png, sha).await;
+                let _ = tx.send((id, outcome)).await;
+            });
+        }
+    }
+
+    fn busy(&self) -> bool {
+        !self.running.is_empty() || !self.queue.is_empty() || !self.uploads.is_empty()
+    }
+}
+
+fn code_name(c: Code) -> String {
+    format!("{c:?}")
+}
+
+/// Streams one result to the coordinator in 1 MiB chunks.
+async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: String) -> UploadOutcome {
+    let header = UploadResultRequest {
+        msg: Some(upload_result_request::Msg::Header(UploadHeader {
+            lease: Some(lease),
+            content_type: "image/png".into(),
+            size_bytes: png.len() as u64,
+            sha256,
+            metadata_json: String::new(),
+        })),
+    };
+    let mut msgs = vec![header];
+    for chunk in png.chunks(1 << 20) {
+        msgs.push(UploadResultRequest { msg: Some(upload_result_request::Msg::Data(chunk.to_vec())) });
+    }
+    match client.upload_result(tokio_stream::iter(msgs)).await {
+        Ok(r) => UploadOutcome::Committed(r.into_inner().result.map(|r| r.sha256).unwrap_or_default()),
+        Err(s) if s.code() == Code::FailedPrecondition || s.code() == Code::NotFound => {
+            UploadOutcome::Stale(s.message().to_string())
+        }
+        Err(s) => UploadOutcome::Retry(format!("{}: {}", code_name(s.code()), s.message())),
+    }
+}
+
+/// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
+pub async fn run(
+    opts: WorkerOptions,
+    renderer: Box<dyn Renderer>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let info = renderer.info();
+    let cancelled = Arc::new(Mutex::new(HashSet::new()));
+    let (job_tx, mut gpu_rx) = spawn_gpu_thread(renderer, cancelled.clone());
+    let (upload_tx, mut upload_rx) = mpsc::channel::<(String, UploadOutcome)>(1024);
+    let (png_tx, mut png_rx) = mpsc::channel::<(String, Result<Vec<u8>, String>)>(1024);
+    let mut ctl = Controller {
+        batch_limit: opts.max_batch.max(1),
+        opts,
+        info,
+        client: None,
+        session: None,
+        queue: VecDeque::new(),
+        running: Vec::new(),
+        uploads: HashMap::new(),
+        cancelled,
+        draining: false,
+        job_tx,
+        upload_tx,
+        png_tx,
+    };
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    let mut next_connect = Instant::now();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut shutdown_seen = false;
+    loop {
+        if ctl.draining && !ctl.busy() {
+            ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: "drained".into() })).await;
+            tracing::info!("drained; exiting");
+            // Give the goodbye a moment to leave before the stream closes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Ok(());
+        }
+        if ctl.session.is_none() && Instant::now() >= next_connect {
+            match ctl.connect().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(200);
+                    if let Some(s) = &ctl.session {
+                        heartbeat = tokio::time::interval(s.heartbeat);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the coordinator");
+                    next_connect = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(ctl.opts.max_backoff);
+                    if ctl.draining && ctl.running.is_empty() && ctl.uploads.values().all(|u| !u.png.is_empty()) {
+                        // Draining with the coordinator away: what is left cannot be handed back; the
+                        // leases expire and the tasks are requeued without charge.
+                        if ctl.uploads.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        let reconnect_wait = next_connect.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        tokio::select! {
+            _ = &mut shutdown, if !shutdown_seen => {
+                shutdown_seen = true;
+                ctl.begin_drain().await;
+            }
+            msg = async { match ctl.session.as_mut() { Some(s) => s.inbound.recv().await, None => std::future::pending().await } } => {
+                match msg {
+                    Some(Ok(m)) => ctl.on_coordinator(m).await,
+                    Some(Err(s)) => {
+                        tracing::warn!(status = %s.message(), "lost the coordinator stream; reconnecting");
+                        ctl.session = None;
+                        next_connect = Instant::now() + backoff;
+                    }
+                    None => { ctl.session = None; }
+                }
+            }
+            ev = gpu_rx.recv() => {
+                match ev {
+                    Some(ev) => ctl.on_gpu(ev).await,
+                    None => anyhow::bail!("the GPU thread stopped"),
+                }
+            }
+            up = upload_rx.recv() => {
+                let Some((id, outcome)) = up else { continue };
+                match outcome {
+                    UploadOutcome::Committed(sha) => {
+                        tracing::debug!(task = %id, %sha, "result committed");
+                        ctl.uploads.remove(&id);
+                        ctl.top_up().await;
+                    }
+                    UploadOutcome::Stale(m) => {
+                        tracing::warn!(task = %id, reason = %m, "result dropped: the lease is no longer ours");
+                        ctl.uploads.remove(&id);
+                        ctl.top_up().await;
+                    }
+                    UploadOutcome::Retry(m) => {
+                        tracing::warn!(task = %id, reason = %m, "upload failed; will retry");
+                        if let Some(u) = ctl.uploads.get_mut(&id) { u.uploading = false; }
+                    }
+                }
+            }
+            p = png_rx.recv() => {
+                match p {
+                    Some((id, Ok(png))) => {
+                        if let Some(u) = ctl.uploads.get_mut(&id) {
+                            u.sha256 = hex::encode(Sha256::digest(&png));
+                            u.png = Arc::new(png);
+                            u.uploading = false;
+                        }
+                        ctl.retry_uploads();
+                    }
+                    Some((id, Err(e))) => {
+                        if let Some(u) = ctl.uploads.remove(&id) {
+                            ctl.report_failure(&u.task, &e, true, "render").await;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            _ = heartbeat.tick() => {
+                if ctl.session.is_some() {
+                    let leases = ctl.held_leases();
+                    ctl.send(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes: 0 })).await;
+                }
+            }
+            _ = retry_tick.tick() => ctl.retry_uploads(),
+            _ = tokio::time::sleep(reconnect_wait), if ctl.session.is_none() => {}
+        }
+    }
+}
