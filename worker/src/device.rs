@@ -36,3 +36,19 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
             .ok_or_else(|| format!("device {s:?}: expected cpu, cuda or cuda:N")),
     }
 }
+
+/// Loads libtorch's CUDA backend when it is installed.
+///
+/// The linker drops `libtorch_cuda.so` from binaries because no symbol of it is referenced directly,
+/// and without it libtorch reports no CUDA device. Loading it by name (found through the library
+/// path, like libtorch itself) registers the backend. Returns whether it was loaded; on machines
+/// without it this is a no-op.
+pub fn load_cuda_backend() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let name = std::ffi::CString::new("libtorch_cuda.so").expect("no NUL");
+        // SAFETY: dlopen with a valid C string; the handle is intentionally kept for the process life.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        !handle.is_null()
+    })
+}

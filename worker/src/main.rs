@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    farm_worker::device::load_cuda_backend();
     if a.max_batch == 0 || a.max_batch > 256 {
         anyhow::bail!("--max-batch must be between 1 and 256");
     }
