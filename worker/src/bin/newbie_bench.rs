@@ -95,13 +95,27 @@ struct Args {
     iters: usize,
 }
 
+/// Parses the device; for CUDA, makes sure libtorch's CUDA backend is loaded: the linker drops
+/// `libtorch_cuda.so` from the binary's dependencies (no symbol of it is referenced directly, and
+/// Rust links with `--as-needed`), so without this libtorch reports no CUDA device.
 fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        s if s.starts_with("cuda:") => Ok(Device::Cuda(s[5..].parse().context("cuda index")?)),
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        s if s.starts_with("cuda:") => Device::Cuda(s[5..].parse().context("cuda index")?),
         _ => bail!("unknown device {s} (cuda, cuda:N, cpu)"),
+    };
+    if let Device::Cuda(_) = device {
+        // SAFETY: dlopen of a shared library by name; the handle is kept for the process lifetime.
+        let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            bail!("cannot load libtorch_cuda.so: put the CUDA build of libtorch's lib folder on LD_LIBRARY_PATH");
+        }
+        if !tch::Cuda::is_available() {
+            bail!("CUDA requested but libtorch reports no CUDA device");
+        }
     }
+    Ok(device)
 }
 
 fn parse_kind(s: &str) -> Result<Kind> {
@@ -233,11 +247,6 @@ fn latent_dims(args: &Args, cfg: &DitConfig) -> Result<(i64, i64)> {
 fn denoise_bench(args: &Args) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = parse_kind(&args.precision)?;
-    if let Device::Cuda(_) = device {
-        if !tch::Cuda::is_available() {
-            bail!("CUDA requested but libtorch reports no CUDA device (is the CUDA build of libtorch on LD_LIBRARY_PATH?)");
-        }
-    }
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
@@ -380,7 +389,9 @@ fn compare_pytorch(args: &Args, script: &Path) -> Result<()> {
     let dir = ScratchDir::new()?;
     let (vs, model) = build_model(args, &cfg, device, kind)?;
     let weights_path = dir.path().join("weights.safetensors");
-    vs.save(&weights_path)?;
+    let cpu_weights: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.to_device(Device::Cpu))).collect();
+    Tensor::write_safetensors(&cpu_weights, &weights_path)?;
+    drop(cpu_weights);
     let cfg_path = dir.path().join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
 

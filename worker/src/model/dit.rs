@@ -320,7 +320,15 @@ impl RmsNorm {
         Self { weight: param(&vs, "weight", &[dim]), eps }
     }
 
+    /// libtorch's `rms_norm` accumulates the statistics in f32 for bf16/fp16 inputs (fused kernel
+    /// on CUDA) and rounds once after the weight multiply; the reference rounds before it. The two
+    /// differ by at most one rounding of the output dtype (identical in f32).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.rms_norm(self.weight.size().as_slice(), Some(&self.weight), self.eps)
+    }
+
+    /// The reference formulation: normalise in f32, cast back, then multiply by the weight.
+    pub fn forward_reference(&self, x: &Tensor) -> Tensor {
         rms_normalize(x, self.eps) * &self.weight
     }
 }
@@ -409,8 +417,9 @@ impl RopeEmbedder {
         let mut cos = Vec::with_capacity(3);
         let mut sin = Vec::with_capacity(3);
         for (a, (tc, ts)) in self.tables.iter().enumerate() {
-            let col = ids.select(2, a as i64).reshape([-1]).to_device(tc.device());
+            let col = ids.select(2, a as i64).reshape([-1]).to_device(Device::Cpu);
             let max = if col.numel() > 0 { col.max().int64_value(&[]) } else { 0 };
+            let col = col.to_device(tc.device());
             if max >= self.axes_lens[a] {
                 return Err(DitError::Input(format!(
                     "RoPE position {max} on axis {a} exceeds axes_lens[{a}] = {}",

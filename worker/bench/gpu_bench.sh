@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU benchmark of the Next-DiT at NewBie-image-Exp0.1 size, on a CUDA machine whose python3 has
+# PyTorch 2.11 (CUDA build): newbie-bench links against that torch's libtorch at run time.
+#
+#   cargo build -p farm-worker --bin newbie-bench --release     # here, with .farm-env.sh sourced
+#   worker/bench/gpu_bench.sh [OUTDIR]                          # there
+#
+# Runs, each printing one JSON object: 1024x1024 bf16 with CFG at batch 1, 2 and 4 (256 caption
+# tokens, uncond as long: no padding), batch 1 with a padded 8-token uncond caption (masked attention
+# kernel), and the side-by-side with the PyTorch eager script on the same GPU (bf16, batch of 2 rows).
+set -u
+BIN=${BIN:-target/release/newbie-bench}
+OUTDIR=${1:-${OUT:-/tmp/newbie-bench}}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+
+run() {
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout 300 "$BIN" "$@" --json > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.err"
+  local rc=$?
+  cat "$OUTDIR/$name.json"; tail -5 "$OUTDIR/$name.err"
+  echo "rc=$rc"
+}
+
+COMMON=(--preset newbie-exp0.1 --random-weights --device cuda --precision bf16 --width 1024 --height 1024 --cfg --cap-len 256)
+run b1 "${COMMON[@]}" --batch 1 --steps 8 --warmup 3
+run b2 "${COMMON[@]}" --batch 2 --steps 6 --warmup 2 --matmul-iters 5
+run b4 "${COMMON[@]}" --batch 4 --steps 4 --warmup 2 --matmul-iters 5
+run b1_padded_uncond "${COMMON[@]}" --batch 1 --steps 8 --warmup 2 --uncond-len 8 --matmul-iters 5
+run compare_cuda_bf16 --compare-pytorch worker/bench/pytorch_dit.py --python "$PY" --preset newbie-exp0.1 --random-weights \
+  --device cuda --precision bf16 --width 1024 --height 1024 --cap-len 256 --uncond-len 128 --iters 5 --warmup 2
