@@ -137,7 +137,12 @@ fn forward_fp32_matches_every_golden_intermediate() {
     let n_layers = g.cfg.n_layers as usize;
     let n_ref = g.cfg.n_refiner_layers as usize;
     assert!(checked >= n_layers + 2 * n_ref + 10, "only {checked} golden tensors checked");
-    assert_close_f32("forward() output", &v, &io["out.velocity"], None);
+    assert_close_f32("forward_traced() output", &v, &io["out.velocity"], None);
+    // forward() groups rows by caption length and runs them unpadded; same result.
+    let grouped = model
+        .forward(&io["in.x"], &io["in.t"], &io["in.cap_feats"], &io["in.cap_mask"], &io["in.clip_text_pooled"])
+        .unwrap();
+    assert_close_f32("forward() output", &grouped, &io["out.velocity"], None);
 }
 
 /// bf16 forward of the same weights and inputs against the fp32 golden velocity.

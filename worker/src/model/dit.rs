@@ -608,6 +608,12 @@ impl FinalLayer {
     }
 }
 
+/// Valid caption length of each row of a right-padded mask `[B, L]`.
+fn caption_lengths(cap_mask: &Tensor) -> Result<Vec<i64>, DitError> {
+    Vec::<i64>::try_from(cap_mask.ne(0).sum_dim_intlist(Some(&[1i64][..]), false, Kind::Int64).to_device(Device::Cpu))
+        .map_err(|e| DitError::Input(format!("cap_mask: {e}")))
+}
+
 /// Named intermediate tensors of one forward pass, keyed like the goldens (`mid.*`, `out.velocity`).
 pub type Trace = BTreeMap<String, Tensor>;
 
@@ -716,10 +722,58 @@ impl NextDit {
         cap_mask: &Tensor,
         clip_pooled: &Tensor,
     ) -> Result<Tensor, DitError> {
-        tch::no_grad(|| self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, None))
+        tch::no_grad(|| self.forward_grouped(x, t, cap_feats, cap_mask, clip_pooled))
     }
 
-    /// Like [`Self::forward`], also returning the intermediates under the goldens' names.
+    /// Same result as the padded batch (samples never interact), computed without padding: rows are
+    /// grouped by valid caption length, each group's caption is trimmed to that length and runs as
+    /// its own batch with no attention mask, so SDPA can pick its fastest (flash) kernel and no
+    /// work is spent on padding tokens. With a single group this is one plain call.
+    fn forward_grouped(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cap_feats: &Tensor,
+        cap_mask: &Tensor,
+        clip_pooled: &Tensor,
+    ) -> Result<Tensor, DitError> {
+        self.check_inputs(x, t, cap_feats, cap_mask, clip_pooled)?;
+        let lens = caption_lengths(cap_mask)?;
+        let l = cap_feats.size()[1];
+        let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for (row, &len) in lens.iter().enumerate() {
+            groups.entry(len).or_default().push(row as i64);
+        }
+        if groups.len() == 1 {
+            let len = lens[0];
+            if len == l {
+                return self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, None);
+            }
+            return self.forward_impl(x, t, &cap_feats.narrow(1, 0, len), &cap_mask.narrow(1, 0, len), clip_pooled, None);
+        }
+        let mut out: Option<Tensor> = None;
+        for (len, rows) in groups {
+            let sel = |v: &Tensor| v.index_select(0, &Tensor::from_slice(&rows).to_device(v.device()));
+            let v = self.forward_impl(
+                &sel(x),
+                &sel(t),
+                &sel(cap_feats).narrow(1, 0, len),
+                &sel(cap_mask).narrow(1, 0, len),
+                &sel(clip_pooled),
+                None,
+            )?;
+            let dst = out.get_or_insert_with(|| {
+                let mut size = v.size();
+                size[0] = x.size()[0];
+                Tensor::zeros(size.as_slice(), (v.kind(), v.device()))
+            });
+            let _ = dst.index_copy_(0, &Tensor::from_slice(&rows).to_device(v.device()), &v);
+        }
+        Ok(out.expect("at least one group"))
+    }
+
+    /// Like [`Self::forward`], also returning the intermediates under the goldens' names. Runs the
+    /// whole batch as one padded joint sequence (the reference layout), with key-padding masks.
     pub fn forward_traced(
         &self,
         x: &Tensor,
@@ -781,10 +835,7 @@ impl NextDit {
         let (b, h, w) = (xs[0], xs[2] / cfg.patch_size, xs[3] / cfg.patch_size);
         let n_img = h * w;
         let l = cap_feats.size()[1];
-        let cap_lens: Vec<i64> = Vec::<i64>::try_from(
-            cap_mask.ne(0).sum_dim_intlist(Some(&[1i64][..]), false, Kind::Int64).to_device(Device::Cpu),
-        )
-        .map_err(|e| DitError::Input(format!("cap_mask: {e}")))?;
+        let cap_lens = caption_lengths(cap_mask)?;
 
         // 1-2. Conditioning vector.
         let t_emb = self.t_embedder.forward(&t.to_device(dev), kind);
