@@ -1,0 +1,12 @@
+//! Local infrastructure shared by `cargo xtask` and the end-to-end test harness (`farm-tests`):
+//! child processes that die with their owner, throwaway PostgreSQL and Redis servers, the libtorch
+//! environment that builds and runs the worker, and the paths of the workspace.
+//!
+//! Only std, anyhow and libc: `cargo xtask` must compile in seconds on a fresh machine.
+
+pub mod paths;
+pub mod postgres;
+pub mod process;
+pub mod redis;
+pub mod signal;
+pub mod torch;
