@@ -6,7 +6,7 @@
 #   source .farm-env.sh && worker/bench/compare_cpu.sh [LATENT_SIDE_PX] [ITERS]
 #
 # Default image 512x512 px -> 64x64 latent -> 1024 image tokens, batch of 2 rows (a 32-token
-# caption and a padded 16-token one), fp32, as many threads as cores.
+# caption and a 16-token one, UNCOND=32 for equal lengths), fp32, as many threads as cores.
 set -eu
 cd "$(dirname "$0")/../.."
 PX=${1:-512}
@@ -17,5 +17,5 @@ BIN=${BIN:-target/release/newbie-bench}
 THREADS=${THREADS:-$(nproc)}
 "$BIN" --compare-pytorch worker/bench/pytorch_dit.py --python "$PY" --preset tiny \
   --weights worker/tests/fixtures/goldens/dit_weights.safetensors \
-  --device cpu --precision fp32 --width "$PX" --height "$PX" --cap-len 32 --uncond-len 16 \
+  --device cpu --precision fp32 --width "$PX" --height "$PX" --cap-len 32 --uncond-len "${UNCOND:-16}" \
   --iters "$ITERS" --warmup 3 --threads "$THREADS" ${JSON:+--json}

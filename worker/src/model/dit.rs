@@ -956,3 +956,46 @@ impl NextDit {
         Ok(v)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_transformer_config_json_gives_the_newbie_preset() {
+        // `transformer/config.json` as written by the official converter (spec §1).
+        let text = r#"{"model_type":"nextdit_clip","patch_size":2,"dim":2304,"n_layers":36,"n_heads":24,"n_kv_heads":8,"in_channels":16,"axes_dims":[32,32,32],"axes_lens":[1024,512,512],"clip_text_dim":1024,"clip_img_dim":1024,"_class_name":"NextDiT_3B_GQA_patch2_Adaln_Refiner_WHIT_CLIP"}"#;
+        let cfg: DitConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(cfg, DitConfig::newbie_exp0_1());
+        assert_eq!((cfg.head_dim(), cfg.ffn_hidden(), cfg.t_emb_dim(), cfg.n_rep()), (96, 9216, 1024, 3));
+    }
+
+    #[test]
+    fn diffusers_config_names_are_accepted() {
+        let text = r#"{"_class_name":"Lumina2Transformer2DModel","hidden_size":64,"num_layers":2,"num_refiner_layers":2,"num_attention_heads":4,"num_kv_heads":2,"multiple_of":96,"cap_feat_dim":40,"axes_dim_rope":[4,6,6],"axes_lens":[64,32,32],"pooled_projection_dim":24,"patch_size":2,"in_channels":16}"#;
+        let cfg: DitConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(cfg, DitConfig::tiny());
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let mut c = DitConfig::tiny();
+        c.axes_dims = vec![4, 6, 8];
+        assert!(c.validate().is_err());
+        let mut c = DitConfig::tiny();
+        c.n_kv_heads = 3;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn block_parameter_counts_match_the_spec() {
+        // Spec §3: 87,312,576 per modulated block, 77,866,176 per context-refiner block.
+        let cfg = DitConfig::newbie_exp0_1();
+        let count = |prefix: &str| -> i64 {
+            cfg.param_shapes().iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, s)| s.iter().product::<i64>()).sum()
+        };
+        assert_eq!(count("layers.7."), 87_312_576);
+        assert_eq!(count("noise_refiner.1."), 87_312_576);
+        assert_eq!(count("context_refiner.0."), 77_866_176);
+    }
+}

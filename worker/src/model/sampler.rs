@@ -450,6 +450,29 @@ mod tests {
     }
 
     #[test]
+    fn midpoint_matches_hand_loop() {
+        // v = a·(2 - x) with CFG combining a_c and a_u into a = a_u + s·(a_c - a_u) while t < cfg_trunc.
+        let p = params(SamplerKind::Midpoint);
+        let toy = Toy { batches: RefCell::new(Vec::new()) };
+        let it = item(9, 0.8, 0.3);
+        let mut x = it.noise.to_kind(Kind::Double);
+        let g = time_grid(p.steps, p.shift);
+        let a = |t: f64| if t < p.cfg_trunc { 0.3 + p.cfg_scale * (0.8 - 0.3) } else { 0.8 };
+        for k in 0..p.steps {
+            let (t0, dt) = (g[k] as f64, (g[k + 1] - g[k]) as f64);
+            let half = (g[k + 1] - g[k]) * 0.5;
+            let v0 = (Tensor::ones_like(&x) * 2.0 - &x) * a(t0);
+            let xm = &x + v0 * (half as f64);
+            let tm = (g[k] + half) as f64;
+            let vm = (Tensor::ones_like(&xm) * 2.0 - &xm) * a(tm);
+            x = &x + vm * dt;
+        }
+        let out = sample(&toy, vec![it], &p, |_| StepControl::Continue).unwrap();
+        assert!((&out[0].latent - x.to_kind(Kind::Float)).abs().max().double_value(&[]) < 1e-5);
+        assert_eq!(toy.batches.borrow().len(), 2 * p.steps);
+    }
+
+    #[test]
     fn dropping_an_item_leaves_the_others_unchanged() {
         let p = params(SamplerKind::Midpoint);
         let toy = Toy { batches: RefCell::new(Vec::new()) };
