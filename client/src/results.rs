@@ -1,0 +1,497 @@
+//! `farm results`: download a job's images into a directory.
+//!
+//! * Files are named `{index:06}.png`.
+//! * A file already present whose size and SHA-256 match the result is skipped, so a re-run finishes an
+//!   interrupted download and fetches only what is missing.
+//! * Each download is written to a hidden temporary file (`.farm-tmp-…`), checked against the
+//!   SHA-256 the coordinator reports, then renamed into place: a complete file or none. Temporary files
+//!   left by an interrupted run are removed at the start of the next one.
+//! * `--since` keeps `DIR/.farm-results.json` = `{"job_id": "...", "since_ms": N}`: the newest
+//!   `created_at_ms` among the results of the last complete run into DIR. The next `--since` run asks
+//!   ListResults only for results committed after `since_ms - 60 s` (the overlap covers commit order
+//!   and clock skew; re-listed files are skipped by their SHA-256). The file is only advanced by a run
+//!   without failures.
+//! * `--follow` repeats the pass every few seconds until the job is final and a pass finds nothing new.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use farm_proto::pb::{DownloadResultRequest, GetJobRequest, ListResultsRequest, ResultInfo};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::connect::Client;
+use crate::errors::{CliError, CliResult, ErrorKind};
+use crate::output::{self, job_is_final};
+use crate::ui::Ui;
+use crate::watch::is_transient;
+
+/// Name of the state file `--since` keeps in the output directory.
+pub const STATE_FILE: &str = ".farm-results.json";
+/// Prefix of temporary download files.
+pub const TMP_PREFIX: &str = ".farm-tmp-";
+/// Overlap re-listed by `--since`.
+pub const SINCE_OVERLAP_MS: i64 = 60_000;
+const PAGE_SIZE: u32 = 1000;
+const ATTEMPTS: u32 = 3;
+
+/// The file a result is stored in.
+pub fn file_name(index: u64) -> String {
+    format!("{index:06}.png")
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinceState {
+    pub job_id: String,
+    pub since_ms: i64,
+}
+
+pub fn read_state(dir: &Path, job_id: &str) -> Option<SinceState> {
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).ok()?;
+    let s: SinceState = serde_json::from_str(&text).ok()?;
+    (s.job_id == job_id).then_some(s)
+}
+
+pub fn write_state(dir: &Path, state: &SinceState) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{TMP_PREFIX}state-{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(tmp, dir.join(STATE_FILE))
+}
+
+/// Options of one download run.
+#[derive(Debug, Clone)]
+pub struct ResultsOptions {
+    pub dir: PathBuf,
+    pub parallel: usize,
+    pub since: bool,
+    pub from_index: u64,
+    pub follow: bool,
+    pub poll_interval: Duration,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResultsSummary {
+    pub listed: u64,
+    pub downloaded: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    /// Newest `created_at_ms` seen (0 when none).
+    pub newest_ms: i64,
+    pub errors: Vec<String>,
+}
+
+/// SHA-256 of a file as lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Whether `path` already holds exactly this result.
+pub fn already_present(path: &Path, info: &ResultInfo) -> bool {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && (info.size_bytes == 0 || m.len() == info.size_bytes) => sha256_file(path)
+            .map(|h| h.eq_ignore_ascii_case(&info.sha256))
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Removes temporary files an interrupted run left behind.
+pub fn remove_stale_temp_files(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Lists every result of the job from `from_index`, committed after `since_ms`.
+pub async fn list_all(
+    client: &mut Client,
+    job_id: &str,
+    from_index: u64,
+    since_ms: i64,
+) -> CliResult<Vec<ResultInfo>> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let resp = client
+            .list_results(ListResultsRequest {
+                job_id: job_id.to_string(),
+                from_index,
+                since_ms,
+                page_size: PAGE_SIZE,
+                page_token: token.clone(),
+            })
+            .await
+            .map_err(|s| CliError::from_status(&s, "results"))?
+            .into_inner();
+        out.extend(resp.results);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        token = resp.next_page_token;
+    }
+    Ok(out)
+}
+
+enum Fetched {
+    Skipped,
+    Downloaded(u64),
+}
+
+/// Downloads one result into `dir` unless it is already there.
+async fn fetch_one(
+    mut client: Client,
+    dir: PathBuf,
+    info: ResultInfo,
+) -> Result<Fetched, (ErrorKind, String)> {
+    let target = dir.join(file_name(info.index));
+    {
+        let (t, i) = (target.clone(), info.clone());
+        if tokio::task::spawn_blocking(move || already_present(&t, &i))
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(Fetched::Skipped);
+        }
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match download_to(&mut client, &dir, &target, &info).await {
+            Ok(n) => return Ok(Fetched::Downloaded(n)),
+            Err((kind, msg, transient)) => {
+                if !transient || attempt >= ATTEMPTS {
+                    return Err((kind, format!("{}: {msg}", file_name(info.index))));
+                }
+                tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+            }
+        }
+    }
+}
+
+type DownloadError = (ErrorKind, String, bool);
+
+async fn download_to(
+    client: &mut Client,
+    dir: &Path,
+    target: &Path,
+    listed: &ResultInfo,
+) -> Result<u64, DownloadError> {
+    let req = DownloadResultRequest {
+        job_id: listed.job_id.clone(),
+        index: listed.index,
+    };
+    let mut stream = client
+        .download_result(req)
+        .await
+        .map_err(|s| {
+            (
+                crate::errors::kind_for_code(s.code(), crate::errors::CallKind::Other),
+                s.to_string(),
+                is_transient(s.code()),
+            )
+        })?
+        .into_inner();
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{:06}-{}-{}",
+        listed.index,
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = async {
+        let io = |e: std::io::Error| (ErrorKind::Failure, e.to_string(), false);
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut expected = listed.clone();
+        let mut n: u64 = 0;
+        let mut first = true;
+        while let Some(chunk) = stream.message().await.map_err(|s| {
+            (
+                crate::errors::kind_for_code(s.code(), crate::errors::CallKind::Other),
+                s.to_string(),
+                is_transient(s.code()),
+            )
+        })? {
+            if first {
+                first = false;
+                if let Some(info) = chunk.info {
+                    expected = info;
+                }
+            }
+            hasher.update(&chunk.data);
+            // Result chunks are small; writing synchronously keeps the code simple and is cheap.
+            file.write_all(&chunk.data).map_err(io)?;
+            n += chunk.data.len() as u64;
+        }
+        let got = hex::encode(hasher.finalize());
+        if expected.size_bytes != 0 && n != expected.size_bytes {
+            return Err((
+                ErrorKind::Failure,
+                format!("received {n} bytes, expected {}", expected.size_bytes),
+                true,
+            ));
+        }
+        if !got.eq_ignore_ascii_case(&expected.sha256) {
+            return Err((
+                ErrorKind::Failure,
+                format!("SHA-256 mismatch: received {got}, expected {}", expected.sha256),
+                true,
+            ));
+        }
+        file.sync_all().map_err(io)?;
+        drop(file);
+        std::fs::rename(&tmp, target).map_err(io)?;
+        Ok(n)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Downloads one listing pass.
+pub async fn download_pass(
+    client: &Client,
+    results: Vec<ResultInfo>,
+    opts: &ResultsOptions,
+    ui: Ui,
+) -> ResultsSummary {
+    let mut summary = ResultsSummary {
+        listed: results.len() as u64,
+        ..Default::default()
+    };
+    summary.newest_ms = results.iter().map(|r| r.created_at_ms).max().unwrap_or(0);
+    let pb = ui.bar(
+        results.len() as u64,
+        "{spinner} downloading [{bar:30}] {pos}/{len} {msg} ({eta})",
+    );
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut tasks = futures::stream::iter(results.into_iter().map(|info| {
+        let (c, d) = (client.clone(), opts.dir.clone());
+        tokio::spawn(fetch_one(c, d, info))
+    }))
+    .buffer_unordered(opts.parallel.max(1));
+    while let Some(r) = tasks.next().await {
+        match r {
+            Ok(Ok(Fetched::Skipped)) => summary.skipped += 1,
+            Ok(Ok(Fetched::Downloaded(n))) => {
+                summary.downloaded += 1;
+                summary.bytes += n;
+                bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(Err((_, msg))) => {
+                summary.failed += 1;
+                pb.suspend(|| {
+                    if !ui.json {
+                        eprintln!("error: {msg}");
+                    }
+                });
+                summary.errors.push(msg);
+            }
+            Err(e) => {
+                summary.failed += 1;
+                summary.errors.push(format!("download task failed: {e}"));
+            }
+        }
+        pb.inc(1);
+        pb.set_message(format!(
+            "{} new, {} present, {}",
+            summary.downloaded,
+            summary.skipped,
+            output::format_bytes(bytes.load(Ordering::Relaxed))
+        ));
+    }
+    pb.finish_and_clear();
+    summary
+}
+
+/// Runs the whole command: one pass, or passes until the job ends with `--follow`.
+pub async fn download(
+    client: &mut Client,
+    job_id: &str,
+    opts: &ResultsOptions,
+    ui: Ui,
+) -> CliResult<ResultsSummary> {
+    std::fs::create_dir_all(&opts.dir)
+        .map_err(|e| CliError::failure(format!("{}: {e}", opts.dir.display())))?;
+    remove_stale_temp_files(&opts.dir);
+    let stored = if opts.since {
+        read_state(&opts.dir, job_id)
+    } else {
+        None
+    };
+    let mut since_ms = stored
+        .as_ref()
+        .map(|s| (s.since_ms - SINCE_OVERLAP_MS).max(0))
+        .unwrap_or(0);
+    let mut total = ResultsSummary::default();
+    loop {
+        // Whether the job was final before listing: then this pass sees every result.
+        let final_before = if opts.follow {
+            let job = client
+                .get_job(GetJobRequest {
+                    job_id: job_id.to_string(),
+                })
+                .await
+                .map_err(|s| CliError::from_status(&s, "results"))?
+                .into_inner();
+            job_is_final(job.state)
+        } else {
+            true
+        };
+        let mut results = list_all(client, job_id, opts.from_index, since_ms).await?;
+        for r in &mut results {
+            if r.job_id.is_empty() {
+                r.job_id = job_id.to_string();
+            }
+        }
+        let pass = download_pass(client, results, opts, ui).await;
+        total.listed += pass.listed;
+        total.downloaded += pass.downloaded;
+        total.skipped += pass.skipped;
+        total.failed += pass.failed;
+        total.bytes += pass.bytes;
+        total.errors.extend(pass.errors.iter().cloned());
+        total.newest_ms = total.newest_ms.max(pass.newest_ms);
+        if pass.failed == 0 && (opts.since || opts.follow) && total.newest_ms > 0 {
+            let newest = total
+                .newest_ms
+                .max(stored.as_ref().map(|s| s.since_ms).unwrap_or(0));
+            if opts.since {
+                write_state(
+                    &opts.dir,
+                    &SinceState {
+                        job_id: job_id.to_string(),
+                        since_ms: newest,
+                    },
+                )
+                .map_err(|e| CliError::failure(format!("{}: {e}", opts.dir.join(STATE_FILE).display())))?;
+            }
+            since_ms = (newest - SINCE_OVERLAP_MS).max(0);
+        }
+        if !opts.follow || final_before {
+            break;
+        }
+        if ui.chatty() && !ui.bars && pass.downloaded > 0 {
+            eprintln!("downloaded {} new result(s); waiting for more", pass.downloaded);
+        }
+        tokio::time::sleep(opts.poll_interval).await;
+    }
+    Ok(total)
+}
+
+/// Prints the summary; any failed download makes the exit code 1.
+pub fn report(job_id: &str, dir: &Path, s: &ResultsSummary, ui: Ui) -> CliResult<()> {
+    if ui.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "job_id": job_id, "dir": dir.display().to_string(), "listed": s.listed,
+                "downloaded": s.downloaded, "skipped": s.skipped, "failed": s.failed, "bytes": s.bytes,
+                "newest_ms": s.newest_ms, "errors": s.errors,
+            })
+        );
+    } else if !ui.quiet {
+        println!(
+            "{} downloaded ({}), {} already present, {} failed -> {}",
+            s.downloaded,
+            output::format_bytes(s.bytes),
+            s.skipped,
+            s.failed,
+            dir.display()
+        );
+    }
+    if s.failed > 0 {
+        return Err(CliError::reported(
+            ErrorKind::Failure,
+            format!("{} download(s) failed", s.failed),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_presence() {
+        assert_eq!(file_name(7), "000007.png");
+        assert_eq!(file_name(1_234_567), "1234567.png");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(file_name(1));
+        std::fs::write(&p, b"hello").unwrap();
+        let sha = hex::encode(Sha256::digest(b"hello"));
+        let info = ResultInfo {
+            index: 1,
+            size_bytes: 5,
+            sha256: sha.clone(),
+            ..Default::default()
+        };
+        assert!(already_present(&p, &info));
+        assert!(!already_present(
+            &p,
+            &ResultInfo {
+                size_bytes: 6,
+                ..info.clone()
+            }
+        ));
+        assert!(!already_present(
+            &p,
+            &ResultInfo {
+                sha256: "00".repeat(32),
+                ..info.clone()
+            }
+        ));
+        assert!(!already_present(&dir.path().join("nope.png"), &info));
+    }
+
+    #[test]
+    fn state_file_round_trip_and_stale_temp_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_state(dir.path(), "j"), None);
+        write_state(
+            dir.path(),
+            &SinceState {
+                job_id: "j".into(),
+                since_ms: 99,
+            },
+        )
+        .unwrap();
+        assert_eq!(read_state(dir.path(), "j").unwrap().since_ms, 99);
+        assert_eq!(
+            read_state(dir.path(), "other"),
+            None,
+            "state of another job is ignored"
+        );
+        std::fs::write(dir.path().join(format!("{TMP_PREFIX}000001-1-2")), b"half").unwrap();
+        std::fs::write(dir.path().join("000001.png"), b"whole").unwrap();
+        remove_stale_temp_files(dir.path());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
+        assert!(names.contains(&"000001.png".to_string()));
+    }
+}

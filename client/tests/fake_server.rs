@@ -1,0 +1,660 @@
+//! The CLI against an in-process fake JobService: streaming submission, aborts, server-side errors,
+//! exit codes, auth metadata, watch resumption and resumable result downloads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm::cli::{Command, JobArg, SeedMode};
+use farm::connect::{AuthInterceptor, Conn};
+use farm::errors::exit;
+use farm::results::{ResultsOptions, TMP_PREFIX};
+use farm::submit::{self, Input, SeedPlan, SubmitOptions};
+use farm::ui::Ui;
+use farm_proto::pb::job_service_server::{JobService, JobServiceServer};
+use farm_proto::pb::*;
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+const TOKEN: &str = "test-token";
+
+/// What the fake server saw.
+#[derive(Default)]
+struct Seen {
+    headers: Vec<SubmitHeader>,
+    /// Prompt counts of each chunk of the submission in progress (or the last one).
+    chunks: Vec<usize>,
+    /// Prompts of completed submissions.
+    completed: Vec<Vec<PromptSpec>>,
+    /// Submissions whose stream broke before it ended.
+    aborted: usize,
+    downloads: Vec<u64>,
+    watch_calls: Vec<u64>,
+}
+
+#[derive(Clone, Default)]
+struct Fake {
+    seen: Arc<Mutex<Seen>>,
+    /// index -> bytes; the advertised sha256 may be overridden to simulate corruption.
+    results: Arc<BTreeMap<u64, Vec<u8>>>,
+    bad_sha: Arc<Vec<u64>>,
+}
+
+fn check_auth<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(v) if v == format!("Bearer {TOKEN}") => Ok(()),
+        _ => Err(Status::unauthenticated("missing or wrong token")),
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn job(state: JobState, succeeded: u64) -> Job {
+    Job {
+        job_id: "job-1".into(),
+        state: state as i32,
+        counts: Some(TaskCounts {
+            succeeded,
+            total: 3,
+            queued: 3 - succeeded,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct AbortGuard {
+    seen: Arc<Mutex<Seen>>,
+    armed: bool,
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.seen.lock().unwrap().aborted += 1;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Fake {
+    async fn submit_job(
+        &self,
+        req: Request<Streaming<SubmitJobRequest>>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        check_auth(&req)?;
+        let mut stream = req.into_inner();
+        let mut prompts = Vec::new();
+        // Counts the submission as aborted unless it completes: the handler is either handed a stream
+        // error or dropped when the client resets the stream.
+        let mut guard = AbortGuard {
+            seen: self.seen.clone(),
+            armed: true,
+        };
+        self.seen.lock().unwrap().chunks.clear();
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => match m.msg {
+                    Some(submit_job_request::Msg::Header(h)) => {
+                        assert!(prompts.is_empty(), "header must come first");
+                        self.seen.lock().unwrap().headers.push(h);
+                    }
+                    Some(submit_job_request::Msg::Chunk(c)) => {
+                        self.seen.lock().unwrap().chunks.push(c.prompts.len());
+                        prompts.extend(c.prompts);
+                    }
+                    None => return Err(Status::invalid_argument("empty message")),
+                },
+                Ok(None) => break,
+                Err(_) => {
+                    // The client went away mid-stream: store nothing.
+                    return Err(Status::cancelled("stream broken"));
+                }
+            }
+        }
+        guard.armed = false;
+        let errors: Vec<PromptIssue> = prompts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.text.contains("SERVER_REJECTS"))
+            .map(|(i, p)| PromptIssue {
+                index: i as u64,
+                line: 1,
+                column: 1,
+                code: "bad_size".into(),
+                message: "server says no".into(),
+                source: p.source.clone(),
+                source_line: p.source_line,
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Ok(Response::new(SubmitJobResponse {
+                errors,
+                ..Default::default()
+            }));
+        }
+        let n = prompts.len() as u64;
+        self.seen.lock().unwrap().completed.push(prompts);
+        Ok(Response::new(SubmitJobResponse {
+            job_id: "job-1".into(),
+            accepted: n,
+            ..Default::default()
+        }))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        check_auth(&req)?;
+        if req.get_ref().job_id != "job-1" {
+            return Err(Status::not_found("no such job"));
+        }
+        // Final once the watcher resumed after the simulated disconnect.
+        let calls = self.seen.lock().unwrap().watch_calls.len();
+        Ok(Response::new(if calls >= 2 {
+            job(JobState::Succeeded, 3)
+        } else {
+            job(JobState::Running, 1)
+        }))
+    }
+
+    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn get_task(&self, _: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type WatchJobStream = BoxStream<JobEvent>;
+
+    async fn watch_job(
+        &self,
+        req: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        check_auth(&req)?;
+        let after = req.get_ref().after_sequence;
+        let first = {
+            let mut s = self.seen.lock().unwrap();
+            s.watch_calls.push(after);
+            s.watch_calls.len() == 1
+        };
+        let ev = |seq: u64, e: job_event::Event| {
+            Ok(JobEvent {
+                job_id: "job-1".into(),
+                sequence: seq,
+                at_ms: 0,
+                event: Some(e),
+            })
+        };
+        let task = |i: u64, st: TaskState| {
+            job_event::Event::Task(TaskStateChanged {
+                index: i,
+                state: st as i32,
+                worker_id: "w1".into(),
+                error: String::new(),
+            })
+        };
+        let items: Vec<Result<JobEvent, Status>> = if first {
+            vec![
+                ev(1, task(0, TaskState::Running)),
+                ev(2, task(0, TaskState::Succeeded)),
+                Err(Status::unavailable("coordinator restarting")),
+            ]
+        } else {
+            vec![
+                ev(3, task(1, TaskState::Succeeded)),
+                ev(4, task(2, TaskState::Succeeded)),
+                ev(
+                    5,
+                    job_event::Event::Job(JobStateChanged {
+                        state: JobState::Succeeded as i32,
+                        counts: None,
+                    }),
+                ),
+            ]
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter(items))))
+    }
+
+    async fn cancel_job(&self, _: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn retry_job(&self, _: Request<RetryJobRequest>) -> Result<Response<RetryJobResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_results(
+        &self,
+        req: Request<ListResultsRequest>,
+    ) -> Result<Response<ListResultsResponse>, Status> {
+        check_auth(&req)?;
+        // Two results per page, to exercise pagination.
+        let start: u64 = req.get_ref().page_token.parse().unwrap_or(0);
+        let all: Vec<_> = self
+            .results
+            .iter()
+            .filter(|(i, _)| **i >= req.get_ref().from_index)
+            .collect();
+        let page: Vec<ResultInfo> = all
+            .iter()
+            .skip(start as usize)
+            .take(2)
+            .map(|(i, b)| ResultInfo {
+                job_id: "job-1".into(),
+                index: **i,
+                size_bytes: b.len() as u64,
+                sha256: sha(b),
+                content_type: "image/png".into(),
+                created_at_ms: 1000 + **i as i64,
+                worker_id: "w1".into(),
+            })
+            .collect();
+        let next = if (start as usize + 2) < all.len() {
+            (start + 2).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListResultsResponse {
+            results: page,
+            next_page_token: next,
+        }))
+    }
+
+    type DownloadResultStream = BoxStream<DownloadResultChunk>;
+
+    async fn download_result(
+        &self,
+        req: Request<DownloadResultRequest>,
+    ) -> Result<Response<Self::DownloadResultStream>, Status> {
+        check_auth(&req)?;
+        let index = req.get_ref().index;
+        self.seen.lock().unwrap().downloads.push(index);
+        let bytes = self
+            .results
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| Status::not_found("no result"))?;
+        let mut sent = bytes.clone();
+        if self.bad_sha.contains(&index) {
+            sent[0] ^= 0xff; // corrupted in transit
+        }
+        let info = ResultInfo {
+            index,
+            size_bytes: bytes.len() as u64,
+            sha256: sha(&bytes),
+            ..Default::default()
+        };
+        let mut chunks = Vec::new();
+        for (n, part) in sent.chunks(3).enumerate() {
+            chunks.push(Ok(DownloadResultChunk {
+                info: (n == 0).then(|| info.clone()),
+                data: part.to_vec(),
+            }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse::default()))
+    }
+}
+
+async fn serve(fake: Fake) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(JobServiceServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+async fn client(addr: SocketAddr, token: &str) -> Conn {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Conn::new(channel, AuthInterceptor::new(Some(token)).unwrap())
+}
+
+fn jsonl_line(text: &str) -> String {
+    serde_json::json!({ "prompt": text }).to_string()
+}
+
+fn write_jsonl(path: &Path, n: usize, bad_at: Option<usize>) {
+    let mut s = String::new();
+    for i in 0..n {
+        let text = if Some(i) == bad_at {
+            "<character_1><n>unclosed".to_string()
+        } else {
+            format!("<general_tags><count>1girl</count></general_tags> prompt {i}")
+        };
+        s.push_str(&jsonl_line(&text));
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn options(chunk_size: usize) -> SubmitOptions {
+    SubmitOptions {
+        header: SubmitHeader {
+            name: "t".into(),
+            defaults: Some(RenderParams::default()),
+            ..Default::default()
+        },
+        seeds: SeedPlan {
+            mode: SeedMode::Increment,
+            base: 1000,
+        },
+        negative: Some("lowres".into()),
+        chunk_size,
+        chunk_bytes: submit::CHUNK_BYTES,
+        max_errors: 20,
+    }
+}
+
+#[tokio::test]
+async fn submit_streams_header_then_chunks() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.jsonl");
+    let b = dir.path().join("b.txt");
+    write_jsonl(&a, 2300, None);
+    std::fs::write(&b, "plain tags one\nplain tags two\n").unwrap();
+    let inputs = vec![Input::File(a.clone()), Input::File(b.clone())];
+    let out = submit::submit_stream(
+        c.service(),
+        inputs,
+        options(1000),
+        indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(out.local_errors.is_empty(), "{:?}", out.local_errors);
+    let resp = out.response.clone().unwrap();
+    assert_eq!(resp.job_id, "job-1");
+    assert_eq!(resp.accepted, 2302);
+    assert_eq!(out.prompts, 2302);
+
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(seen.headers.len(), 1);
+    assert_eq!(seen.headers[0].name, "t");
+    assert_eq!(
+        seen.chunks,
+        vec![1000, 1000, 302],
+        "prompts are cut into chunks of --chunk-size"
+    );
+    let prompts = &seen.completed[0];
+    assert_eq!(prompts[0].seed, Some(1000));
+    assert_eq!(prompts[2301].seed, Some(3301), "increment continues across files");
+    assert_eq!(prompts[0].negative_prompt, "lowres");
+    assert_eq!(prompts[0].source, a.display().to_string());
+    assert_eq!(prompts[0].source_line, 1);
+    assert_eq!(prompts[2300].source, b.display().to_string());
+    assert_eq!(prompts[2301].source_line, 2);
+    assert_eq!(prompts[2301].text, "plain tags two");
+    assert!(prompts[5].text.ends_with("prompt 5"));
+}
+
+#[tokio::test]
+async fn invalid_prompt_mid_file_aborts_and_nothing_is_stored() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.jsonl");
+    write_jsonl(&a, 5000, Some(3000));
+    let opts = options(100);
+    let out = submit::submit_stream(
+        c.service(),
+        vec![Input::File(a.clone())],
+        opts.clone(),
+        indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(out.response.is_none(), "the call was dropped, not completed");
+    assert_eq!(out.local_errors.len(), 1);
+    let e = &out.local_errors[0];
+    assert_eq!(e.index, 3000);
+    assert_eq!(e.source, a.display().to_string());
+    assert_eq!(e.source_line, 3001);
+    assert_eq!(e.code, "xml_syntax");
+    assert!(e.line >= 1 && e.column >= 1);
+    let line = submit::format_error(e);
+    assert!(
+        line.starts_with(&format!(
+            "{}:3001: prompt #3000, line {}, column {}",
+            a.display(),
+            e.line,
+            e.column
+        )),
+        "{line}"
+    );
+
+    let err = submit::report(&out, &opts, Ui::silent()).unwrap_err();
+    assert_eq!(err.exit_code(), exit::INVALID_INPUT);
+
+    // The server saw the stream start (header and some chunks) and then break; nothing completed.
+    let mut broke = false;
+    for _ in 0..100 {
+        if fake.seen.lock().unwrap().aborted == 1 {
+            broke = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = fake.seen.lock().unwrap();
+    assert!(
+        broke,
+        "the server's request stream must end in an error, not a clean end"
+    );
+    assert!(seen.completed.is_empty(), "no submission may complete");
+    assert_eq!(seen.headers.len(), 1);
+    let sent: usize = seen.chunks.iter().sum();
+    assert!(sent <= 3000, "nothing after the invalid prompt was sent ({sent})");
+}
+
+#[tokio::test]
+async fn server_side_errors_exit_3() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.txt");
+    std::fs::write(&a, "fine\nSERVER_REJECTS this\nfine again\n").unwrap();
+    let opts = options(10);
+    let out = submit::submit_stream(
+        c.service(),
+        vec![Input::File(a.clone())],
+        opts.clone(),
+        indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
+    let errors = out.errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].index, 1);
+    assert_eq!(
+        submit::format_error(errors[0]),
+        format!(
+            "{}:2: prompt #1, line 1, column 1: server says no [bad_size]",
+            a.display()
+        )
+    );
+    assert_eq!(
+        submit::report(&out, &opts, Ui::silent()).unwrap_err().exit_code(),
+        3
+    );
+    assert!(fake.seen.lock().unwrap().completed.is_empty());
+}
+
+#[tokio::test]
+async fn exit_codes_for_auth_and_not_found() {
+    let addr = serve(Fake::default()).await;
+    let good = client(addr, TOKEN).await;
+    let e = farm::dispatch(
+        &good,
+        Command::Status(JobArg { job: "nope".into() }),
+        Ui::silent(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit_code(), exit::NOT_FOUND);
+    let bad = client(addr, "wrong").await;
+    let e = farm::dispatch(
+        &bad,
+        Command::Status(JobArg { job: "job-1".into() }),
+        Ui::silent(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit_code(), exit::AUTH);
+    farm::dispatch(
+        &good,
+        Command::Status(JobArg { job: "job-1".into() }),
+        Ui::silent(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn watch_resumes_after_disconnect_from_last_sequence() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let job = tokio::time::timeout(
+        Duration::from_secs(20),
+        farm::watch::watch(&mut c.jobs(), "job-1", Ui::silent(), false),
+    )
+    .await
+    .expect("watch finished")
+    .unwrap();
+    assert_eq!(job.state, JobState::Succeeded as i32);
+    assert_eq!(
+        fake.seen.lock().unwrap().watch_calls,
+        vec![0, 2],
+        "resumed after the last event seen"
+    );
+}
+
+fn fake_with_results() -> (Fake, BTreeMap<u64, Vec<u8>>) {
+    let mut results = BTreeMap::new();
+    for i in 0..5u64 {
+        results.insert(i, format!("png bytes of result {i}").into_bytes());
+    }
+    let fake = Fake {
+        results: Arc::new(results.clone()),
+        ..Default::default()
+    };
+    (fake, results)
+}
+
+fn results_options(dir: &Path) -> ResultsOptions {
+    ResultsOptions {
+        dir: dir.to_path_buf(),
+        parallel: 3,
+        since: false,
+        from_index: 0,
+        follow: false,
+        poll_interval: Duration::from_millis(10),
+    }
+}
+
+#[tokio::test]
+async fn results_skip_files_with_matching_sha256() {
+    let (fake, results) = fake_with_results();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 0: already complete; 1: wrong content (same length); 2: truncated; 3, 4: missing.
+    std::fs::write(dir.path().join("000000.png"), &results[&0]).unwrap();
+    let mut wrong = results[&1].clone();
+    wrong[0] ^= 1;
+    std::fs::write(dir.path().join("000001.png"), &wrong).unwrap();
+    std::fs::write(dir.path().join("000002.png"), &results[&2][..4]).unwrap();
+    std::fs::write(
+        dir.path().join(format!("{TMP_PREFIX}000003-1-1")),
+        b"half-written",
+    )
+    .unwrap();
+
+    let s = farm::results::download(&mut c.jobs(), "job-1", &results_options(dir.path()), Ui::silent())
+        .await
+        .unwrap();
+    assert_eq!((s.listed, s.downloaded, s.skipped, s.failed), (5, 4, 1, 0));
+    let mut downloads = fake.seen.lock().unwrap().downloads.clone();
+    downloads.sort();
+    assert_eq!(
+        downloads,
+        vec![1, 2, 3, 4],
+        "the file with the right sha256 is not fetched again"
+    );
+    for (i, b) in &results {
+        assert_eq!(&std::fs::read(dir.path().join(format!("{i:06}.png"))).unwrap(), b);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(TMP_PREFIX))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A second run downloads nothing.
+    let s = farm::results::download(&mut c.jobs(), "job-1", &results_options(dir.path()), Ui::silent())
+        .await
+        .unwrap();
+    assert_eq!((s.downloaded, s.skipped), (0, 5));
+    assert_eq!(fake.seen.lock().unwrap().downloads.len(), 4);
+}
+
+#[tokio::test]
+async fn corrupted_download_leaves_no_file() {
+    let (mut fake, results) = fake_with_results();
+    fake.bad_sha = Arc::new(vec![2]);
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = results_options(dir.path());
+    opts.since = true;
+    let s = farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent())
+        .await
+        .unwrap();
+    assert_eq!((s.downloaded, s.failed), (4, 1));
+    assert!(
+        !dir.path().join("000002.png").exists(),
+        "a file that failed its check is not kept"
+    );
+    assert_eq!(std::fs::read(dir.path().join("000003.png")).unwrap(), results[&3]);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
+    assert!(
+        !names.contains(&farm::results::STATE_FILE.to_string()),
+        "--since state only advances after a clean run"
+    );
+    assert_eq!(
+        farm::results::report("job-1", dir.path(), &s, Ui::silent())
+            .unwrap_err()
+            .exit_code(),
+        1
+    );
+}
