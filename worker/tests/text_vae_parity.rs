@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use farm_worker::model::gemma3::{self, Gemma3Config, Gemma3TextModel, PromptFormat, SYSTEM_PROMPT_TEXT};
+use farm_worker::model::jina::{self, JinaConfig, JinaTextModel};
 use farm_worker::model::tokenizer::{ByteTokenizer, TextTokenizer};
 use farm_worker::model::vae::{self, VaeConfig, VaeDecoder, WeightsError};
 use tch::{Device, Kind, Tensor};
@@ -43,7 +44,8 @@ fn read_io(component: &str) -> HashMap<String, Tensor> {
 }
 
 fn get<'a>(io: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    io.get(key).unwrap_or_else(|| panic!("golden tensor {key} missing"))
+    io.get(key)
+        .unwrap_or_else(|| panic!("golden tensor {key} missing"))
 }
 
 /// Keeps the rows of `t` [B, L, ...] where `mask` [B, L] is 1, flattened to [N, rest].
@@ -90,7 +92,7 @@ fn assert_close_bf16(name: &str, actual: &Tensor, expected: &Tensor) {
     let b = expected.to_device(Device::Cpu).to_kind(Kind::Float);
     let rel = (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]);
     let max_diff = assert_close(name, &a, &b, 0.3, 0.05);
-    let used = ((&a - &b).abs() / (b.abs() * 0.05 + 0.2)).max().double_value(&[]);
+    let used = ((&a - &b).abs() / (b.abs() * 0.05 + 0.3)).max().double_value(&[]);
     eprintln!(
         "{name}: bf16 relative L2 error {rel:.3e}, max |a-b| {max_diff:.3e}, {:.0}% of the elementwise bound",
         used * 100.0
@@ -107,8 +109,13 @@ fn vae_config() -> VaeConfig {
 }
 
 fn vae_fp32() -> VaeDecoder {
-    VaeDecoder::load(&golden("vae_weights.safetensors"), &vae_config(), Device::Cpu, Kind::Float)
-        .expect("load VAE")
+    VaeDecoder::load(
+        &golden("vae_weights.safetensors"),
+        &vae_config(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .expect("load VAE")
 }
 
 fn check_vae_decode(vae: &VaeDecoder, io: &HashMap<String, Tensor>) {
@@ -149,7 +156,10 @@ fn vae_decode_matches_golden_fp32() {
 fn vae_config_from_sidecar_uses_newbie_constants() {
     let sc = sidecar("vae");
     let cfg = vae_config();
-    assert_eq!(cfg.scaling_factor, sc["newbie_decode"]["scaling_factor"].as_f64().unwrap());
+    assert_eq!(
+        cfg.scaling_factor,
+        sc["newbie_decode"]["scaling_factor"].as_f64().unwrap()
+    );
     assert_eq!(cfg.shift_factor, sc["newbie_decode"]["shift_factor"].as_f64());
     let flux = VaeConfig::flux();
     assert_eq!((flux.scaling_factor, flux.shift_factor), (0.3611, Some(0.1159)));
@@ -168,7 +178,11 @@ fn vae_rgb8_matches_golden_image() {
     assert_eq!(rgb.len(), b as usize);
     // Expected bytes from the golden [0,1] image, laid out HWC; values that sit within the fp32
     // tolerance of a rounding boundary may land one step away.
-    let exp = (expected * 255.0).round().to_kind(Kind::Int64).permute([0, 2, 3, 1]).contiguous();
+    let exp = (expected * 255.0)
+        .round()
+        .to_kind(Kind::Int64)
+        .permute([0, 2, 3, 1])
+        .contiguous();
     for (i, img) in rgb.iter().enumerate() {
         assert_eq!(img.len() as i64, h * w * 3);
         let ours = Tensor::from_slice(img).to_kind(Kind::Int64);
@@ -198,13 +212,20 @@ fn vae_loads_bfl_names() {
     let cfg = vae_config();
     let json_map: BTreeMap<String, String> =
         serde_json::from_value(sc["bfl_key_map"].clone()).expect("bfl_key_map");
-    assert_eq!(vae::bfl_key_map(&cfg), json_map, "generated BFL key map differs from the sidecar");
+    assert_eq!(
+        vae::bfl_key_map(&cfg),
+        json_map,
+        "generated BFL key map differs from the sidecar"
+    );
 
     let weights = Tensor::read_safetensors(golden("vae_weights.safetensors")).unwrap();
     let renamed: Vec<(String, Tensor)> = weights
         .into_iter()
         .map(|(k, t)| {
-            let bfl = json_map.get(&k).unwrap_or_else(|| panic!("{k} not in map")).clone();
+            let bfl = json_map
+                .get(&k)
+                .unwrap_or_else(|| panic!("{k} not in map"))
+                .clone();
             let t = if bfl.contains(".attn_1.") && t.dim() == 2 {
                 t.unsqueeze(-1).unsqueeze(-1)
             } else {
@@ -227,7 +248,10 @@ fn vae_loading_is_strict() {
     let weights = Tensor::read_safetensors(golden("vae_weights.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
 
-    let mut missing = weights.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+    let mut missing = weights
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect::<Vec<_>>();
     let dropped = missing.pop().unwrap().0;
     let path = dir.path().join("missing.safetensors");
     Tensor::write_safetensors(&missing, &path).unwrap();
@@ -239,10 +263,19 @@ fn vae_loading_is_strict() {
         other => panic!("expected a key mismatch, got {other:?}"),
     }
 
-    let mut extra = weights.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
-    extra.push(("decoder.bogus.weight".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+    let mut extra = weights
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect::<Vec<_>>();
+    extra.push((
+        "decoder.bogus.weight".to_string(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
     // Encoder tensors are part of a full VAE file and must be skipped, not reported.
-    extra.push(("encoder.conv_in.weight".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+    extra.push((
+        "encoder.conv_in.weight".to_string(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
     let path = dir.path().join("extra.safetensors");
     Tensor::write_safetensors(&extra, &path).unwrap();
     match VaeDecoder::load(&path, &cfg, Device::Cpu, Kind::Float) {
@@ -334,14 +367,23 @@ fn gemma3_loads_with_and_without_checkpoint_prefix() {
         let mut tensors: Vec<(String, Tensor)> = weights
             .iter()
             .map(|(k, t)| {
-                let rest = k.strip_prefix(prefix.as_str()).expect("golden keys carry the prefix");
+                let rest = k
+                    .strip_prefix(prefix.as_str())
+                    .expect("golden keys carry the prefix");
                 (format!("{new_prefix}{rest}"), t.shallow_clone())
             })
             .collect();
         if extra {
             let z = Tensor::zeros([3], (Kind::Float, Device::Cpu));
-            let vision = if new_prefix.starts_with("model.") { "model.vision_tower" } else { "vision_tower" };
-            tensors.push((format!("{vision}.vision_model.post_layernorm.weight"), z.shallow_clone()));
+            let vision = if new_prefix.starts_with("model.") {
+                "model.vision_tower"
+            } else {
+                "vision_tower"
+            };
+            tensors.push((
+                format!("{vision}.vision_model.post_layernorm.weight"),
+                z.shallow_clone(),
+            ));
             tensors.push(("multi_modal_projector.mm_soft_emb_norm.weight".into(), z));
         }
         let sub = dir.path().join(name);
@@ -415,7 +457,10 @@ fn gemma3_config_layouts_resolve_to_the_same_layers() {
     std::fs::write(&path, released.to_string()).unwrap();
     let parsed = Gemma3Config::from_json_file(&path).unwrap();
     let preset = Gemma3Config::gemma3_4b();
-    assert_eq!(parsed.layer_attention().unwrap(), preset.layer_attention().unwrap());
+    assert_eq!(
+        parsed.layer_attention().unwrap(),
+        preset.layer_attention().unwrap()
+    );
     for (a, b) in [
         (parsed.vocab_size, 262_208),
         (parsed.hidden_size, preset.hidden_size),
@@ -430,7 +475,10 @@ fn gemma3_config_layouts_resolve_to_the_same_layers() {
     assert_eq!(l.iter().filter(|a| a.sliding_window.is_none()).count(), 5);
     assert_eq!(l[5].rope_theta, 1e6);
     assert_eq!(l[5].rope_linear_factor, 8.0);
-    assert_eq!((l[0].rope_theta, l[0].rope_linear_factor, l[0].sliding_window), (1e4, 1.0, Some(1024)));
+    assert_eq!(
+        (l[0].rope_theta, l[0].rope_linear_factor, l[0].sliding_window),
+        (1e4, 1.0, Some(1024))
+    );
 }
 
 #[test]
@@ -460,8 +508,15 @@ fn gemma3_prompt_preparation() {
     let row0 = Vec::<i64>::try_from(inputs.input_ids.get(0)).unwrap();
     let row1 = Vec::<i64>::try_from(inputs.input_ids.get(1)).unwrap();
     assert_eq!(row0[0], 2, "BOS first");
-    assert_eq!(row0[1..expected_len], tok.encode(&gemma3::gemma_prompt_text(plain, PromptFormat::Text)).unwrap()[..]);
-    assert!(row0[expected_len..].iter().all(|&i| i == 0), "right padding with PAD");
+    assert_eq!(
+        row0[1..expected_len],
+        tok.encode(&gemma3::gemma_prompt_text(plain, PromptFormat::Text))
+            .unwrap()[..]
+    );
+    assert!(
+        row0[expected_len..].iter().all(|&i| i == 0),
+        "right padding with PAD"
+    );
     assert_eq!(row1[0], 2);
     assert!(row1[1..].iter().all(|&i| i == 0), "empty negative = BOS only");
 
@@ -486,5 +541,264 @@ fn gemma3_tiny_runs_from_random_weights() {
     // A row's valid features do not depend on the padding added for the batch.
     let alone = gemma3::gemma_inputs_for_prompts(&tok, &[""]).unwrap();
     let single = model.forward(&alone.input_ids, &alone.attention_mask);
-    assert_close_f32("padding independence", &single.narrow(1, 0, 1), &feature.get(1).unsqueeze(0).narrow(1, 0, 1));
+    assert_close_f32(
+        "padding independence",
+        &single.narrow(1, 0, 1),
+        &feature.get(1).unsqueeze(0).narrow(1, 0, 1),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jina CLIP v2
+// ---------------------------------------------------------------------------------------------
+
+fn jina_config() -> JinaConfig {
+    serde_json::from_value(sidecar("jina")).expect("jina config (text_config + hf_model_config_kwargs)")
+}
+
+fn jina_load(path: &Path, kind: Kind) -> JinaTextModel {
+    JinaTextModel::load(path, &jina_config(), Device::Cpu, kind).expect("load Jina")
+}
+
+fn check_jina(model: &JinaTextModel, io: &HashMap<String, Tensor>) {
+    let ids = get(io, "in.input_ids");
+    let mask = get(io, "in.attention_mask");
+    let pad = jina_config().hf_model_config_kwargs.pad_token_id;
+    assert!(ids.ne(pad).to_kind(Kind::Int64).equal(mask), "mask = ids != pad");
+    let trace = model.forward_trace(ids);
+    let rows = |t: &Tensor| valid_rows(t, mask);
+    assert_close_f32(
+        "mid.embeddings",
+        &rows(&trace.embeddings),
+        &rows(get(io, "mid.embeddings")),
+    );
+    assert_close_f32("mid.emb_ln", &rows(&trace.emb_ln), &rows(get(io, "mid.emb_ln")));
+    for (i, layer) in trace.layers.iter().enumerate() {
+        let key = format!("mid.layers.{i}");
+        if let Some(expected) = io.get(&key) {
+            assert_close_f32(&key, &rows(layer), &rows(expected));
+        }
+    }
+    assert_close_f32(
+        "out.last_hidden_state",
+        &rows(trace.layers.last().unwrap()),
+        &rows(get(io, "out.last_hidden_state")),
+    );
+    assert_close_f32("out.text_embeds", &trace.pooled, get(io, "out.text_embeds"));
+    assert_close_f32("forward", &model.forward(ids), get(io, "out.text_embeds"));
+}
+
+#[test]
+fn jina_pooled_output_matches_golden_fp32() {
+    let model = jina_load(&golden("jina_weights.safetensors"), Kind::Float);
+    check_jina(&model, &read_io("jina"));
+}
+
+#[test]
+fn jina_lora_merge_matches_golden_merged_weights() {
+    let cfg = jina_config();
+    let raw: BTreeMap<String, Tensor> = Tensor::read_safetensors(golden("jina_weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let merged = jina::merge_lora_weights(raw, cfg.lora_task_index().unwrap(), cfg.lora_scaling()).unwrap();
+    assert!(merged.keys().all(|k| !k.contains(".parametrizations.")));
+    let io = read_io("jina");
+    let mut expected_keys: Vec<&str> = io.keys().filter_map(|k| k.strip_prefix("merged.")).collect();
+    expected_keys.sort();
+    assert!(!expected_keys.is_empty());
+    for key in &expected_keys {
+        let ours = merged
+            .get(*key)
+            .unwrap_or_else(|| panic!("merge produced no {key}"));
+        assert_close_f32(key, ours, get(&io, &format!("merged.{key}")));
+    }
+    // Every LoRA-merged weight is covered by the helper tensors.
+    let sc = sidecar("jina");
+    let originals = sc["tensors"]["jina_weights.safetensors"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter_map(|k| k.strip_suffix(".parametrizations.weight.original"))
+        .map(|m| format!("{m}.weight"))
+        .collect::<Vec<_>>();
+    let mut originals_sorted = originals.clone();
+    originals_sorted.sort();
+    assert_eq!(
+        originals_sorted,
+        expected_keys.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+
+    // Without the adapter the base weights come back unchanged (and differ from the merged ones).
+    let raw: BTreeMap<String, Tensor> = Tensor::read_safetensors(golden("jina_weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let base = jina::merge_lora_weights(
+        raw.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect(),
+        None,
+        1.0,
+    )
+    .unwrap();
+    for key in &expected_keys {
+        let module = key.strip_suffix(".weight").unwrap();
+        let original = &raw[&format!("{module}.parametrizations.weight.original")];
+        assert!(base[*key].equal(original));
+        assert!(
+            !merged[*key].allclose(original, 1e-3, 1e-3, false),
+            "{key}: LoRA had no effect"
+        );
+    }
+}
+
+/// Pre-merged weights under the jina-embeddings-v3 prefix, next to the CLIP parts that the text
+/// tower skips, load to the same outputs.
+#[test]
+fn jina_loads_premerged_weights_and_skips_vision() {
+    let io = read_io("jina");
+    let cfg = jina_config();
+    let raw: BTreeMap<String, Tensor> = Tensor::read_safetensors(golden("jina_weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let merged = jina::merge_lora_weights(raw, cfg.lora_task_index().unwrap(), cfg.lora_scaling()).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = merged
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                format!(
+                    "roberta.{}",
+                    k.strip_prefix("text_model.transformer.roberta.").unwrap()
+                ),
+                t,
+            )
+        })
+        .collect();
+    tensors.push((
+        "logit_scale".into(),
+        Tensor::ones([1], (Kind::Float, Device::Cpu)),
+    ));
+    tensors.push((
+        "vision_model.norm.weight".into(),
+        Tensor::ones([4], (Kind::Float, Device::Cpu)),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    check_jina(&jina_load(&path, Kind::Float), &io);
+
+    // A stray encoder tensor is reported.
+    tensors.push((
+        "roberta.encoder.layers.0.mixer.extra.weight".into(),
+        Tensor::ones([4], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    match JinaTextModel::load(&path, &cfg, Device::Cpu, Kind::Float) {
+        Err(WeightsError::KeyMismatch { unexpected, missing }) => {
+            assert!(missing.is_empty());
+            assert_eq!(
+                unexpected,
+                vec!["encoder.layers.0.mixer.extra.weight".to_string()]
+            );
+        }
+        other => panic!("expected a key mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn jina_pooled_output_bf16_within_tolerance() {
+    let model = jina_load(&golden("jina_weights.safetensors"), Kind::BFloat16);
+    let io = read_io("jina");
+    let pooled = model.forward(get(&io, "in.input_ids"));
+    assert_eq!(pooled.kind(), Kind::BFloat16);
+    assert_close_bf16("jina bf16 text_embeds", &pooled, get(&io, "out.text_embeds"));
+}
+
+#[test]
+fn jina_config_presets_and_released_layout() {
+    let cfg = jina_config();
+    let sc = sidecar("jina");
+    assert_eq!(
+        cfg.lora_task_index().unwrap(),
+        Some(sc["derived"]["default_lora_task_index"].as_u64().unwrap() as usize)
+    );
+    assert_eq!(
+        cfg.lora_scaling(),
+        sc["derived"]["lora_scaling"].as_f64().unwrap()
+    );
+    assert_eq!(cfg.head_dim(), sc["derived"]["head_dim"].as_i64().unwrap());
+
+    // jina-clip-v2's config.json: the encoder comes from jina-embeddings-v3, overridden by kwargs.
+    let released = serde_json::json!({
+        "architectures": ["JinaCLIPModel"],
+        "text_config": {
+            "embed_dim": 1024,
+            "hf_model_name_or_path": "jinaai/jina-embeddings-v3",
+            "default_lora_task": "retrieval.query",
+            "default_instruction_task": null,
+            "pooler_type": "mean_pooler",
+            "proj_type": null,
+            "proj_bias": false,
+            "hf_model_config_kwargs": {
+                "load_trained_adapters": false,
+                "lora_adaptations": ["retrieval.query"],
+                "lora_alpha": 4,
+                "lora_rank": 4,
+                "use_flash_attn": true
+            }
+        },
+        "vision_config": {"embed_dim": 1024}
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, released.to_string()).unwrap();
+    let parsed = JinaConfig::from_clip_config_json(&path).unwrap();
+    assert_eq!(parsed, JinaConfig::jina_clip_v2());
+    let e = &parsed.hf_model_config_kwargs;
+    assert_eq!(
+        (
+            e.hidden_size,
+            e.num_hidden_layers,
+            e.num_attention_heads,
+            e.intermediate_size
+        ),
+        (1024, 24, 16, 4096)
+    );
+    assert_eq!((e.rotary_emb_base, e.vocab_size), (20_000.0, 250_002));
+    assert_eq!(parsed.lora_scaling(), 1.0);
+}
+
+#[test]
+fn jina_input_preparation() {
+    let tok = ByteTokenizer::xlm_roberta(JinaConfig::tiny().hf_model_config_kwargs.vocab_size as usize);
+    let ids = jina::jina_inputs(&tok, &["ab", ""]).unwrap();
+    let body = tok.encode("ab").unwrap();
+    assert_eq!(ids.size(), vec![2, 4]);
+    assert_eq!(
+        Vec::<i64>::try_from(ids.get(0)).unwrap(),
+        vec![0, body[0], body[1], 2]
+    );
+    assert_eq!(Vec::<i64>::try_from(ids.get(1)).unwrap(), vec![0, 2, 1, 1]);
+    let long = "y".repeat(5000);
+    let ids = jina::jina_inputs(&tok, &[long.as_str()]).unwrap();
+    assert_eq!(ids.size(), vec![1, jina::MAX_JINA_TOKENS as i64]);
+    assert_eq!(
+        ids.int64_value(&[0, jina::MAX_JINA_TOKENS as i64 - 1]),
+        2,
+        "</s> kept after truncation"
+    );
+}
+
+#[test]
+fn jina_tiny_runs_from_random_weights() {
+    let cfg = JinaConfig::tiny();
+    let model = JinaTextModel::random(&cfg, Device::Cpu, Kind::Float, 3).unwrap();
+    let tok = ByteTokenizer::xlm_roberta(cfg.hf_model_config_kwargs.vocab_size as usize);
+    let ids = jina::jina_inputs(&tok, &["<character_1>girl</character_1>", ""]).unwrap();
+    let pooled = model.forward(&ids);
+    assert_eq!(pooled.size(), vec![2, cfg.text_config.embed_dim]);
+    assert!(bool::try_from(pooled.isfinite().all()).unwrap());
+    // Padding does not change a row's pooled vector.
+    let alone = model.forward(&jina::jina_inputs(&tok, &[""]).unwrap());
+    assert_close_f32("padding independence", &alone, &pooled.narrow(0, 1, 1));
 }

@@ -155,11 +155,19 @@ impl Gemma3Config {
             rope_parameters: Some(BTreeMap::from([
                 (
                     SLIDING.to_string(),
-                    RopeParameters { rope_type: "default".into(), rope_theta: 10_000.0, factor: None },
+                    RopeParameters {
+                        rope_type: "default".into(),
+                        rope_theta: 10_000.0,
+                        factor: None,
+                    },
                 ),
                 (
                     FULL.to_string(),
-                    RopeParameters { rope_type: "linear".into(), rope_theta: 1_000_000.0, factor: Some(8.0) },
+                    RopeParameters {
+                        rope_type: "linear".into(),
+                        rope_theta: 1_000_000.0,
+                        factor: Some(8.0),
+                    },
                 ),
             ])),
             ..Self::default()
@@ -230,9 +238,7 @@ impl Gemma3Config {
                 let sliding = match t.as_str() {
                     SLIDING => true,
                     FULL => false,
-                    other => {
-                        return Err(WeightsError::Unsupported(format!("layer type {other:?}")))
-                    }
+                    other => return Err(WeightsError::Unsupported(format!("layer type {other:?}"))),
                 };
                 let (theta, factor) = match &self.rope_parameters {
                     Some(params) => {
@@ -295,7 +301,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        Self { weight: vs.zeros("weight", &[dim]), eps }
+        Self {
+            weight: vs.zeros("weight", &[dim]),
+            eps,
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -307,7 +316,15 @@ impl RmsNorm {
 }
 
 fn linear_no_bias(vs: nn::Path, c_in: i64, c_out: i64) -> nn::Linear {
-    nn::linear(vs, c_in, c_out, nn::LinearConfig { bias: false, ..Default::default() })
+    nn::linear(
+        vs,
+        c_in,
+        c_out,
+        nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        },
+    )
 }
 
 /// cos / sin tables [L, head_dim] (f32) for NeoX rotate-half RoPE at positions 0..L-1.
@@ -315,7 +332,11 @@ fn rope_tables(len: i64, head_dim: i64, theta: f64, linear_factor: f64, device: 
     let opts = (Kind::Float, device);
     let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float)
         / head_dim as f64;
-    let inv_freq = Tensor::from(theta).to_kind(Kind::Float).to_device(device).pow(&exponents).reciprocal()
+    let inv_freq = Tensor::from(theta)
+        .to_kind(Kind::Float)
+        .to_device(device)
+        .pow(&exponents)
+        .reciprocal()
         / linear_factor;
     let pos = Tensor::arange(len, opts);
     let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // [L, D/2]
@@ -347,8 +368,7 @@ fn attention_bias(attention_mask: &Tensor, window: Option<i64>) -> Tensor {
     }
     let key_valid = attention_mask.ne(0).view([b, 1, 1, l]);
     let allowed = allowed.view([1, 1, l, l]).logical_and(&key_valid);
-    Tensor::zeros([b, 1, l, l], (Kind::Float, device))
-        .masked_fill(&allowed.logical_not(), f32::MIN as f64)
+    Tensor::zeros([b, 1, l, l], (Kind::Float, device)).masked_fill(&allowed.logical_not(), f32::MIN as f64)
 }
 
 #[derive(Debug)]
@@ -370,7 +390,15 @@ impl Attention {
     fn new(vs: nn::Path, cfg: &Gemma3Config) -> Self {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let lin = |name: &str, i: i64, o: i64| {
-            nn::linear(&vs / name, i, o, nn::LinearConfig { bias: cfg.attention_bias, ..Default::default() })
+            nn::linear(
+                &vs / name,
+                i,
+                o,
+                nn::LinearConfig {
+                    bias: cfg.attention_bias,
+                    ..Default::default()
+                },
+            )
         };
         Self {
             q_proj: lin("q_proj", h, cfg.num_attention_heads * d),
@@ -391,7 +419,9 @@ impl Attention {
         let (b, l, _) = x.size3().expect("[B, L, H]");
         let heads = |t: Tensor, n: i64| t.view([b, l, n, self.head_dim]).transpose(1, 2);
         let q = self.q_norm.forward(&heads(self.q_proj.forward(x), self.n_heads));
-        let k = self.k_norm.forward(&heads(self.k_proj.forward(x), self.n_kv_heads));
+        let k = self
+            .k_norm
+            .forward(&heads(self.k_proj.forward(x), self.n_kv_heads));
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
         let q = apply_rope(&q, &rope.0, &rope.1);
         let k = apply_rope(&k, &rope.0, &rope.1);
@@ -403,12 +433,18 @@ impl Attention {
                 .reshape([b, self.n_heads, l, self.head_dim])
         };
         let (k, v) = (repeat(k), repeat(v));
-        let mut scores = q.to_kind(Kind::Float).matmul(&k.to_kind(Kind::Float).transpose(-2, -1)) * self.scale;
+        let mut scores = q
+            .to_kind(Kind::Float)
+            .matmul(&k.to_kind(Kind::Float).transpose(-2, -1))
+            * self.scale;
         if let Some(cap) = self.softcap {
             scores = (scores / cap).tanh() * cap;
         }
         let probs = (scores + bias).softmax(-1, Kind::Float).to_kind(v.kind());
-        let o = probs.matmul(&v).transpose(1, 2).reshape([b, l, self.n_heads * self.head_dim]);
+        let o = probs
+            .matmul(&v)
+            .transpose(1, 2)
+            .reshape([b, l, self.n_heads * self.head_dim]);
         self.o_proj.forward(&o)
     }
 }
@@ -463,7 +499,9 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), bias: &Tensor) -> Tensor {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, bias);
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), rope, bias);
         let x = x + self.post_attention_layernorm.forward(&h);
         let h = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&x));
         &x + self.post_feedforward_layernorm.forward(&h)
@@ -516,7 +554,10 @@ impl Gemma3TextModel {
         let embed_tokens = vs.sub("embed_tokens").var(
             "weight",
             &[cfg.vocab_size, cfg.hidden_size],
-            nn::Init::Randn { mean: 0.0, stdev: (cfg.hidden_size as f64).powf(-0.5) },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: (cfg.hidden_size as f64).powf(-0.5),
+            },
         );
         let layers = attention
             .into_iter()
@@ -546,11 +587,15 @@ impl Gemma3TextModel {
     /// Loads the text weights from a safetensors file or a directory of shards. The text-model
     /// prefix is detected (see `TEXT_PREFIXES`); the vision tower, projector and `lm_head` are
     /// skipped; every other key must belong to the model and every model key must be present.
-    pub fn load(weights: &Path, cfg: &Gemma3Config, device: Device, kind: Kind) -> Result<Self, WeightsError> {
+    pub fn load(
+        weights: &Path,
+        cfg: &Gemma3Config,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, WeightsError> {
         let files = safetensors_files(weights)?;
-        let mut tensors = read_safetensors_filtered(&files, |k| {
-            (!is_unused_checkpoint_key(k)).then(|| k.to_string())
-        })?;
+        let mut tensors =
+            read_safetensors_filtered(&files, |k| (!is_unused_checkpoint_key(k)).then(|| k.to_string()))?;
         let prefix = TEXT_PREFIXES
             .iter()
             .find(|p| tensors.contains_key(&format!("{p}embed_tokens.weight")))
@@ -593,7 +638,13 @@ impl Gemma3TextModel {
     /// Token embeddings × sqrt(hidden_size), the factor rounded to the weight dtype first.
     fn embed(&self, input_ids: &Tensor) -> Tensor {
         let scale = Tensor::from((self.config.hidden_size as f64).sqrt() as f32).to_kind(self.kind);
-        let e = Tensor::embedding(&self.embed_tokens, &input_ids.to_device(self.device), -1, false, false);
+        let e = Tensor::embedding(
+            &self.embed_tokens,
+            &input_ids.to_device(self.device),
+            -1,
+            false,
+            false,
+        );
         e * scale.to_device(self.device)
     }
 
@@ -613,7 +664,13 @@ impl Gemma3TextModel {
                 let a = layer.attention;
                 let key = (a.rope_theta.to_bits(), a.rope_linear_factor.to_bits());
                 if !rope_cache.iter().any(|(k, _)| *k == key) {
-                    let t = rope_tables(len, self.config.head_dim, a.rope_theta, a.rope_linear_factor, self.device);
+                    let t = rope_tables(
+                        len,
+                        self.config.head_dim,
+                        a.rope_theta,
+                        a.rope_linear_factor,
+                        self.device,
+                    );
                     rope_cache.push((key, t));
                 }
                 if !bias_cache.iter().any(|(w, _)| *w == a.sliding_window) {
@@ -638,7 +695,9 @@ impl Gemma3TextModel {
     /// positions hold values that must be ignored.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let n = self.layers.len().saturating_sub(1);
-        self.run(input_ids, attention_mask, n, false).pop().expect("one output")
+        self.run(input_ids, attention_mask, n, false)
+            .pop()
+            .expect("one output")
     }
 
     /// All of transformers' `hidden_states`: the scaled embeddings, the output of every layer but
@@ -727,7 +786,10 @@ pub fn gemma_inputs(tokenizer: &dyn TextTokenizer, texts: &[&str]) -> Result<Gem
         })
         .collect::<Result<Vec<_>, TokenizerError>>()?;
     let (input_ids, attention_mask) = pad_right(&seqs, pad, GEMMA_PAD_MULTIPLE);
-    Ok(GemmaInputs { input_ids, attention_mask })
+    Ok(GemmaInputs {
+        input_ids,
+        attention_mask,
+    })
 }
 
 /// [`gemma_inputs`] for a batch of user prompts: the system prompt is chosen per prompt

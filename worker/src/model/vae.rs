@@ -97,20 +97,14 @@ pub fn read_safetensors_filtered(
 
 /// Copies `tensors` into the variables of `vs`, failing unless both key sets are equal and every
 /// shape matches; values are converted to the store's dtype. Freezes the store afterwards.
-pub fn copy_strict(
-    vs: &mut nn::VarStore,
-    tensors: BTreeMap<String, Tensor>,
-) -> Result<(), WeightsError> {
+pub fn copy_strict(vs: &mut nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<(), WeightsError> {
     let vars = vs.variables();
     let model_keys: BTreeSet<&String> = vars.keys().collect();
     let file_keys: BTreeSet<&String> = tensors.keys().collect();
     let missing: Vec<String> = model_keys.difference(&file_keys).map(|k| k.to_string()).collect();
     let unexpected: Vec<String> = file_keys.difference(&model_keys).map(|k| k.to_string()).collect();
     if !missing.is_empty() || !unexpected.is_empty() {
-        return Err(WeightsError::KeyMismatch {
-            missing,
-            unexpected,
-        });
+        return Err(WeightsError::KeyMismatch { missing, unexpected });
     }
     for (key, src) in &tensors {
         let dst = &vars[key];
@@ -255,7 +249,10 @@ impl VaeConfig {
             .iter()
             .find(|&&c| c % self.norm_num_groups != 0)
         {
-            return bad(format!("{c} channels not divisible by {} groups", self.norm_num_groups));
+            return bad(format!(
+                "{c} channels not divisible by {} groups",
+                self.norm_num_groups
+            ));
         }
         Ok(())
     }
@@ -362,26 +359,13 @@ impl MidAttention {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("VAE attention input must be [B,C,H,W]");
-        let tokens = self
-            .group_norm
-            .forward(x)
-            .view([b, c, h * w])
-            .transpose(1, 2); // [B, HW, C]
+        let tokens = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2); // [B, HW, C]
         let q = self.to_q.forward(&tokens).unsqueeze(1);
         let k = self.to_k.forward(&tokens).unsqueeze(1);
         let v = self.to_v.forward(&tokens).unsqueeze(1);
         // The fused kernel avoids materialising the [HW, HW] score matrix (16384² at 1024²).
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        )
-        .squeeze_dim(1);
+        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
+            .squeeze_dim(1);
         let o = self.to_out.forward(&o).transpose(1, 2).reshape([b, c, h, w]);
         o + x
     }
@@ -429,8 +413,7 @@ impl UpBlock {
                 ResnetBlock::new(&vs / "resnets" / j, cfg, c, c_out)
             })
             .collect();
-        let upsampler_conv =
-            add_upsample.then(|| conv(&vs / "upsamplers" / 0 / "conv", c_out, c_out, 3));
+        let upsampler_conv = add_upsample.then(|| conv(&vs / "upsamplers" / 0 / "conv", c_out, c_out, 3));
         Self {
             resnets,
             upsampler_conv,
@@ -523,7 +506,12 @@ impl VaeDecoder {
     pub fn new(vs: &nn::Path, cfg: &VaeConfig) -> Result<Self, WeightsError> {
         cfg.validate()?;
         let post_quant_conv = cfg.use_post_quant_conv.then(|| {
-            conv(vs / "post_quant_conv", cfg.latent_channels, cfg.latent_channels, 1)
+            conv(
+                vs / "post_quant_conv",
+                cfg.latent_channels,
+                cfg.latent_channels,
+                1,
+            )
         });
         Ok(Self {
             post_quant_conv,
@@ -547,12 +535,7 @@ impl VaeDecoder {
     /// Loads a decoder from one safetensors file or a directory of them, in either key format
     /// (detected from the keys). `encoder.*` and `quant_conv.*` are skipped; every decoder key
     /// must be present and nothing else may be.
-    pub fn load(
-        weights: &Path,
-        cfg: &VaeConfig,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self, WeightsError> {
+    pub fn load(weights: &Path, cfg: &VaeConfig, device: Device, kind: Kind) -> Result<Self, WeightsError> {
         let files = safetensors_files(weights)?;
         let keep_post_quant = cfg.use_post_quant_conv;
         let raw = read_safetensors_filtered(&files, |k| {
@@ -711,8 +694,7 @@ pub fn bfl_key_map(cfg: &VaeConfig) -> BTreeMap<String, String> {
 /// Renames BFL tensors to diffusers names and turns the 1×1-conv attention weights [C,C,1,1] into
 /// linear weights [C,C]. Keys the map does not know are kept so that the strict check reports them.
 fn from_bfl_names(raw: BTreeMap<String, Tensor>, cfg: &VaeConfig) -> BTreeMap<String, Tensor> {
-    let inverse: BTreeMap<String, String> =
-        bfl_key_map(cfg).into_iter().map(|(d, b)| (b, d)).collect();
+    let inverse: BTreeMap<String, String> = bfl_key_map(cfg).into_iter().map(|(d, b)| (b, d)).collect();
     raw.into_iter()
         .map(|(k, t)| match inverse.get(&k) {
             Some(d) => {
