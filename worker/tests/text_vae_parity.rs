@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use farm_worker::model::gemma3::{self, Gemma3Config, Gemma3TextModel, PromptFormat, SYSTEM_PROMPT_TEXT};
 use farm_worker::model::jina::{self, JinaConfig, JinaTextModel};
+use farm_worker::model::loading::LoadError;
 use farm_worker::model::tokenizer::{ByteTokenizer, TextTokenizer};
 use farm_worker::model::vae::{self, VaeConfig, VaeDecoder, WeightsError};
 use tch::{Device, Kind, Tensor};
@@ -405,7 +406,7 @@ fn gemma3_loads_with_and_without_checkpoint_prefix() {
     let path = dir.path().join("partial.safetensors");
     Tensor::write_safetensors(&partial, &path).unwrap();
     match Gemma3TextModel::load(&path, &gemma_config(), Device::Cpu, Kind::Float) {
-        Err(WeightsError::KeyMismatch { missing, .. }) => {
+        Err(WeightsError::Load(LoadError::KeyMismatch { missing, .. })) => {
             assert_eq!(missing, vec!["layers.0.self_attn.q_norm.weight".to_string()])
         }
         other => panic!("expected a key mismatch, got {other:?}"),
@@ -687,6 +688,25 @@ fn jina_loads_premerged_weights_and_skips_vision() {
     Tensor::write_safetensors(&tensors, &path).unwrap();
     check_jina(&jina_load(&path, Kind::Float), &io);
 
+    // An adapter tensor missing from an un-merged checkpoint is reported for its module.
+    let unmerged: Vec<(String, Tensor)> = Tensor::read_safetensors(golden("jina_weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !(k.contains("layers.1.mlp.fc1") && k.ends_with("lora_B")))
+        .collect();
+    let unmerged_path = dir.path().join("unmerged.safetensors");
+    Tensor::write_safetensors(&unmerged, &unmerged_path).unwrap();
+    match JinaTextModel::load(&unmerged_path, &cfg, Device::Cpu, Kind::Float) {
+        Err(WeightsError::Load(LoadError::KeyMismatch { incomplete, .. })) => {
+            assert_eq!(incomplete.len(), 1);
+            assert!(
+                incomplete[0].starts_with("encoder.layers.1.mlp.fc1.weight"),
+                "{incomplete:?}"
+            );
+        }
+        other => panic!("expected an incomplete LoRA weight, got {other:?}"),
+    }
+
     // A stray encoder tensor is reported.
     tensors.push((
         "roberta.encoder.layers.0.mixer.extra.weight".into(),
@@ -694,8 +714,12 @@ fn jina_loads_premerged_weights_and_skips_vision() {
     ));
     Tensor::write_safetensors(&tensors, &path).unwrap();
     match JinaTextModel::load(&path, &cfg, Device::Cpu, Kind::Float) {
-        Err(WeightsError::KeyMismatch { unexpected, missing }) => {
-            assert!(missing.is_empty());
+        Err(WeightsError::Load(LoadError::KeyMismatch {
+            unexpected,
+            missing,
+            incomplete,
+        })) => {
+            assert!(missing.is_empty() && incomplete.is_empty());
             assert_eq!(
                 unexpected,
                 vec!["encoder.layers.0.mixer.extra.weight".to_string()]

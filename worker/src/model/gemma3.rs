@@ -20,13 +20,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use super::loading::{load_checkpoint, KeyTarget, LoadOptions};
 use super::tokenizer::{pad_right, TextTokenizer, TokenizerError};
-use super::vae::{copy_strict, read_json, read_safetensors_filtered, safetensors_files, WeightsError};
+use super::vae::{read_json, WeightsError};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -512,27 +514,37 @@ impl DecoderLayer {
 // Public model
 // ---------------------------------------------------------------------------------------------
 
-/// Key prefixes under which checkpoints store the text model, tried in this order.
-const TEXT_PREFIXES: [&str; 5] = [
+/// Key prefixes under which checkpoints store the text model; each key loses the first one it
+/// starts with.
+const TEXT_PREFIXES: [&str; 4] = [
     "language_model.model.", // google/gemma-3-*-it safetensors (Gemma3ForConditionalGeneration)
     "model.language_model.", // the same, saved by transformers >= 4.52
     "language_model.",       // Gemma3Model saved by transformers >= 4.52
     "model.",                // Gemma3ForCausalLM (text-only checkpoints)
-    "",                      // Gemma3TextModel
 ];
 
-/// Parts of multimodal / causal-LM checkpoints that the caption encoder does not use.
+/// Parts of multimodal / causal-LM checkpoints that the caption encoder does not use (keys after
+/// prefix stripping).
 fn is_unused_checkpoint_key(key: &str) -> bool {
-    [
-        "vision_tower.",
-        "multi_modal_projector.",
-        "model.vision_tower.",
-        "model.multi_modal_projector.",
-        "lm_head.",
-        "language_model.lm_head.",
-    ]
-    .iter()
-    .any(|p| key.starts_with(p))
+    ["vision_tower.", "multi_modal_projector.", "lm_head."]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
+/// Strict-loading options for Gemma 3 text weights: prefixes stripped, vision tower, projector
+/// and `lm_head` skipped, everything else must match the model exactly.
+pub fn load_options() -> LoadOptions {
+    LoadOptions {
+        strip_prefixes: TEXT_PREFIXES.iter().map(|p| p.to_string()).collect(),
+        rename: Some(Arc::new(|k: &str| {
+            if is_unused_checkpoint_key(k) {
+                KeyTarget::Skip
+            } else {
+                KeyTarget::Key(k.to_string())
+            }
+        })),
+        ..LoadOptions::default()
+    }
 }
 
 /// Gemma 3 text model returning NewBie's caption features.
@@ -584,36 +596,19 @@ impl Gemma3TextModel {
         Ok(model)
     }
 
-    /// Loads the text weights from a safetensors file or a directory of shards. The text-model
-    /// prefix is detected (see `TEXT_PREFIXES`); the vision tower, projector and `lm_head` are
-    /// skipped; every other key must belong to the model and every model key must be present.
+    /// Loads the text weights from a safetensors file, a shard index or a directory of shards
+    /// (see [`load_options`]); tensors are read one at a time and converted to `kind` on `device`.
     pub fn load(
         weights: &Path,
         cfg: &Gemma3Config,
         device: Device,
         kind: Kind,
     ) -> Result<Self, WeightsError> {
-        let files = safetensors_files(weights)?;
-        let mut tensors =
-            read_safetensors_filtered(&files, |k| (!is_unused_checkpoint_key(k)).then(|| k.to_string()))?;
-        let prefix = TEXT_PREFIXES
-            .iter()
-            .find(|p| tensors.contains_key(&format!("{p}embed_tokens.weight")))
-            .copied()
-            .unwrap_or("");
-        if !prefix.is_empty() {
-            tensors = tensors
-                .into_iter()
-                .map(|(k, t)| match k.strip_prefix(prefix) {
-                    Some(rest) => (rest.to_string(), t),
-                    None => (k, t), // left for the strict check to report
-                })
-                .collect();
-        }
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         let model = Self::new(&vs.root(), cfg)?;
-        copy_strict(&mut vs, tensors)?;
+        load_checkpoint(&mut vs, weights, &load_options())?;
+        vs.freeze();
         Ok(model)
     }
 

@@ -10,20 +10,22 @@
 //!   no L2 normalisation.
 //!
 //! The checkpoint stores each LoRA-adapted weight un-merged as a torch parametrization
-//! (`<m>.parametrizations.weight.{original,0.lora_A,0.lora_B}`); [`merge_lora_weights`] folds the
-//! chosen adapter into `<m>.weight` at load, so inference runs a plain encoder:
+//! (`<m>.parametrizations.weight.{original,0.lora_A,0.lora_B}`); loading ([`load_options`],
+//! [`merge_lora`]) folds the chosen adapter into `<m>.weight`, so inference runs a plain encoder:
 //! linear `W + s · B[t] @ A[t]`, embedding `W + s · A[t] @ B[t]`, `s = lora_alpha / lora_rank`.
 //! Module paths are the encoder's own names below `text_model.transformer.roberta.`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use super::loading::{load_checkpoint, KeyTarget, LoadOptions};
 use super::tokenizer::{pad_right, TextTokenizer, TokenizerError};
-use super::vae::{copy_strict, read_json, read_safetensors_filtered, safetensors_files, WeightsError};
+use super::vae::{read_json, WeightsError};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -241,11 +243,45 @@ const PARAM_ORIGINAL: &str = ".parametrizations.weight.original";
 const PARAM_LORA_A: &str = ".parametrizations.weight.0.lora_A";
 const PARAM_LORA_B: &str = ".parametrizations.weight.0.lora_B";
 
-/// Folds LoRA adapter `task` into every parametrized weight: `<m>.parametrizations.weight.original`
-/// + `lora_A` + `lora_B` become `<m>.weight` (f32 arithmetic, then the original dtype). Modules
-/// whose name contains `embeddings` are embeddings (`A[t] @ B[t]`), all others linears
-/// (`B[t] @ A[t]`). With `task = None` the adapters are dropped and the base weights kept.
-/// Other tensors pass through unchanged.
+/// One LoRA-parametrized weight merged with adapter `task`: linear `W + s · B[t] @ A[t]`,
+/// embedding (`module` contains `embeddings`) `W + s · A[t] @ B[t]`, in f32, returned in `W`'s
+/// dtype. `task = None` returns `W`.
+pub fn merge_lora(
+    module: &str,
+    base: &Tensor,
+    lora_a: &Tensor,
+    lora_b: &Tensor,
+    task: Option<usize>,
+    scaling: f64,
+) -> Result<Tensor, String> {
+    let Some(t) = task else {
+        return Ok(base.shallow_clone());
+    };
+    let n = lora_a.size()[0];
+    if t as i64 >= n || lora_b.size()[0] != n {
+        return Err(format!("{module}: LoRA task index {t} but {n} adapters stored"));
+    }
+    let a = lora_a.get(t as i64).to_kind(Kind::Float);
+    let b = lora_b.get(t as i64).to_kind(Kind::Float);
+    let delta = if module.contains("embeddings") {
+        a.matmul(&b)
+    } else {
+        b.matmul(&a)
+    };
+    if delta.size() != base.size() {
+        return Err(format!(
+            "{module}: LoRA delta {:?} does not match the weight {:?}",
+            delta.size(),
+            base.size()
+        ));
+    }
+    Ok((base.to_kind(Kind::Float) + delta * scaling).to_kind(base.kind()))
+}
+
+/// Folds LoRA adapter `task` into every parametrized weight of an in-memory state dict:
+/// `<m>.parametrizations.weight.{original,0.lora_A,0.lora_B}` become `<m>.weight` (see
+/// [`merge_lora`]); other tensors pass through unchanged. Loading does the same tensor by tensor
+/// through [`load_options`].
 pub fn merge_lora_weights(
     mut tensors: BTreeMap<String, Tensor>,
     task: Option<usize>,
@@ -274,35 +310,63 @@ pub fn merge_lora_weights(
                 });
             }
         };
-        let merged = match task {
-            None => base,
-            Some(t) => {
-                let n = a.size()[0];
-                if t as i64 >= n || b.size()[0] != n {
-                    return Err(WeightsError::Unsupported(format!(
-                        "{module}: LoRA task index {t} but {n} adapters stored"
-                    )));
-                }
-                let a = a.get(t as i64).to_kind(Kind::Float);
-                let b = b.get(t as i64).to_kind(Kind::Float);
-                let delta = if module.contains("embeddings") {
-                    a.matmul(&b)
-                } else {
-                    b.matmul(&a)
-                };
-                if delta.size() != base.size() {
-                    return Err(WeightsError::Shape {
-                        key: format!("{module}.weight (LoRA delta)"),
-                        expected: base.size(),
-                        found: delta.size(),
-                    });
-                }
-                (base.to_kind(Kind::Float) + delta * scaling).to_kind(base.kind())
-            }
-        };
+        let merged = merge_lora(&module, &base, &a, &b, task, scaling).map_err(WeightsError::Unsupported)?;
         tensors.insert(format!("{module}.weight"), merged);
     }
     Ok(tensors)
+}
+
+/// Key prefixes under which checkpoints store the encoder; each key loses the first one it starts
+/// with.
+const ENCODER_PREFIXES: [&str; 2] = [
+    "text_model.transformer.roberta.", // jinaai/jina-clip-v2 model.safetensors
+    "roberta.",                        // jinaai/jina-embeddings-v3
+];
+
+/// Tensors of a jina-clip-v2 checkpoint that the text features do not use (after prefix
+/// stripping): the vision tower, the logit scale and the unused CLS pooler.
+fn is_unused_checkpoint_key(key: &str) -> bool {
+    key.starts_with("vision_model.") || key == "logit_scale" || key.starts_with("pooler.")
+}
+
+/// Strict-loading options for the text tower of `cfg`: prefixes stripped, unused parts skipped,
+/// each parametrized weight assembled from its three tensors (original, `lora_A`, `lora_B`) and
+/// merged with the default LoRA task; plain (pre-merged) `<m>.weight` tensors load as they are.
+pub fn load_options(cfg: &JinaConfig) -> Result<LoadOptions, WeightsError> {
+    let task = cfg.lora_task_index()?;
+    let scaling = cfg.lora_scaling();
+    let part = |module: &str, index| KeyTarget::Part {
+        key: format!("{module}.weight"),
+        index,
+        count: 3,
+    };
+    Ok(LoadOptions {
+        strip_prefixes: ENCODER_PREFIXES.iter().map(|p| p.to_string()).collect(),
+        rename: Some(Arc::new(move |k: &str| {
+            if is_unused_checkpoint_key(k) {
+                KeyTarget::Skip
+            } else if let Some(m) = k.strip_suffix(PARAM_ORIGINAL) {
+                part(m, 0)
+            } else if let Some(m) = k.strip_suffix(PARAM_LORA_A) {
+                part(m, 1)
+            } else if let Some(m) = k.strip_suffix(PARAM_LORA_B) {
+                part(m, 2)
+            } else {
+                KeyTarget::Key(k.to_string())
+            }
+        })),
+        combine: Some(Arc::new(move |key: &str, parts: Vec<Tensor>| {
+            let module = key.strip_suffix(".weight").unwrap_or(key);
+            match parts.as_slice() {
+                [base, a, b] => merge_lora(module, base, a, b, task, scaling),
+                _ => Err(format!(
+                    "{} parts instead of original, lora_A, lora_B",
+                    parts.len()
+                )),
+            }
+        })),
+        ..LoadOptions::default()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,21 +552,6 @@ impl Block {
 // Public model
 // ---------------------------------------------------------------------------------------------
 
-/// Key prefixes under which checkpoints store the encoder, tried in this order.
-const ENCODER_PREFIXES: [&str; 3] = [
-    "text_model.transformer.roberta.", // jinaai/jina-clip-v2 model.safetensors
-    "roberta.",                        // jinaai/jina-embeddings-v3
-    "",
-];
-
-/// Tensors of a jina-clip-v2 checkpoint that the text features do not use.
-fn is_unused_checkpoint_key(key: &str) -> bool {
-    key.starts_with("vision_model.")
-        || key == "logit_scale"
-        || key.starts_with("text_model.transformer.roberta.pooler.")
-        || key.starts_with("roberta.pooler.")
-}
-
 /// Intermediate activations of one forward pass (for parity tests).
 #[derive(Debug)]
 pub struct JinaTrace {
@@ -556,32 +605,16 @@ impl JinaTextModel {
         Ok(model)
     }
 
-    /// Loads the text tower from a safetensors file or a directory: merges the default LoRA task
-    /// into the parametrized weights, detects the encoder prefix, skips the vision tower,
-    /// `logit_scale` and the unused pooler, and checks the remaining keys strictly. Checkpoints
-    /// with plain (pre-merged) `<m>.weight` tensors load as they are.
+    /// Loads the text tower from a safetensors file, shard index or directory with
+    /// [`load_options`]: the default LoRA task merged into the parametrized weights, the vision
+    /// tower, `logit_scale` and the unused pooler skipped, every other key checked strictly.
     pub fn load(weights: &Path, cfg: &JinaConfig, device: Device, kind: Kind) -> Result<Self, WeightsError> {
-        cfg.validate()?;
-        let files = safetensors_files(weights)?;
-        let raw =
-            read_safetensors_filtered(&files, |k| (!is_unused_checkpoint_key(k)).then(|| k.to_string()))?;
-        let merged = merge_lora_weights(raw, cfg.lora_task_index()?, cfg.lora_scaling())?;
-        let prefix = ENCODER_PREFIXES
-            .iter()
-            .find(|p| merged.contains_key(&format!("{p}emb_ln.weight")))
-            .copied()
-            .unwrap_or("");
-        let tensors = merged
-            .into_iter()
-            .map(|(k, t)| match k.strip_prefix(prefix) {
-                Some(rest) => (rest.to_string(), t),
-                None => (k, t),
-            })
-            .collect();
+        let opts = load_options(cfg)?;
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         let model = Self::new(&vs.root(), cfg)?;
-        copy_strict(&mut vs, tensors)?;
+        load_checkpoint(&mut vs, weights, &opts)?;
+        vs.freeze();
         Ok(model)
     }
 

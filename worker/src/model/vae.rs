@@ -9,8 +9,9 @@
 //! NewBie decodes a sampled latent `z` as `vae.decode(z / scaling_factor + shift_factor)` and hands
 //! `clamp((x + 1) / 2, 0, 1)` to the image encoder ([`VaeDecoder::decode_latents`], [`to_rgb8`]).
 //!
-//! This file also holds the small strict safetensors loader used by the text encoders
-//! ([`read_safetensors_filtered`], [`copy_strict`]) until the shared loader takes over.
+//! The VAE is small and its BFL layout needs a reshape of the attention weights, so it is read with
+//! the small strict loader in this file ([`read_safetensors_filtered`], [`copy_strict`]); the text
+//! encoders use the streaming loader of `loading.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,9 @@ pub enum WeightsError {
     },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Errors of the shared strict loader (`loading.rs`), used by the text encoders.
+    #[error(transparent)]
+    Load(#[from] super::loading::LoadError),
     #[error("no .safetensors file at {0}")]
     NoWeights(PathBuf),
     #[error("checkpoint keys do not match the model: {} missing {missing:?}; {} unexpected {unexpected:?}", missing.len(), unexpected.len())]
