@@ -24,22 +24,22 @@ pub struct Cli {
 #[derive(Debug, Clone, Default, Args)]
 pub struct GlobalArgs {
     /// Coordinator address, e.g. http://coordinator:50051 [env: FARM_ENDPOINT] [default: http://127.0.0.1:50051]
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "URL")]
     pub endpoint: Option<String>,
     /// API token, sent as `authorization: Bearer <token>` on every call [env: FARM_TOKEN]
-    #[arg(long, global = true, value_name = "TOKEN")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "TOKEN")]
     pub token: Option<String>,
     /// PEM file of the CA that signed the coordinator's TLS certificate [env: FARM_CA_CERT]
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Config file to read instead of ~/.config/farm/config.json [env: FARM_CONFIG]
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of tables (field names are stable)
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// Print nothing but the essential result (the job id, errors); no progress bars
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, help_heading = "Global options")]
     pub quiet: bool,
 }
 

@@ -40,6 +40,12 @@ use crate::ui::Ui;
 
 /// Parses the process arguments, runs the command and returns its exit code.
 pub fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`farm jobs | head`) instead of panicking in println!.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         // Help and version exit 0, usage errors 2.
@@ -97,7 +103,12 @@ pub async fn execute(cli: Cli) -> CliResult<()> {
     };
     let settings = config::load(&flags)?;
     let conn = connect::connect(&settings)?;
-    dispatch(&conn, cli.command, ui).await
+    dispatch(&conn, cli.command, ui).await.map_err(|mut e| {
+        if e.message.contains("coordinator is unavailable") {
+            e.message.push_str(&format!(" [endpoint {}]", settings.endpoint));
+        }
+        e
+    })
 }
 
 /// Runs a command over a connection.

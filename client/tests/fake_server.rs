@@ -36,6 +36,8 @@ struct Seen {
     aborted: usize,
     downloads: Vec<u64>,
     watch_calls: Vec<u64>,
+    /// `since_ms` of each ListResults call.
+    list_since: Vec<i64>,
 }
 
 #[derive(Clone, Default)]
@@ -236,6 +238,7 @@ impl JobService for Fake {
         req: Request<ListResultsRequest>,
     ) -> Result<Response<ListResultsResponse>, Status> {
         check_auth(&req)?;
+        self.seen.lock().unwrap().list_since.push(req.get_ref().since_ms);
         // Two results per page, to exercise pagination.
         let start: u64 = req.get_ref().page_token.parse().unwrap_or(0);
         let all: Vec<_> = self
@@ -253,7 +256,7 @@ impl JobService for Fake {
                 size_bytes: b.len() as u64,
                 sha256: sha(b),
                 content_type: "image/png".into(),
-                created_at_ms: 1000 + **i as i64,
+                created_at_ms: 1_000_000 + **i as i64,
                 worker_id: "w1".into(),
             })
             .collect();
@@ -656,5 +659,93 @@ async fn corrupted_download_leaves_no_file() {
             .unwrap_err()
             .exit_code(),
         1
+    );
+}
+
+#[tokio::test]
+async fn since_remembers_the_newest_result() {
+    let (fake, _) = fake_with_results();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = results_options(dir.path());
+    opts.since = true;
+    farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent())
+        .await
+        .unwrap();
+    let state = farm::results::read_state(dir.path(), "job-1").unwrap();
+    assert_eq!(state.since_ms, 1_000_004);
+    let s = farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent())
+        .await
+        .unwrap();
+    assert_eq!(s.downloaded, 0);
+    let since = fake.seen.lock().unwrap().list_since.clone();
+    assert_eq!(since.first(), Some(&0));
+    assert_eq!(since.last(), Some(&(1_000_004 - farm::results::SINCE_OVERLAP_MS)));
+}
+
+#[tokio::test]
+async fn submit_command_exit_codes() {
+    use clap::Parser;
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.txt");
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(
+        &good,
+        "1girl, smile\n<general_tags><count>1girl</count></general_tags>\n",
+    )
+    .unwrap();
+    std::fs::write(&bad, "fine\n<character_1>unclosed\nfine\n").unwrap();
+    let parse = |f: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "farm".to_string(),
+            "submit".into(),
+            f.display().to_string(),
+            "--seed".into(),
+            "5".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        farm::cli::Cli::try_parse_from(args).unwrap().command
+    };
+    farm::dispatch(
+        &c,
+        parse(&good, &["--width", "512", "--seed-mode", "fixed"]),
+        Ui::silent(),
+    )
+    .await
+    .unwrap();
+    {
+        let seen = fake.seen.lock().unwrap();
+        assert_eq!(seen.completed.len(), 1);
+        assert!(
+            seen.completed[0].iter().all(|p| p.seed == Some(5)),
+            "fixed seed for every prompt"
+        );
+        assert_eq!(seen.headers[0].defaults.as_ref().unwrap().width, 512);
+        assert_eq!(seen.headers[0].name, "good.txt");
+    }
+    let e = farm::dispatch(&c, parse(&bad, &[]), Ui::silent())
+        .await
+        .unwrap_err();
+    assert_eq!(e.exit_code(), exit::INVALID_INPUT);
+    let e = farm::dispatch(&c, parse(&good, &["--width", "1000"]), Ui::silent())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.exit_code(),
+        exit::INVALID_INPUT,
+        "invalid defaults are refused before connecting"
+    );
+    let e = farm::dispatch(&c, parse(&dir.path().join("missing.txt"), &[]), Ui::silent())
+        .await
+        .unwrap_err();
+    assert_eq!(e.exit_code(), exit::USAGE);
+    assert_eq!(
+        fake.seen.lock().unwrap().completed.len(),
+        1,
+        "nothing else was stored"
     );
 }
