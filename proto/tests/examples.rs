@@ -53,7 +53,7 @@ fn example_batch_parses_completely() {
 
     // Spot checks: the first prompt and its settings, the plain prompts.
     let first = &prompts[0];
-    assert_eq!(first.line, 11);
+    assert_eq!(first.line, 12);
     assert!(first.text.starts_with("<character_1>\n      <n>$hatsune_miku$</n>"));
     assert!(first.text.ends_with("</general_tags>"));
     assert_eq!(
