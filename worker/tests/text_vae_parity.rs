@@ -826,3 +826,15 @@ fn jina_tiny_runs_from_random_weights() {
     let alone = model.forward(&jina::jina_inputs(&tok, &[""]).unwrap());
     assert_close_f32("padding independence", &alone, &pooled.narrow(0, 1, 1));
 }
+
+/// An image's pixels do not depend on the other latents decoded with it.
+#[test]
+fn vae_decode_is_batch_invariant() {
+    let io = read_io("vae");
+    let vae = vae_fp32();
+    let z = get(&io, "in.latent");
+    let alone = vae.decode_latents(z);
+    let batch = vae.decode_latents(&Tensor::cat(&[&(z.flip([3]) * 0.5), z, &(z * 2.0)], 0));
+    assert!(batch.narrow(0, 1, 1).equal(&alone));
+    assert_eq!(vae::to_rgb8(&batch)[1], vae::to_rgb8(&alone)[0]);
+}

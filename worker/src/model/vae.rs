@@ -588,12 +588,19 @@ impl VaeDecoder {
     }
 
     /// `vae.decode(z).sample`: VAE-space latent [B, latent_channels, h, w] → image
-    /// [B, out_channels, 8h, 8w] in the model dtype.
+    /// [B, out_channels, 8h, 8w] in the model dtype. Each image is decoded on its own: convolution
+    /// kernels choose batch-size-dependent algorithms, and decoding one at a time keeps an image's
+    /// pixels independent of the rest of the batch (the decoder's cost is per pixel, so batching
+    /// would gain little).
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        self.decode_inspect(z, &mut |_, _| {})
+        let n = z.size()[0];
+        let images: Vec<Tensor> = (0..n)
+            .map(|i| self.decode_inspect(&z.narrow(0, i, 1), &mut |_, _| {}))
+            .collect();
+        Tensor::cat(&images, 0)
     }
 
-    /// [`VaeDecoder::decode`], calling `inspect` with the output of `conv_in`, `mid_block` and each
+    /// The whole batch in one pass, calling `inspect` with the output of `conv_in`, `mid_block` and each
     /// `up_blocks.{i}` (diffusers order, 0 = lowest resolution).
     pub fn decode_inspect(&self, z: &Tensor, inspect: &mut dyn FnMut(&str, &Tensor)) -> Tensor {
         tch::no_grad(|| {
