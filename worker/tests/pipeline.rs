@@ -21,6 +21,9 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn tiny(kind: Kind) -> Pipeline {
+    // The tiny model's tensors are too small to gain from intra-op threads; on a busy machine
+    // spinning OpenMP workers only slow it down.
+    tch::set_num_threads(1);
     let opts = PipelineOptions {
         preset: Preset::Tiny,
         model_dir: None,
@@ -155,8 +158,8 @@ fn dropping_an_item_leaves_the_others_untouched() {
         .unwrap();
     assert_eq!(seen, vec![1, 2, 3, 4]);
     assert!(out[1].is_none());
-    assert_eq!(out[0].as_ref().unwrap(), &full[0]);
-    assert_eq!(out[2].as_ref().unwrap(), &full[2]);
+    let (d0, d2) = (max_diff(out[0].as_ref().unwrap(), &full[0]), max_diff(out[2].as_ref().unwrap(), &full[2]));
+    assert!(d0 <= 1 && d2 <= 1, "after a drop: {d0} / {d2} LSB");
     // Dropping everything returns no image at all.
     let none = p.render(&reqs, &s, &mut |_, _| vec![0, 1, 2]).unwrap();
     assert!(none.iter().all(Option::is_none));
@@ -203,4 +206,186 @@ fn bf16_render_is_finite() {
     let img = render_all(&mut p, &[ImageRequest { prompt: A.into(), negative_prompt: "lowres, blurry".into(), seed: 5 }], &settings(64, 64, 4));
     assert_eq!(img[0].pixels.len(), 64 * 64 * 3);
     assert!(distinct_values(&img[0]) > 8);
+}
+
+#[test]
+fn tiny_256_render_is_fast() {
+    let _g = serial();
+    let mut p = tiny(Kind::Float);
+    let s = settings(256, 256, 8);
+    render_all(&mut p, &[req(A, 1)], &s);
+    let t = std::time::Instant::now();
+    render_all(&mut p, &[req(A, 2)], &s);
+    let took = t.elapsed();
+    eprintln!("tiny 256x256, 8 steps, one image: {took:?}");
+    // About 1 s on one busy core; the bound only catches gross regressions.
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn non_finite_latents_are_reported() {
+    let _g = serial();
+    let mut p = tiny(Kind::Float);
+    let mut s = settings(32, 32, 3);
+    s.sample.cfg_scale = 1e38;
+    match p.render(&[req(A, 1), req(C, 2)], &s, &mut |_, _| Vec::new()) {
+        Err(PipelineError::Numerical(m)) => assert!(m.contains("[0, 1]"), "{m}"),
+        other => panic!("expected Numerical, got {:?}", other.map(|v| v.len())),
+    }
+}
+
+#[test]
+fn random_newbie_preset_refuses_a_model_dir_for_tiny_and_missing_folders() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = PipelineOptions {
+        preset: Preset::Tiny,
+        model_dir: Some(dir.path().to_path_buf()),
+        device: Device::Cpu,
+        kind: Kind::Float,
+        offload_text_encoders: false,
+        seed: 0,
+        text_cache_size: 4,
+    };
+    assert!(matches!(Pipeline::load(&opts), Err(PipelineError::Load(_))));
+    opts.preset = Preset::NewbieExp01;
+    match Pipeline::load(&opts) {
+        Err(PipelineError::Load(m)) => assert!(m.contains("transformer"), "{m}"),
+        other => panic!("expected Load, got {other:?}"),
+    }
+    assert!(matches!(Pipeline::load(&PipelineOptions { kind: Kind::Int, ..opts }), Err(PipelineError::Load(_))));
+}
+
+/// Writes a checkpoint folder in the published layout with tiny sizes and random weights, under
+/// the real key prefixes.
+mod layout {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use farm_worker::model::dit::{DitConfig, NextDit};
+    use farm_worker::model::gemma3::{Gemma3Config, Gemma3TextModel};
+    use farm_worker::model::jina::{JinaConfig, JinaTextModel};
+    use farm_worker::model::vae::{VaeConfig, VaeDecoder};
+    use tch::{nn, Device, Tensor};
+
+    fn save(vs: &nn::VarStore, prefix: &str, path: &Path) {
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let named: Vec<(String, Tensor)> = vars.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        Tensor::write_safetensors(&named, path).unwrap();
+    }
+
+    fn write_json(path: &Path, v: &serde_json::Value) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    }
+
+    /// A word-level `tokenizer.json` with the given special tokens first.
+    fn tokenizer(path: &Path, specials: &[&str]) {
+        let mut vocab = serde_json::Map::new();
+        let words = ["1girl", "solo", "smile", "cat", "sunset", "lowres", "<unk>"];
+        for (i, w) in specials.iter().chain(words.iter()).enumerate() {
+            vocab.insert(w.to_string(), serde_json::json!(i));
+        }
+        let added: Vec<serde_json::Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+            .collect();
+        write_json(
+            path,
+            &serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+                "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+            }),
+        );
+    }
+
+    pub fn write(root: &Path, jina_folder: &str) {
+        let mut dit = DitConfig::tiny();
+        dit.axes_lens = vec![256, 64, 64];
+        let gemma = Gemma3Config { hidden_size: dit.cap_feat_dim, ..Gemma3Config::tiny() };
+        let mut jina = JinaConfig::tiny();
+        jina.text_config.embed_dim = dit.clip_text_dim;
+        jina.hf_model_config_kwargs.hidden_size = dit.clip_text_dim;
+        let vae = VaeConfig { block_out_channels: vec![8, 8, 16, 16], norm_num_groups: 4, layers_per_block: 1, ..VaeConfig::tiny() };
+
+        tch::manual_seed(100);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = NextDit::new(vs.root(), &dit).unwrap();
+        NextDit::randomize(&vs, 101);
+        save(&vs, "", &root.join("transformer/diffusion_pytorch_model.safetensors"));
+        write_json(&root.join("transformer/config.json"), &serde_json::to_value(&dit).unwrap());
+
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = Gemma3TextModel::new(&vs.root(), &gemma).unwrap();
+        save(&vs, "language_model.model.", &root.join("text_encoder/model.safetensors"));
+        write_json(&root.join("text_encoder/config.json"), &serde_json::json!({ "text_config": gemma }));
+        tokenizer(&root.join("tokenizer/tokenizer.json"), &["<pad>", "<eos>", "<bos>"]);
+
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = JinaTextModel::new(&vs.root(), &jina).unwrap();
+        save(&vs, "text_model.transformer.roberta.", &root.join(jina_folder).join("model.safetensors"));
+        let mut text_config = serde_json::to_value(&jina.text_config).unwrap();
+        text_config["hf_model_config_kwargs"] = serde_json::to_value(&jina.hf_model_config_kwargs).unwrap();
+        write_json(&root.join(jina_folder).join("config.json"), &serde_json::json!({ "text_config": text_config }));
+        tokenizer(&root.join(jina_folder).join("tokenizer.json"), &["<s>", "<pad>", "</s>"]);
+
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = VaeDecoder::new(&vs.root(), &vae).unwrap();
+        save(&vs, "", &root.join("vae/diffusion_pytorch_model.safetensors"));
+        write_json(&root.join("vae/config.json"), &serde_json::to_value(&vae).unwrap());
+    }
+}
+
+#[test]
+fn published_layout_loads_and_renders() {
+    let _g = serial();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    layout::write(dir.path(), "clip_model");
+    let opts = PipelineOptions {
+        preset: Preset::NewbieExp01,
+        model_dir: Some(dir.path().to_path_buf()),
+        device: Device::Cpu,
+        kind: Kind::Float,
+        offload_text_encoders: false,
+        seed: 0,
+        text_cache_size: 8,
+    };
+    let mut p = Pipeline::load(&opts).expect("load the published layout");
+    assert_eq!(p.model_name(), "newbie-exp0.1");
+    let hash = p.weights_hash().to_string();
+    assert_eq!(hash.len(), 64);
+    let reqs = [
+        ImageRequest { prompt: "1girl, solo, smile".into(), negative_prompt: "lowres".into(), seed: 3 },
+        req("<character_1><n>cat</n></character_1>", 4),
+    ];
+    let s = settings(64, 48, 2);
+    let imgs = render_all(&mut p, &reqs, &s);
+    assert!(imgs.iter().all(|i| i.pixels.len() == 64 * 48 * 3 && distinct_values(i) > 8));
+
+    // Offloaded text encoders (re-read per encode) give the same pixels.
+    let mut q = Pipeline::load(&PipelineOptions { offload_text_encoders: true, ..opts.clone() }).unwrap();
+    assert_eq!(q.weights_hash(), hash);
+    assert_eq!(render_all(&mut q, &reqs, &s), imgs);
+
+    // The hash follows the files: a different VAE export changes it.
+    let vae = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&vae).unwrap();
+    let renamed: Vec<(String, tch::Tensor)> = tensors.into_iter().map(|(k, v)| (k, v.to_kind(Kind::Half))).collect();
+    tch::Tensor::write_safetensors(&renamed, &vae).unwrap();
+    let r = Pipeline::load(&opts).unwrap();
+    assert_ne!(r.weights_hash(), hash);
+
+    // The diffusers-style folder name for Jina is accepted; a missing VAE folder is named.
+    let other = tempfile::tempdir().unwrap();
+    layout::write(other.path(), "text_encoder_2");
+    Pipeline::load(&PipelineOptions { model_dir: Some(other.path().to_path_buf()), ..opts.clone() }).unwrap();
+    std::fs::remove_dir_all(other.path().join("vae")).unwrap();
+    match Pipeline::load(&PipelineOptions { model_dir: Some(other.path().to_path_buf()), ..opts }) {
+        Err(PipelineError::Load(m)) => assert!(m.contains("vae"), "{m}"),
+        r => panic!("expected a Load error, got {r:?}"),
+    }
 }

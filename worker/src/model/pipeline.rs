@@ -49,9 +49,9 @@
 //!
 //! # Offloading
 //!
-//! With [`PipelineOptions::offload_text_encoders`] on a CUDA device, the text encoders are not kept
-//! in GPU memory: when a batch needs encodings the cache does not hold, each encoder is brought onto
-//! the device, runs, and is released again (the DiT and the VAE stay resident). The text encoders'
+//! With [`PipelineOptions::offload_text_encoders`], the text encoders are not kept in device memory:
+//! when a batch needs encodings the cache does not hold, each encoder is brought onto the device,
+//! runs, and is released again (the DiT and the VAE stay resident). The text encoders'
 //! modules have no device-move operation yet, so they are re-read from their files (normally from
 //! the page cache) for each such batch.
 
@@ -68,6 +68,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::dit::{DitConfig, NextDit};
 use super::gemma3::{gemma_inputs, Gemma3Config, Gemma3TextModel};
+use super::jina::{jina_inputs, JinaConfig, JinaTextModel};
 use super::loading;
 use super::sampler::{sample, seeded_noise, Conditioning, SampleItem, SampleParams, StepControl};
 use super::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
@@ -306,27 +307,10 @@ impl TextCache {
 // Text encoders
 // ---------------------------------------------------------------------------------------------
 
-/// The pooled-text encoder.
-enum PooledModel {
-    /// A Gemma-3-style transformer mean-pooled over the valid tokens; the pooled encoder of the
-    /// random-weight models.
-    MeanPooled(Gemma3TextModel),
-}
-
-impl PooledModel {
-    /// `[1, P]` for one text.
-    fn encode(&self, tok: &dyn TextTokenizer, text: &str) -> Result<Tensor, PipelineError> {
-        match self {
-            PooledModel::MeanPooled(m) => {
-                let inputs = gemma_inputs(tok, &[text]).map_err(|e| PipelineError::Other(e.to_string()))?;
-                let h = m.forward(&inputs.input_ids, &inputs.attention_mask).to_kind(Kind::Float);
-                let mask = inputs.attention_mask.to_device(h.device()).to_kind(Kind::Float).unsqueeze(-1);
-                let sum = (&h * &mask).sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float);
-                let n = mask.sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float).clamp_min(1.0);
-                Ok(sum / n)
-            }
-        }
-    }
+/// `[1, P]` pooled vector of one text from the Jina CLIP v2 text tower.
+fn encode_pooled(model: &JinaTextModel, tok: &dyn TextTokenizer, text: &str) -> Result<Tensor, PipelineError> {
+    let ids = jina_inputs(tok, &[text]).map_err(|e| PipelineError::Other(format!("tokenizing: {e}")))?;
+    Ok(model.forward(&ids))
 }
 
 type Loader<T> = Box<dyn Fn() -> Result<T, PipelineError> + Send>;
@@ -362,7 +346,7 @@ struct TextEncoders {
     caption_tok: Box<dyn TextTokenizer>,
     pooled_tok: Box<dyn TextTokenizer>,
     caption: Slot<Gemma3TextModel>,
-    pooled: Slot<PooledModel>,
+    pooled: Slot<JinaTextModel>,
 }
 
 /// What the two encoders receive for one prompt.
@@ -421,7 +405,7 @@ impl std::fmt::Debug for Pipeline {
 }
 
 /// Sizes of the `tiny` preset, consistent across the parts.
-fn tiny_configs() -> (DitConfig, Gemma3Config, Gemma3Config, VaeConfig) {
+fn tiny_configs() -> (DitConfig, Gemma3Config, JinaConfig, VaeConfig) {
     let mut dit = DitConfig::tiny();
     // Caption positions include the Gemma system prompt (one byte token per character); the
     // image axes admit every size the limits allow (up to 128 patches per side).
@@ -431,12 +415,18 @@ fn tiny_configs() -> (DitConfig, Gemma3Config, Gemma3Config, VaeConfig) {
         intermediate_size: 2 * dit.cap_feat_dim,
         ..Gemma3Config::tiny()
     };
-    let pooled = Gemma3Config {
-        hidden_size: dit.clip_text_dim,
-        intermediate_size: 2 * dit.clip_text_dim,
-        ..Gemma3Config::tiny()
+    let mut pooled = JinaConfig::tiny();
+    pooled.text_config.embed_dim = dit.clip_text_dim;
+    pooled.hf_model_config_kwargs.hidden_size = dit.clip_text_dim;
+    pooled.hf_model_config_kwargs.intermediate_size = 4 * dit.clip_text_dim;
+    // Lighter than `VaeConfig::tiny()` (same structure): the decoder dominates a small render.
+    let vae = VaeConfig {
+        block_out_channels: vec![8, 8, 16, 16],
+        norm_num_groups: 4,
+        layers_per_block: 1,
+        ..VaeConfig::tiny()
     };
-    (dit, caption, pooled, VaeConfig::tiny())
+    (dit, caption, pooled, vae)
 }
 
 fn check_kind(kind: Kind) -> Result<(), PipelineError> {
@@ -501,24 +491,14 @@ impl Pipeline {
         let (dit_cfg, caption_cfg, pooled_cfg, vae_cfg) = match preset {
             Preset::Tiny => tiny_configs(),
             Preset::NewbieExp01 => {
-                let dit = DitConfig::newbie_exp0_1();
-                let pooled = Gemma3Config {
-                    hidden_size: dit.clip_text_dim,
-                    intermediate_size: 4 * dit.clip_text_dim,
-                    num_hidden_layers: 24,
-                    layer_types: None,
-                    rope_parameters: None,
-                    sliding_window_pattern: Some(1_000_000),
-                    ..Gemma3Config::gemma3_4b()
-                };
-                (dit, Gemma3Config::gemma3_4b(), pooled, VaeConfig::flux())
+                (DitConfig::newbie_exp0_1(), Gemma3Config::gemma3_4b(), JinaConfig::jina_clip_v2(), VaeConfig::flux())
             }
         };
-        if caption_cfg.hidden_size != dit_cfg.cap_feat_dim || pooled_cfg.hidden_size != dit_cfg.clip_text_dim {
+        if caption_cfg.hidden_size != dit_cfg.cap_feat_dim || pooled_cfg.text_config.embed_dim != dit_cfg.clip_text_dim {
             return Err(PipelineError::Load("inconsistent random-weight configurations".into()));
         }
         let (device, kind, seed) = (opts.device, opts.kind, opts.seed);
-        let offload = opts.offload_text_encoders && device != Device::Cpu;
+        let offload = opts.offload_text_encoders;
         let (dit, dit_vars) = random_dit(&dit_cfg, device, kind, seed)?;
         let vae = VaeDecoder::random(&vae_cfg, device, vae_kind(kind, &vae_cfg), seed.wrapping_add(3))
             .map_err(|e| PipelineError::load(format!("VAE: {e}")))?;
@@ -537,15 +517,14 @@ impl Pipeline {
             Slot::new(
                 offload,
                 Box::new(move || {
-                    Gemma3TextModel::random(&cfg, device, kind, seed.wrapping_add(2))
-                        .map(PooledModel::MeanPooled)
+                    JinaTextModel::random(&cfg, device, kind, seed.wrapping_add(2))
                         .map_err(|e| PipelineError::load(format!("pooled text encoder: {e}")))
                 }),
             )?
         };
         let text = TextEncoders {
             caption_tok: Box::new(ByteTokenizer::gemma(caption_cfg.vocab_size as usize)),
-            pooled_tok: Box::new(ByteTokenizer::gemma(pooled_cfg.vocab_size as usize)),
+            pooled_tok: Box::new(ByteTokenizer::xlm_roberta(pooled_cfg.hf_model_config_kwargs.vocab_size as usize)),
             caption,
             pooled,
         };
@@ -565,7 +544,7 @@ impl Pipeline {
 
     fn load_dir(opts: &PipelineOptions, dir: &Path) -> Result<Pipeline, PipelineError> {
         let (device, kind) = (opts.device, opts.kind);
-        let offload = opts.offload_text_encoders && device != Device::Cpu;
+        let offload = opts.offload_text_encoders;
         let need_dir = |names: &[&str]| -> Result<PathBuf, PipelineError> {
             names.iter().map(|n| dir.join(n)).find(|p| p.is_dir()).ok_or_else(|| {
                 let list: Vec<String> = names.iter().map(|n| dir.join(n).display().to_string()).collect();
@@ -590,8 +569,6 @@ impl Pipeline {
             "Jina CLIP tokenizer",
         )?;
 
-        check_pooled_supported(&pooled_dir)?;
-
         let mut hasher = Sha256::new();
         for (name, path) in
             [("transformer", &transformer_dir), ("text_encoder", &text_dir), ("clip", &pooled_dir), ("vae", &vae_dir)]
@@ -609,9 +586,20 @@ impl Pipeline {
         };
         let caption_cfg = Gemma3Config::from_json_file(&text_dir.join("config.json"))
             .map_err(|e| PipelineError::load(format!("text encoder: {e}")))?;
-        if !cfg_path.is_file() || dit_cfg.cap_feat_dim != caption_cfg.hidden_size {
-            // The released config.json has no cap_feat_dim: it is the text encoder's hidden size.
-            dit_cfg.cap_feat_dim = caption_cfg.hidden_size;
+        // The released config.json has no cap_feat_dim: it is the text encoder's hidden size.
+        dit_cfg.cap_feat_dim = caption_cfg.hidden_size;
+        let pooled_cfg_path = pooled_dir.join("config.json");
+        let pooled_cfg = if pooled_cfg_path.is_file() {
+            JinaConfig::from_clip_config_json(&pooled_cfg_path)
+                .map_err(|e| PipelineError::load(format!("Jina CLIP text encoder: {e}")))?
+        } else {
+            JinaConfig::jina_clip_v2()
+        };
+        if pooled_cfg.text_config.embed_dim != dit_cfg.clip_text_dim {
+            return Err(PipelineError::Load(format!(
+                "the Jina CLIP text encoder produces {}-d vectors, the transformer expects clip_text_dim {}",
+                pooled_cfg.text_config.embed_dim, dit_cfg.clip_text_dim
+            )));
         }
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
@@ -646,8 +634,14 @@ impl Pipeline {
             )?
         };
         let pooled = {
-            let d = pooled_dir.clone();
-            Slot::new(offload, Box::new(move || load_pooled(&d, device, kind)))?
+            let (d, cfg) = (pooled_dir.clone(), pooled_cfg.clone());
+            Slot::new(
+                offload,
+                Box::new(move || {
+                    JinaTextModel::load(&d, &cfg, device, kind)
+                        .map_err(|e| PipelineError::load(format!("Jina CLIP text encoder ({}): {e}", d.display())))
+                }),
+            )?
         };
         let text = TextEncoders { caption_tok: Box::new(caption_tok), pooled_tok: Box::new(pooled_tok), caption, pooled };
         Ok(Pipeline {
@@ -872,7 +866,7 @@ impl Pipeline {
                 pooled
                     .iter()
                     .map(|k| {
-                        let v = m.encode(text.pooled_tok.as_ref(), &k.0)?;
+                        let v = encode_pooled(m, text.pooled_tok.as_ref(), &k.0)?;
                         Ok(((*k).clone(), v.to_kind(kind).to_device(Device::Cpu)))
                     })
                     .collect::<Result<Vec<_>, PipelineError>>()
@@ -885,20 +879,6 @@ impl Pipeline {
         }
         Ok(found)
     }
-}
-
-/// Whether the checkpoint's pooled-text encoder can be built (checked before any weight is read).
-fn check_pooled_supported(dir: &Path) -> Result<(), PipelineError> {
-    Err(PipelineError::Load(format!(
-        "{}: the Jina CLIP v2 text encoder is not available in this build; \
-         newbie-exp0.1 runs with random weights only (no model directory)",
-        dir.display()
-    )))
-}
-
-/// Loads the checkpoint's pooled-text encoder (Jina CLIP v2 text tower).
-fn load_pooled(dir: &Path, _device: Device, _kind: Kind) -> Result<PooledModel, PipelineError> {
-    check_pooled_supported(dir).map(|()| unreachable!("rejected above"))
 }
 
 /// Adds one checkpoint component to the weights hash: name, `config.json` bytes, and per
