@@ -40,7 +40,7 @@ fn build(g: &Goldens, kind: Kind) -> (VarStore, NextDit) {
     let mut vs = VarStore::new(Device::Cpu);
     vs.set_kind(kind);
     let model = NextDit::new(vs.root(), &g.cfg).unwrap();
-    let report = loading::load_strict(&mut vs, &[g.weights.clone()], &LoadOptions::default()).unwrap();
+    let report = loading::load_strict(&mut vs, std::slice::from_ref(&g.weights), &LoadOptions::default()).unwrap();
     assert_eq!(report.loaded, vs.len());
     (vs, model)
 }
@@ -357,7 +357,7 @@ fn assert_same_weights(a: &VarStore, b: &VarStore) {
 fn diffusers_sharded_and_comfyui_layouts_load_the_same_weights() {
     let g = goldens();
     let (reference, _) = build(&g, Kind::Float);
-    let weights = loading::read_all(&[g.weights.clone()]).unwrap();
+    let weights = loading::read_all(std::slice::from_ref(&g.weights)).unwrap();
     let hd = g.cfg.head_dim();
     let (q_rows, kv_rows) = (g.cfg.n_heads * hd, g.cfg.n_kv_heads * hd);
     let dir = tempfile::tempdir().unwrap();

@@ -311,12 +311,15 @@ struct Source {
     entry: TensorEntry,
 }
 
+/// Parts of one model tensor: part index -> (file key, where it is).
+type Parts = BTreeMap<usize, (String, Source)>;
+
 /// Loads `files` into the variables of `vs`, strictly (see the module docs). On error nothing useful
 /// can be assumed about the variables' contents.
 pub fn load_strict(vs: &mut VarStore, files: &[PathBuf], opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
     // Model key -> parts (index, source); `count` per key for multi-part tensors.
-    let mut groups: BTreeMap<String, (usize, BTreeMap<usize, (String, Source)>)> = BTreeMap::new();
+    let mut groups: BTreeMap<String, (usize, Parts)> = BTreeMap::new();
     let mut duplicate: Option<LoadError> = None;
     for (fi, path) in files.iter().enumerate() {
         for entry in read_header(path)? {
@@ -606,7 +609,7 @@ mod tests {
             e => panic!("unexpected error {e}"),
         }
         let absent = dir.path().join("nope.safetensors");
-        let err = load_strict(&mut vs, &[absent.clone()], &LoadOptions::default()).unwrap_err();
+        let err = load_strict(&mut vs, std::slice::from_ref(&absent), &LoadOptions::default()).unwrap_err();
         assert!(matches!(err, LoadError::NotFound(_)));
         assert!(err.to_string().contains(&absent.display().to_string()));
         assert!(matches!(resolve_checkpoint(&absent), Err(LoadError::NotFound(_))));
