@@ -302,7 +302,7 @@ impl Table {
 
 /// Human description of a job (`farm status`).
 pub fn job_human(j: &Job) -> String {
-    let c = j.counts.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
     let mut t = String::new();
     let mut kv = |k: &str, v: String| t.push_str(&format!("{k:<15} {v}\n"));
     kv("job", j.job_id.clone());
@@ -356,7 +356,7 @@ pub fn jobs_table(jobs: &[Job]) -> String {
         "JOB", "NAME", "STATE", "DONE", "FAILED", "PROGRESS", "PRIO", "CREATED",
     ]);
     for j in jobs {
-        let c = j.counts.clone().unwrap_or_default();
+        let c = j.counts.unwrap_or_default();
         t.row(vec![
             j.job_id.clone(),
             j.name.clone(),
@@ -597,6 +597,77 @@ mod tests {
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20Z");
         assert_eq!(format_bytes(512), "512 B");
         assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn task_and_workers_render() {
+        use farm_proto::pb::{TaskRef, WorkerCapabilities};
+        let t = Task {
+            task_id: "t1".into(),
+            job_id: "j-1".into(),
+            index: 4,
+            state: TaskState::Failed as i32,
+            prompt: "1girl".into(),
+            seed: 77,
+            failures: 2,
+            last_error: "out of memory".into(),
+            attempts: vec![
+                Attempt {
+                    attempt: 1,
+                    worker_name: "gpu-a".into(),
+                    started_at_ms: 1_000,
+                    ended_at_ms: 6_000,
+                    outcome: "failed".into(),
+                    error: "out of memory".into(),
+                    ..Default::default()
+                },
+                Attempt {
+                    attempt: 2,
+                    worker_id: "w2".into(),
+                    outcome: "lost".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let h = task_human(&t);
+        assert!(h.contains("state       failed"), "{h}");
+        assert!(h.contains("last error  out of memory"), "{h}");
+        let rows: Vec<&str> = h.lines().skip_while(|l| !l.starts_with("ATTEMPT")).collect();
+        assert_eq!(rows.len(), 3, "{h}");
+        assert!(
+            rows[1].contains("gpu-a") && rows[1].contains("5s") && rows[1].contains("failed"),
+            "{h}"
+        );
+        assert!(rows[2].contains("w2") && rows[2].contains("lost"), "{h}");
+        let v = task_json(&t);
+        assert_eq!(v["attempts"][0]["ended_at_ms"], 6_000);
+        assert!(v["attempts"][1]["ended_at_ms"].is_null());
+        assert!(v["result"].is_null());
+        assert_eq!(v["state"], "failed");
+
+        let w = WorkerInfo {
+            worker_id: "w-123456789".into(),
+            name: "gpu-a".into(),
+            connected: true,
+            capabilities: Some(WorkerCapabilities {
+                device: "cuda:0".into(),
+                precision: Precision::Bf16 as i32,
+                verified: true,
+                ..Default::default()
+            }),
+            current_tasks: vec![TaskRef {
+                job_id: "job-abcdefghij".into(),
+                index: 3,
+                task_id: "x".into(),
+            }],
+            ..Default::default()
+        };
+        let out = workers_table(std::slice::from_ref(&w));
+        assert!(out.lines().nth(1).unwrap().contains("job-abcd#3"), "{out}");
+        let v = worker_json(&w);
+        assert_eq!(v["precision"], "bf16");
+        assert_eq!(v["current_tasks"][0]["index"], 3);
     }
 
     #[test]

@@ -694,22 +694,27 @@ pub async fn run(service: Service, args: &SubmitArgs, ui: Ui) -> CliResult<Optio
     report(&outcome, &opts, ui)
 }
 
+/// The `--json` object of a submission.
+pub fn outcome_json(outcome: &SubmitOutcome, opts: &SubmitOptions) -> serde_json::Value {
+    let resp = outcome.response.clone().unwrap_or_default();
+    serde_json::json!({
+        "job_id": if resp.job_id.is_empty() { serde_json::Value::Null } else { resp.job_id.clone().into() },
+        "accepted": resp.accepted,
+        "prompts": outcome.prompts,
+        "duplicate": resp.duplicate,
+        "validate_only": opts.header.validate_only,
+        "seed_base": opts.seeds.base,
+        "warnings": resp.warnings.iter().map(output::issue_json).collect::<Vec<_>>(),
+        "errors": outcome.errors().iter().map(|i| output::issue_json(i)).collect::<Vec<_>>(),
+    })
+}
+
 /// Prints an outcome; errors become exit code 3.
 pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResult<Option<String>> {
     let errors = outcome.errors();
     let resp = outcome.response.clone().unwrap_or_default();
     if ui.json {
-        let v = serde_json::json!({
-            "job_id": if resp.job_id.is_empty() { serde_json::Value::Null } else { resp.job_id.clone().into() },
-            "accepted": resp.accepted,
-            "prompts": outcome.prompts,
-            "duplicate": resp.duplicate,
-            "validate_only": opts.header.validate_only,
-            "seed_base": opts.seeds.base,
-            "warnings": resp.warnings.iter().map(output::issue_json).collect::<Vec<_>>(),
-            "errors": errors.iter().map(|i| output::issue_json(i)).collect::<Vec<_>>(),
-        });
-        println!("{v}");
+        println!("{}", outcome_json(outcome, opts));
     }
     if !errors.is_empty() {
         if !ui.json {
@@ -838,6 +843,49 @@ mod tests {
             2
         );
         assert!(expand_inputs(&[PathBuf::from("-"), PathBuf::from("-")]).is_err());
+    }
+
+    #[test]
+    fn outcome_json_fields() {
+        let opts = SubmitOptions {
+            header: SubmitHeader::default(),
+            seeds: SeedPlan {
+                mode: SeedMode::Increment,
+                base: 9,
+            },
+            negative: None,
+            chunk_size: 10,
+            chunk_bytes: CHUNK_BYTES,
+            max_errors: 1,
+        };
+        let ok = SubmitOutcome {
+            response: Some(SubmitJobResponse {
+                job_id: "j".into(),
+                accepted: 3,
+                ..Default::default()
+            }),
+            prompts: 3,
+            ..Default::default()
+        };
+        let v = outcome_json(&ok, &opts);
+        assert_eq!(v["job_id"], "j");
+        assert_eq!(v["accepted"], 3);
+        assert_eq!(v["seed_base"], 9);
+        assert_eq!(v["errors"].as_array().unwrap().len(), 0);
+        assert!(report(&ok, &opts, Ui::silent()).is_ok());
+        let bad = SubmitOutcome {
+            local_errors: vec![PromptIssue {
+                index: 4,
+                code: "xml_syntax".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = outcome_json(&bad, &opts);
+        assert!(v["job_id"].is_null());
+        assert_eq!(v["errors"][0]["index"], 4);
+        assert_eq!(v["errors"][0]["code"], "xml_syntax");
+        assert_eq!(report(&bad, &opts, Ui::silent()).unwrap_err().exit_code(), 3);
     }
 
     #[test]

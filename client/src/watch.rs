@@ -117,18 +117,15 @@ impl LiveState {
                     self.busy.retain(|_, b| b.index != t.index);
                 }
             }
-            Some(job_event::Event::Progress(p)) => {
-                if !p.worker_id.is_empty() {
-                    self.busy.insert(
-                        p.worker_id.clone(),
-                        Busy {
-                            index: p.index,
-                            step: p.step,
-                            total_steps: p.total_steps,
-                        },
-                    );
-                }
+            Some(job_event::Event::Progress(p)) if !p.worker_id.is_empty() => {
+                let busy = Busy {
+                    index: p.index,
+                    step: p.step,
+                    total_steps: p.total_steps,
+                };
+                self.busy.insert(p.worker_id.clone(), busy);
             }
+            Some(job_event::Event::Progress(_)) => {}
             Some(job_event::Event::Job(j)) => {
                 self.dirty = true;
                 if job_is_final(j.state) {
@@ -208,7 +205,7 @@ impl Display {
     }
 
     fn show_job(&mut self, job: &Job) {
-        let c = job.counts.clone().unwrap_or_default();
+        let c = job.counts.unwrap_or_default();
         let done = c.succeeded + c.failed + c.cancelled;
         self.overall.set_length(c.total);
         self.overall.set_position(done);
@@ -455,7 +452,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
 
 /// The one-line summary printed when a watched job ends.
 pub fn final_line(job: &Job) -> String {
-    let c = job.counts.clone().unwrap_or_default();
+    let c = job.counts.unwrap_or_default();
     let took = if job.finished_at_ms > 0 && job.created_at_ms > 0 {
         format!(
             " in {}",
@@ -565,6 +562,27 @@ mod tests {
         assert_eq!(b.next_delay(), BACKOFF_START);
         assert!(is_transient(tonic::Code::Unavailable));
         assert!(!is_transient(tonic::Code::NotFound));
+    }
+
+    #[test]
+    fn final_line_summarises() {
+        let job = Job {
+            job_id: "j".into(),
+            state: JobState::Failed as i32,
+            counts: Some(farm_proto::pb::TaskCounts {
+                succeeded: 8,
+                failed: 2,
+                total: 10,
+                ..Default::default()
+            }),
+            created_at_ms: 1_000,
+            finished_at_ms: 66_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            final_line(&job),
+            "job j failed: 8 succeeded, 2 failed, 0 cancelled of 10 in 1m05s"
+        );
     }
 
     #[test]
