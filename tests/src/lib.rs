@@ -21,7 +21,7 @@ use std::sync::{Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use xtask::paths;
 use xtask::torch::TorchEnv;
 
@@ -100,17 +100,21 @@ pub fn ensure_built() {
     }
 }
 
-/// The environment every farm process gets: libtorch on LD_LIBRARY_PATH (the worker links it),
-/// backtraces, and `RUST_LOG=info` unless the test run chose a level.
-fn farm_env(command: &mut Command) {
+/// The torch venv, looked up once per test process.
+fn torch() -> Option<&'static TorchEnv> {
     static TORCH: OnceLock<Option<TorchEnv>> = OnceLock::new();
-    if let Some(torch) = TORCH.get_or_init(|| TorchEnv::locate().ok().flatten()) {
-        torch.apply(command);
-    }
-    command.env("RUST_BACKTRACE", "1");
-    if std::env::var_os("RUST_LOG").is_none() {
-        command.env("RUST_LOG", "info");
-    }
+    TORCH.get_or_init(|| TorchEnv::locate().ok().flatten()).as_ref()
+}
+
+/// `farm-coordinator`, `farm-worker` or `farm` with the environment of [`xtask::farm::command`] and
+/// no user CLI config file.
+fn farm_command(name: &str) -> Command {
+    let mut command = xtask::farm::command(&binary(name), torch());
+    command.env(
+        "XDG_CONFIG_HOME",
+        std::env::temp_dir().join("farm-tests-no-config"),
+    );
+    command
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,8 +176,11 @@ fn stop_shared_servers_at_exit() {
 struct Service {
     // Field order matters: the process stops before its directory is removed.
     process: Option<Process>,
+    /// `coordinator` or `worker`.
     name: String,
-    command: Vec<OsString>,
+    /// The binary, e.g. `farm-coordinator`.
+    binary: &'static str,
+    args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     /// The port it serves on, waited for after every start.
     port: Option<u16>,
@@ -183,7 +190,7 @@ struct Service {
 impl Service {
     fn new(
         name: &str,
-        command: Vec<OsString>,
+        binary: &'static str,
         env: Vec<(OsString, OsString)>,
         port: Option<u16>,
     ) -> Result<Service> {
@@ -191,7 +198,8 @@ impl Service {
         Ok(Service {
             process: None,
             name: name.to_owned(),
-            command,
+            binary,
+            args: Vec::new(),
             env,
             port,
             dir,
@@ -206,10 +214,8 @@ impl Service {
         if self.is_running() {
             return Ok(());
         }
-        let (program, args) = self.command.split_first().expect("a command line");
-        let mut command = Command::new(program);
-        command.args(args);
-        farm_env(&mut command);
+        let mut command = farm_command(self.binary);
+        command.args(&self.args);
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let process = self
             .process
@@ -331,21 +337,24 @@ impl Coordinator {
             migrate(&options.database_url)?;
         }
         let port = options.port.unwrap_or_else(free_port);
-        let mut command: Vec<OsString> = vec![binary("farm-coordinator").into(), "serve".into()];
-        command.extend(["--listen".into(), format!("127.0.0.1:{port}").into()]);
-        command.extend(["--database-url".into(), options.database_url.clone().into()]);
-        if let Some(redis_url) = &options.redis_url {
-            command.extend(["--redis-url".into(), redis_url.into()]);
-        }
         let env = options.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
-        let mut service = Service::new("coordinator", Vec::new(), env, Some(port))?;
+        let mut service = Service::new("coordinator", "farm-coordinator", env, Some(port))?;
         let results_dir = options
             .results_dir
             .clone()
             .unwrap_or_else(|| service.dir.path().join("results"));
-        command.extend(["--results".into(), results_dir.clone().into()]);
-        command.extend(options.args.iter().map(OsString::from));
-        service.command = command;
+        let args = &mut service.args;
+        args.extend([
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+        ]);
+        args.extend(["--database-url".into(), options.database_url.clone().into()]);
+        if let Some(redis_url) = &options.redis_url {
+            args.extend(["--redis-url".into(), redis_url.into()]);
+        }
+        args.extend(["--results".into(), results_dir.clone().into()]);
+        args.extend(options.args.iter().map(OsString::from));
         service.start()?;
         Ok(Coordinator {
             service,
@@ -425,39 +434,12 @@ impl Coordinator {
 
 /// `farm-coordinator migrate --database-url URL`.
 pub fn migrate(database_url: &str) -> Result<()> {
-    let mut command = Command::new(binary("farm-coordinator"));
-    command.args(["migrate", "--database-url", database_url]);
-    farm_env(&mut command);
-    xtask::process::run_captured(command).context("farm-coordinator migrate")?;
-    Ok(())
+    xtask::farm::migrate(&binary("farm-coordinator"), database_url, torch())
 }
 
 /// `farm-coordinator token create --database-url URL --tenant T --role R`: the token it prints.
 pub fn create_token(database_url: &str, tenant: &str, role: &str) -> Result<String> {
-    let mut command = Command::new(binary("farm-coordinator"));
-    command.args([
-        "token",
-        "create",
-        "--database-url",
-        database_url,
-        "--tenant",
-        tenant,
-        "--role",
-        role,
-    ]);
-    farm_env(&mut command);
-    let output = xtask::process::run_captured(command).context("farm-coordinator token create")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let token = stdout
-        .lines()
-        .map(str::trim)
-        .rfind(|line| !line.is_empty())
-        .unwrap_or_default();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "farm-coordinator token create printed no token"
-    );
-    Ok(token.to_owned())
+    xtask::farm::create_token(&binary("farm-coordinator"), database_url, tenant, role, torch())
 }
 
 /// `farm-worker --coordinator URL --token T ARGS...`.
@@ -479,11 +461,12 @@ impl Worker {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Worker> {
-        let mut command: Vec<OsString> = vec![binary("farm-worker").into()];
-        command.extend(["--coordinator", coordinator_url, "--token", token].map(OsString::from));
-        command.extend(args.iter().map(OsString::from));
         let env = env.iter().map(|(k, v)| (k.into(), v.into())).collect();
-        let mut service = Service::new("worker", command, env, None)?;
+        let mut service = Service::new("worker", "farm-worker", env, None)?;
+        service
+            .args
+            .extend(["--coordinator", coordinator_url, "--token", token].map(OsString::from));
+        service.args.extend(args.iter().map(OsString::from));
         service.start()?;
         Ok(Worker { service })
     }
@@ -580,15 +563,32 @@ impl CliOutput {
         self
     }
 
-    /// stdout parsed as one JSON value (for `--json` output); panics with the text if it is not.
+    /// The first JSON value on stdout (for `--json` output; `submit --wait --json` prints the
+    /// submission, then a line with the final state: see [`CliOutput::json_lines`]). Panics with the
+    /// text if there is none.
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|err| {
-            panic!(
-                "farm printed no JSON ({err}):\nstdout:\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            )
-        })
+        self.json_lines()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.no_json("no JSON value"))
+    }
+
+    /// Every JSON value on stdout, in order. Panics with the text if stdout is not a JSON stream.
+    #[track_caller]
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        serde_json::Deserializer::from_str(&self.stdout)
+            .into_iter::<serde_json::Value>()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|err| self.no_json(&err.to_string()))
+    }
+
+    #[track_caller]
+    fn no_json(&self, why: &str) -> ! {
+        panic!(
+            "farm printed no JSON ({why}):\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        )
     }
 
     /// `(code, stdout, stderr)`.
@@ -629,13 +629,12 @@ impl Cli {
 
     /// The full command line, to run it any other way.
     pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
-        let mut command = Command::new(binary("farm"));
+        let mut command = farm_command("farm");
         command.arg("--endpoint").arg(&self.endpoint);
         if let Some(token) = &self.token {
             command.arg("--token").arg(token);
         }
         command.args(args);
-        farm_env(&mut command);
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }

@@ -1,9 +1,11 @@
 //! Local infrastructure shared by `cargo xtask` and the end-to-end test harness (`farm-tests`):
 //! child processes that die with their owner, throwaway PostgreSQL and Redis servers, the libtorch
-//! environment that builds and runs the worker, and the paths of the workspace.
+//! environment that builds and runs the worker, the farm binaries' admin commands, and the paths of
+//! the workspace.
 //!
 //! Only std, anyhow and libc: `cargo xtask` must compile in seconds on a fresh machine.
 
+pub mod farm;
 pub mod paths;
 pub mod postgres;
 pub mod process;

@@ -11,7 +11,8 @@ usage: cargo xtask <command>
   setup             install what is missing: PostgreSQL and Redis (apt), the torch venv (pip)
   env               print the build/run environment as shell exports (eval \"$(cargo xtask env)\")
   build             setup, then cargo build --workspace --bins
-  demo [--stay]     build, start a throwaway farm on loopback, render examples/prompts.xml into ./out
+  demo [--stay] [--no-build]
+                    build, start a throwaway farm on loopback, render examples/prompts.xml into ./out
   test [ARGS...]    setup, start PostgreSQL and Redis, cargo test --workspace --no-fail-fast ARGS,
                     then the extra checks in .ci/checks/
   fuzz [SECONDS]    run the prompt fuzz target in proto/fuzz (needs cargo-fuzz and a nightly toolchain)

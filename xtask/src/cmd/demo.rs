@@ -4,7 +4,7 @@
 //! PostgreSQL and Redis in temporary directories, one coordinator, one CPU worker, then the CLI:
 //! `farm submit --wait --json` (progress on stderr, the job as JSON on stdout) and `farm results`.
 //! Every process is stopped at the end, on error and on Ctrl-C; on error the logs' tails are printed.
-//! `--stay` keeps the farm up after the render until Ctrl-C.
+//! `--stay` keeps the farm up after the render until Ctrl-C; `--no-build` uses the binaries as they are.
 
 use std::fs;
 use std::io::Read;
@@ -14,25 +14,33 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use xtask::paths;
 use xtask::postgres::PgServer;
 use xtask::process::{self, Process, TempDir};
 use xtask::redis::RedisServer;
 use xtask::signal;
 use xtask::torch::TorchEnv;
+use xtask::{farm, paths};
 
 const TENANT: &str = "demo";
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let stay = args.iter().any(|arg| arg == "--stay");
-    if let Some(unknown) = args.iter().find(|arg| *arg != "--stay") {
-        bail!("unknown demo option {unknown:?} (only --stay)");
+    let build = !args.iter().any(|arg| arg == "--no-build");
+    if let Some(unknown) = args
+        .iter()
+        .find(|arg| !["--stay", "--no-build"].contains(&arg.as_str()))
+    {
+        bail!("unknown demo option {unknown:?} (--stay, --no-build)");
     }
     let prompts = paths::repo_root().join("examples/prompts.xml");
     if !prompts.exists() {
         bail!("{} is missing", prompts.display());
     }
-    let torch = super::build()?;
+    let torch = if build {
+        super::build()?
+    } else {
+        super::setup::run()?
+    };
 
     let mut demo = Demo::start()?;
     let result = demo.render(&torch, stay);
@@ -72,44 +80,26 @@ impl Demo {
     fn render(&mut self, torch: &TorchEnv, stay: bool) -> Result<()> {
         let database_url = self.pg.create_named_database("farm")?;
         let coordinator_bin = paths::bin("farm-coordinator");
-
-        let coordinator_cli = |args: &[&str]| {
-            let mut command = Command::new(&coordinator_bin);
-            command.args(args).args(["--database-url", &database_url]);
-            torch.apply(&mut command);
-            command
-        };
-        process::run_captured(coordinator_cli(&["migrate"])).context("farm-coordinator migrate")?;
-        let token = |role: &str| -> Result<String> {
-            let output = process::run_captured(coordinator_cli(&[
-                "token", "create", "--tenant", TENANT, "--role", role,
-            ]))
-            .with_context(|| format!("create a {role} token"))?;
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let token = stdout
-                .lines()
-                .map(str::trim)
-                .rfind(|line| !line.is_empty())
-                .unwrap_or_default();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "`farm-coordinator token create` printed no token"
-            );
-            Ok(token.to_owned())
-        };
-        let client_token = token("client")?;
-        let worker_token = token("worker")?;
+        farm::migrate(&coordinator_bin, &database_url, Some(torch))?;
+        let client_token =
+            farm::create_token(&coordinator_bin, &database_url, TENANT, "client", Some(torch))?;
+        let worker_token =
+            farm::create_token(&coordinator_bin, &database_url, TENANT, "worker", Some(torch))?;
 
         let port = process::free_port();
         let endpoint = format!("http://127.0.0.1:{port}");
-        let results_dir = self.dir.path().join("results");
-        let mut serve = coordinator_cli(&["serve"]);
+        let mut serve = farm::command(&coordinator_bin, Some(torch));
         serve
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--database-url",
+                &database_url,
+            ])
             .args(["--redis-url", &self.redis.url()])
             .arg("--results")
-            .arg(&results_dir);
-        with_log_defaults(&mut serve);
+            .arg(self.dir.path().join("results"));
         println!("xtask demo: coordinator on {endpoint}");
         let coordinator = self.coordinator.insert(Process::spawn(
             "coordinator",
@@ -118,7 +108,7 @@ impl Demo {
         )?);
         coordinator.wait_for_port(port, Duration::from_secs(60))?;
 
-        let mut worker = Command::new(paths::bin("farm-worker"));
+        let mut worker = farm::command(&paths::bin("farm-worker"), Some(torch));
         worker.args(["--coordinator", &endpoint, "--token", &worker_token]);
         worker.args([
             "--model",
@@ -130,8 +120,6 @@ impl Demo {
             "--max-batch",
             "4",
         ]);
-        torch.apply(&mut worker);
-        with_log_defaults(&mut worker);
         println!("xtask demo: CPU worker (tiny model)");
         self.worker = Some(Process::spawn(
             "worker",
@@ -139,8 +127,8 @@ impl Demo {
             &self.dir.path().join("worker.log"),
         )?);
 
-        let farm = |args: &[&str]| {
-            let mut command = Command::new(paths::bin("farm"));
+        let cli = |args: &[&str]| {
+            let mut command = farm::command(&paths::bin("farm"), Some(torch));
             command
                 .args(["--endpoint", &endpoint, "--token", &client_token])
                 .args(args)
@@ -148,7 +136,7 @@ impl Demo {
             command
         };
         println!("xtask demo: farm submit examples/prompts.xml --model tiny --width 256 --height 256 --steps 8 --wait");
-        let submit = farm(&[
+        let submit = cli(&[
             "submit",
             "examples/prompts.xml",
             "--model",
@@ -172,7 +160,7 @@ impl Demo {
             fs::remove_dir_all(&out).with_context(|| format!("clear {}", out.display()))?;
         }
         self.run_watched(
-            farm(&["results", &job_id, "-o", "./out"]),
+            cli(&["results", &job_id, "-o", "./out"]),
             Duration::from_secs(600),
         )?;
         let mut pngs = Vec::new();
@@ -276,14 +264,6 @@ impl Demo {
             .collect();
         super::print_log_tails(&started);
     }
-}
-
-/// `RUST_LOG=info` unless the caller chose a level; backtraces on.
-fn with_log_defaults(command: &mut Command) {
-    if std::env::var_os("RUST_LOG").is_none() {
-        command.env("RUST_LOG", "info");
-    }
-    command.env("RUST_BACKTRACE", "1");
 }
 
 fn demo_timeout() -> Duration {

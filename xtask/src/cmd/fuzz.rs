@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [SECONDS]`: the prompt parser's fuzz target in `proto/fuzz`, for SECONDS
-//! (default 60), through cargo-fuzz on a nightly toolchain.
+//! (default 60), through cargo-fuzz on a nightly toolchain, as `proto/fuzz/README.md` runs it.
 
 use std::process::{Command, ExitCode};
 
@@ -51,12 +51,24 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     else {
         bail!("proto/fuzz has no fuzz targets");
     };
-    println!("xtask fuzz: {target} for {seconds} s");
-    run_checked(fuzz(&[
-        "run",
-        target,
-        "--",
-        &format!("-max_total_time={seconds}"),
-    ]))?;
+    // The target's corpus grows in fuzz/corpus/TARGET; fuzz/seeds (committed inputs) and
+    // fuzz/TARGET.dict are used when present.
+    let corpus = format!("fuzz/corpus/{target}");
+    std::fs::create_dir_all(proto.join(&corpus))?;
+    let mut run: Vec<String> = vec!["run".into(), target.to_string(), corpus];
+    if proto.join("fuzz/seeds").is_dir() {
+        run.push("fuzz/seeds".into());
+    }
+    run.extend([
+        "--".into(),
+        format!("-max_total_time={seconds}"),
+        "-max_len=4096".into(),
+    ]);
+    if proto.join(format!("fuzz/{target}.dict")).exists() {
+        run.push(format!("-dict=fuzz/{target}.dict"));
+    }
+    println!("xtask fuzz: cargo +nightly fuzz {}", run.join(" "));
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    run_checked(fuzz(&run))?;
     Ok(ExitCode::SUCCESS)
 }
