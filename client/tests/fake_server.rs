@@ -749,3 +749,50 @@ async fn submit_command_exit_codes() {
         "nothing else was stored"
     );
 }
+
+#[tokio::test]
+async fn directory_of_xml_and_jsonl_batches() {
+    use clap::Parser;
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.xml"),
+        "<batch>\n  <prompt seed=\"42\" width=\"512\" height=\"512\">\n    <character_1><n>miku</n></character_1>\n  </prompt>\n  <prompt negative=\"blurry\">1girl, solo</prompt>\n</batch>\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.jsonl"),
+        format!("{}\n", jsonl_line("landscape, sunset")),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ignored.md"), "not a batch").unwrap();
+    let args = [
+        "farm",
+        "submit",
+        dir.path().to_str().unwrap(),
+        "--seed",
+        "100",
+        "--negative",
+        "lowres",
+    ];
+    let cmd = farm::cli::Cli::try_parse_from(args).unwrap().command;
+    farm::dispatch(&c, cmd, Ui::silent()).await.unwrap();
+    let seen = fake.seen.lock().unwrap();
+    let p = &seen.completed[0];
+    assert_eq!(p.len(), 3);
+    assert_eq!(p[0].text, "<character_1><n>miku</n></character_1>");
+    assert_eq!(
+        (p[0].seed, p[0].width, p[0].height),
+        (Some(42), Some(512), Some(512))
+    );
+    assert_eq!(p[0].source_line, 3);
+    assert_eq!(p[0].negative_prompt, "lowres");
+    assert_eq!(
+        (p[1].text.as_str(), p[1].seed, p[1].negative_prompt.as_str()),
+        ("1girl, solo", Some(101), "blurry")
+    );
+    assert!(p[2].source.ends_with("b.jsonl"));
+    assert_eq!(p[2].seed, Some(102));
+}
