@@ -1,0 +1,827 @@
+//! Acceptance tests of the coordinator, run as real processes against real PostgreSQL and Redis:
+//! bad input, lost and silent workers, two replicas with a cross-replica watcher, fair share,
+//! coordinator and PostgreSQL restarts, and a Redis outage.
+//!
+//! Workers are `farm-worker --renderer synthetic` processes (no model), except where a test needs to
+//! hold a lease by hand: then it speaks `WorkerService` directly through the gRPC client.
+//!
+//! Every test checks its outcome in the job store itself (task rows, attempts) and in the results
+//! directory, not only through the API.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use farm_proto::pb::job_service_client::JobServiceClient;
+use farm_proto::pb::worker_service_client::WorkerServiceClient;
+use farm_proto::pb::{
+    coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
+    CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Hello,
+    JobEvent, JobState, ListJobsRequest, ListResultsRequest, PromptChunk, PromptSpec, RenderParams,
+    RetryJobRequest, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskState, UploadHeader,
+    UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
+};
+use farm_tests::{
+    fresh_database, shared_redis, Coordinator, CoordinatorOptions, PgServer, RedisServer, Worker,
+};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Model name the synthetic workers announce and the test jobs ask for.
+const MODEL: &str = "tiny";
+
+/// The log line a worker prints once the coordinator welcomed it.
+const WORKER_CONNECTED: &str = "connected to the coordinator";
+
+/// A coordinator on `database_url` with the usual test flags plus `extra`.
+fn coordinator_with(options: CoordinatorOptions, extra: &[&str]) -> Coordinator {
+    let options = options
+        .args(["--idle-poll-ms", "100"])
+        .args(extra.iter().copied());
+    Coordinator::spawn(options).expect("start the coordinator")
+}
+
+fn coordinator(database_url: &str, extra: &[&str]) -> Coordinator {
+    coordinator_with(CoordinatorOptions::new(database_url), extra)
+}
+
+/// A synthetic worker process (`step_ms` per denoising step) named `name`.
+fn synthetic_worker(url: &str, token: &str, name: &str, step_ms: u64, max_batch: u32) -> Worker {
+    let step_ms = step_ms.to_string();
+    let max_batch = max_batch.to_string();
+    let args = [
+        "--renderer",
+        "synthetic",
+        "--synthetic-step-ms",
+        &step_ms,
+        "--model",
+        MODEL,
+        "--no-warmup",
+        "--max-batch",
+        &max_batch,
+        "--name",
+        name,
+        "--max-backoff-ms",
+        "200",
+    ];
+    Worker::spawn(url, token, &args).expect("start a worker")
+}
+
+fn wait_connected(workers: &[&Worker]) {
+    for worker in workers {
+        worker
+            .wait_for_log(WORKER_CONNECTED, Duration::from_secs(60))
+            .expect("the worker connects");
+    }
+}
+
+async fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_owned())
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the coordinator")
+}
+
+/// `msg` with `authorization: Bearer <token>`.
+fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut request = Request::new(msg);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// `msg` with the given raw authorization value, or none at all.
+fn with_auth<T>(auth: Option<&str>, msg: T) -> Request<T> {
+    let mut request = Request::new(msg);
+    if let Some(value) = auth {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    request
+}
+
+fn jobs(ch: &Channel) -> JobServiceClient<Channel> {
+    JobServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20)
+}
+
+fn header(name: &str, steps: u32) -> SubmitHeader {
+    SubmitHeader {
+        name: name.to_owned(),
+        defaults: Some(RenderParams {
+            width: 64,
+            height: 64,
+            steps,
+            model: MODEL.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn prompt(i: usize) -> PromptSpec {
+    PromptSpec {
+        text: format!("1girl, solo, portrait number {i}"),
+        seed: Some(i as u64),
+        ..Default::default()
+    }
+}
+
+fn prompts(n: usize) -> Vec<PromptSpec> {
+    (0..n).map(prompt).collect()
+}
+
+/// The SubmitJob stream: `header` (if any) then the prompts in chunks of 1,000.
+fn submit_messages(header: Option<SubmitHeader>, prompts: Vec<PromptSpec>) -> Vec<SubmitJobRequest> {
+    let mut messages = Vec::new();
+    if let Some(header) = header {
+        messages.push(SubmitJobRequest {
+            msg: Some(submit_job_request::Msg::Header(header)),
+        });
+    }
+    for chunk in prompts.chunks(1000) {
+        messages.push(SubmitJobRequest {
+            msg: Some(submit_job_request::Msg::Chunk(PromptChunk {
+                prompts: chunk.to_vec(),
+            })),
+        });
+    }
+    messages
+}
+
+async fn submit(
+    ch: &Channel,
+    token: &str,
+    header: SubmitHeader,
+    prompts: Vec<PromptSpec>,
+) -> Result<SubmitJobResponse, Status> {
+    let stream = tokio_stream::iter(submit_messages(Some(header), prompts));
+    jobs(ch)
+        .submit_job(authed(token, stream))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Submits and expects a new job; returns its id.
+async fn submit_ok(ch: &Channel, token: &str, header: SubmitHeader, prompts: Vec<PromptSpec>) -> Uuid {
+    let n = prompts.len() as u64;
+    let response = submit(ch, token, header, prompts).await.expect("SubmitJob");
+    assert!(response.errors.is_empty(), "unexpected errors: {:?}", response.errors);
+    assert_eq!(response.accepted, n);
+    assert!(!response.duplicate);
+    Uuid::parse_str(&response.job_id).expect("a job id")
+}
+
+async fn pool(database_url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(database_url)
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+async fn count(pool: &PgPool, sql: &str, job: Uuid) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Rows in jobs, tasks and task_attempts.
+async fn row_counts(pool: &PgPool) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "select (select count(*) from jobs), (select count(*) from tasks), (select count(*) from task_attempts)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count rows")
+}
+
+/// Tasks of a job by state, for failure messages.
+async fn states(pool: &PgPool, job: Uuid) -> Vec<(i16, i64)> {
+    sqlx::query_as("select state, count(*) from tasks where job_id = $1 group by state order by state")
+        .bind(job)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+}
+
+/// Polls the job store until the job is finished. Tolerates the database being away meanwhile.
+async fn wait_job_finished(pool: &PgPool, job: Uuid, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done: Result<bool, _> = sqlx::query_scalar("select finished_at is not null from jobs where id = $1")
+            .bind(job)
+            .fetch_one(pool)
+            .await;
+        if matches!(done, Ok(true)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "job {job} did not finish within {timeout:?}; tasks by state: {:?}",
+                states(pool, job).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `check` every 20 ms until it is true; returns how long it took, panics after `timeout`.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        if started.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// PNG results stored for a job (and temporary files left behind).
+fn stored_blobs(results: &Path, job: Uuid) -> (usize, usize) {
+    let dir = results.join(job.to_string());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return (0, 0);
+    };
+    let names: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let pngs = names.iter().filter(|n| n.ends_with(".png")).count();
+    let temps = names.iter().filter(|n| n.starts_with(".tmp-")).count();
+    (pngs, temps)
+}
+
+/// Every task of the job succeeded exactly once: state, one succeeded attempt per task, one blob per
+/// task whose bytes match the size and SHA-256 recorded in its row.
+async fn assert_each_task_succeeded_once(pool: &PgPool, job: Uuid, total: i64, results: &Path) {
+    let succeeded = count(pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await;
+    assert_eq!(succeeded, total, "succeeded tasks; by state: {:?}", states(pool, job).await);
+    let not_once = count(
+        pool,
+        "select count(*) from tasks t where t.job_id = $1 and
+             (select count(*) from task_attempts a where a.task_id = t.id and a.outcome = 'succeeded') <> 1",
+        job,
+    )
+    .await;
+    assert_eq!(not_once, 0, "tasks without exactly one succeeded attempt");
+    let (pngs, _) = stored_blobs(results, job);
+    assert_eq!(pngs as i64, total, "stored PNGs");
+    let rows: Vec<(i64, String, i64)> =
+        sqlx::query_as("select idx, result_sha256, result_size from tasks where job_id = $1 order by idx")
+            .bind(job)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (idx, sha, size) in rows {
+        let bytes = std::fs::read(results.join(format!("{job}/{idx}.png"))).expect("the result blob");
+        assert_eq!(bytes.len() as i64, size, "size of result {idx}");
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), sha, "sha256 of result {idx}");
+    }
+    let state: i16 = sqlx::query_scalar("select state from jobs where id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(i32::from(state), JobState::Succeeded as i32, "job state");
+}
+
+/// A worker session spoken by hand over `WorkerService.Connect`.
+struct Session {
+    out: mpsc::Sender<WorkerMessage>,
+    inbound: tonic::Streaming<CoordinatorMessage>,
+    worker_id: String,
+}
+
+impl Session {
+    async fn open(ch: &Channel, auth: Option<&str>, name: &str, max_batch: u32) -> Result<Session, Status> {
+        let (out, rx) = mpsc::channel(1024);
+        let hello = Hello {
+            name: name.to_owned(),
+            capabilities: Some(WorkerCapabilities {
+                device: "cpu".into(),
+                model_name: MODEL.into(),
+                model_hash: "none".into(),
+                max_batch,
+                max_pixels: 1024 * 1024,
+                ..Default::default()
+            }),
+            held_leases: vec![],
+        };
+        out.send(WorkerMessage {
+            msg: Some(worker_message::Msg::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut client = WorkerServiceClient::new(ch.clone());
+        let mut inbound = client
+            .connect(with_auth(auth, ReceiverStream::new(rx)))
+            .await?
+            .into_inner();
+        let welcome = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no welcome"))??;
+        let Some(CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Welcome(welcome)),
+        }) = welcome
+        else {
+            panic!("the first message is not a welcome: {welcome:?}");
+        };
+        Ok(Session {
+            out,
+            inbound,
+            worker_id: welcome.worker_id,
+        })
+    }
+
+    async fn credits(&self, add: u32) {
+        self.out
+            .send(WorkerMessage {
+                msg: Some(worker_message::Msg::Credits(Credits { add })),
+            })
+            .await
+            .expect("the session is open");
+    }
+
+    /// The next assignment (other messages are skipped).
+    async fn next_assign(&mut self, timeout: Duration) -> Assign {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.inbound.message())
+                .await
+                .expect("an assignment in time")
+                .expect("the stream is healthy")
+                .expect("the stream is open");
+            if let Some(coordinator_message::Msg::Assign(assign)) = msg.msg {
+                return assign;
+            }
+        }
+    }
+}
+
+/// `UploadResult` of `data` under the lease (`task_id`, `lease_token`).
+async fn upload(
+    ch: &Channel,
+    auth: Option<&str>,
+    task_id: &str,
+    lease_token: u64,
+    data: &[u8],
+) -> Result<UploadResultResponse, Status> {
+    let header = UploadHeader {
+        lease: Some(farm_proto::pb::Lease {
+            task_id: task_id.to_owned(),
+            lease_token,
+        }),
+        content_type: "image/png".into(),
+        size_bytes: data.len() as u64,
+        sha256: hex::encode(Sha256::digest(data)),
+        metadata_json: "{}".into(),
+    };
+    let messages = vec![
+        UploadResultRequest {
+            msg: Some(upload_result_request::Msg::Header(header)),
+        },
+        UploadResultRequest {
+            msg: Some(upload_result_request::Msg::Data(data.to_vec())),
+        },
+    ];
+    WorkerServiceClient::new(ch.clone())
+        .upload_result(with_auth(auth, tokio_stream::iter(messages)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[track_caller]
+fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, contains: &str, what: &str) {
+    match result {
+        Ok(v) => panic!("{what}: expected {code:?}, got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{what}: {status:?}");
+            assert!(
+                status.message().contains(contains),
+                "{what}: message {:?} should contain {contains:?}",
+                status.message()
+            );
+            let lower = status.message().to_lowercase();
+            for sql_word in ["select ", "insert ", "update ", "sqlstate", "violates"] {
+                assert!(!lower.contains(sql_word), "{what}: SQL leaks into the status: {status:?}");
+            }
+        }
+    }
+}
+
+/// Worker session ids connected through the replica listening on `port`.
+async fn workers_of_replica(pool: &PgPool, port: u16) -> HashSet<String> {
+    let rows: Vec<(String,)> = sqlx::query_as("select id::text from workers where coordinator like $1")
+        .bind(format!("%:{port}"))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+/// Reads a WatchJob stream to its end (or `timeout`).
+async fn collect_events(ch: Channel, token: String, job: Uuid, timeout: Duration) -> Vec<JobEvent> {
+    let mut stream = jobs(&ch)
+        .watch_job(authed(
+            &token,
+            WatchJobRequest {
+                job_id: job.to_string(),
+                after_sequence: 0,
+            },
+        ))
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(ev))) => events.push(ev),
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => panic!("the watch broke: {status:?}"),
+            Err(_) => panic!("the watch did not end within {timeout:?} ({} events)", events.len()),
+        }
+    }
+    events
+}
+
+fn final_state(events: &[JobEvent]) -> Option<i32> {
+    match events.last().and_then(|e| e.event.as_ref()) {
+        Some(job_event::Event::Job(j)) => Some(j.state),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+
+/// One submission that must be refused prompt by prompt: nothing stored, the reply names the prompt.
+struct PromptCase {
+    name: &'static str,
+    prompts: Vec<PromptSpec>,
+    index: u64,
+    code: &'static str,
+    /// Expected 1-based line (0: not located in the text).
+    line: u32,
+    message: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_documented_status_and_stores_nothing() {
+    let db = fresh_database("acc_bad_input");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let alice = coord.token("alice", "client").unwrap();
+    let bob = coord.token("bob", "client").unwrap();
+    let alice_worker = coord.token("alice", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+
+    // --- Invalid prompts: SubmitJobResponse.errors, no job id, nothing stored.
+    let with = |i: usize, f: &dyn Fn(&mut PromptSpec)| {
+        let mut p = prompts(3);
+        f(&mut p[i]);
+        p[i].source = "batch.xml".into();
+        p[i].source_line = 40 + i as u32;
+        p
+    };
+    let mut late_bad = prompts(2500);
+    late_bad[2100].text = "<character_1><n>rin</n>".into();
+    let cases = vec![
+        PromptCase {
+            name: "malformed XML",
+            prompts: with(1, &|p| p.text = "<character_1>\n  <n>miku</x>\n</character_1>".into()),
+            index: 1,
+            code: "xml_syntax",
+            line: 2,
+            message: "",
+        },
+        PromptCase {
+            name: "DOCTYPE",
+            prompts: with(0, &|p| {
+                p.text = "<!DOCTYPE p [<!ENTITY e \"boom\">]>\n<character_1><n>&e;</n></character_1>".into()
+            }),
+            index: 0,
+            code: "doctype",
+            line: 1,
+            message: "",
+        },
+        PromptCase {
+            name: "oversize prompt",
+            prompts: with(2, &|p| p.text = "a".repeat(16 * 1024 + 1)),
+            index: 2,
+            code: "too_large",
+            line: 0,
+            message: "16384",
+        },
+        PromptCase {
+            name: "0 steps",
+            prompts: with(1, &|p| p.steps = Some(0)),
+            index: 1,
+            code: "limit",
+            line: 0,
+            message: "between 1 and 200",
+        },
+        PromptCase {
+            name: "201 steps",
+            prompts: with(1, &|p| p.steps = Some(201)),
+            index: 1,
+            code: "limit",
+            line: 0,
+            message: "between 1 and 200",
+        },
+        PromptCase {
+            name: "width 1000",
+            prompts: with(0, &|p| p.width = Some(1000)),
+            index: 0,
+            code: "limit",
+            line: 0,
+            message: "multiples of 16",
+        },
+        PromptCase {
+            name: "bad prompt in a later chunk",
+            prompts: late_bad,
+            index: 2100,
+            code: "xml_syntax",
+            line: 1,
+            message: "",
+        },
+        PromptCase {
+            name: "no prompts",
+            prompts: vec![],
+            index: 0,
+            code: "empty",
+            line: 0,
+            message: "",
+        },
+    ];
+    for case in cases {
+        let before = row_counts(&pool).await;
+        let with_source = case.prompts.get(case.index as usize).map(|p| (p.source.clone(), p.source_line));
+        let response = submit(&ch, &alice, header(case.name, 2), case.prompts)
+            .await
+            .unwrap_or_else(|s| panic!("{}: invalid prompts are reported in the reply, got {s:?}", case.name));
+        assert!(response.job_id.is_empty(), "{}: job id {}", case.name, response.job_id);
+        assert_eq!(response.accepted, 0, "{}", case.name);
+        assert!(!response.duplicate, "{}", case.name);
+        assert_eq!(response.errors.len(), 1, "{}: {:?}", case.name, response.errors);
+        let e = &response.errors[0];
+        assert_eq!((e.index, e.code.as_str()), (case.index, case.code), "{}: {e:?}", case.name);
+        assert_eq!(e.line, case.line, "{}: {e:?}", case.name);
+        if case.line > 0 {
+            assert!(e.column > 0, "{}: located errors have a column: {e:?}", case.name);
+        }
+        assert!(!e.message.is_empty() && e.message.contains(case.message), "{}: {e:?}", case.name);
+        if let Some((source, line)) = with_source {
+            assert_eq!((e.source.clone(), e.source_line), (source, line), "{}: source echoed", case.name);
+        }
+        assert_eq!(row_counts(&pool).await, before, "{}: nothing stored", case.name);
+    }
+
+    // --- Header-level limits and protocol errors: INVALID_ARGUMENT, nothing stored.
+    let before = row_counts(&pool).await;
+    let mut steps_201 = header("steps 201", 2);
+    steps_201.defaults.as_mut().unwrap().steps = 201;
+    let mut width_1000 = header("width 1000", 2);
+    width_1000.defaults.as_mut().unwrap().width = 1000;
+    let mut attempts_101 = header("attempts", 2);
+    attempts_101.max_attempts = 101;
+    for (what, h, message) in [
+        ("header with 201 steps", steps_201, "200"),
+        ("header with width 1000", width_1000, "multiples of 16"),
+        ("header with 101 attempts", attempts_101, "max_attempts"),
+    ] {
+        assert_status(submit(&ch, &alice, h, prompts(3)).await, Code::InvalidArgument, message, what);
+    }
+    let no_header = tokio_stream::iter(submit_messages(None, prompts(2)));
+    assert_status(
+        jobs(&ch).submit_job(authed(&alice, no_header)).await,
+        Code::InvalidArgument,
+        "header",
+        "chunk before the header",
+    );
+    assert_eq!(row_counts(&pool).await, before, "header errors store nothing");
+
+    // --- validate_only stores nothing even when everything is valid.
+    let mut validate = header("validate", 2);
+    validate.validate_only = true;
+    let r = submit(&ch, &alice, validate, prompts(5)).await.unwrap();
+    assert!(r.job_id.is_empty() && r.errors.is_empty() && r.accepted == 5, "{r:?}");
+    assert_eq!(row_counts(&pool).await, before, "validate_only stores nothing");
+
+    // --- Authentication: UNAUTHENTICATED without a token or with an unknown one, on both services.
+    let unknown = bearer(&format!("farm_{}", "0".repeat(64)));
+    for (what, auth, message) in [
+        ("no token", None, "missing bearer token"),
+        ("unknown token", Some(unknown.as_str()), "unknown or revoked token"),
+        ("not a bearer token", Some("Basic YWxpY2U6c2VjcmV0"), "Bearer"),
+    ] {
+        let stream = tokio_stream::iter(submit_messages(Some(header("auth", 2)), prompts(2)));
+        assert_status(
+            jobs(&ch).submit_job(with_auth(auth, stream)).await,
+            Code::Unauthenticated,
+            message,
+            &format!("SubmitJob, {what}"),
+        );
+        assert_status(
+            jobs(&ch).list_jobs(with_auth(auth, ListJobsRequest::default())).await,
+            Code::Unauthenticated,
+            message,
+            &format!("ListJobs, {what}"),
+        );
+        assert_status(
+            Session::open(&ch, auth, "intruder", 1).await.map(|s| s.worker_id),
+            Code::Unauthenticated,
+            message,
+            &format!("Connect, {what}"),
+        );
+        assert_status(
+            upload(&ch, auth, &Uuid::new_v4().to_string(), 1, b"png").await,
+            Code::Unauthenticated,
+            message,
+            &format!("UploadResult, {what}"),
+        );
+    }
+    // Roles: a worker token cannot use the job API and a client token cannot act as a worker.
+    assert_status(
+        jobs(&ch).list_jobs(authed(&alice_worker, ListJobsRequest::default())).await,
+        Code::PermissionDenied,
+        "worker tokens",
+        "ListJobs with a worker token",
+    );
+    assert_status(
+        Session::open(&ch, Some(&bearer(&alice)), "client-as-worker", 1).await.map(|s| s.worker_id),
+        Code::PermissionDenied,
+        "client tokens",
+        "Connect with a client token",
+    );
+    assert_eq!(row_counts(&pool).await, before, "refused callers store nothing");
+
+    // --- Another tenant's job is NOT_FOUND everywhere, like a job that does not exist.
+    let job = submit_ok(&ch, &alice, header("alice's job", 2), prompts(3)).await;
+    let id = job.to_string();
+    let missing = Uuid::new_v4().to_string();
+    for job_id in [&id, &missing] {
+        let what = |call: &str| format!("{call} of {} by bob", if job_id == &id { "alice's job" } else { "a missing job" });
+        let c = &mut jobs(&ch);
+        assert_status(
+            c.get_job(authed(&bob, GetJobRequest { job_id: job_id.clone() })).await,
+            Code::NotFound,
+            "not found",
+            &what("GetJob"),
+        );
+        assert_status(
+            c.get_task(authed(&bob, GetTaskRequest { job_id: job_id.clone(), index: 0 })).await,
+            Code::NotFound,
+            "not found",
+            &what("GetTask"),
+        );
+        assert_status(
+            c.watch_job(authed(&bob, WatchJobRequest { job_id: job_id.clone(), after_sequence: 0 }))
+                .await
+                .map(|_| ()),
+            Code::NotFound,
+            "not found",
+            &what("WatchJob"),
+        );
+        assert_status(
+            c.cancel_job(authed(&bob, CancelJobRequest { job_id: job_id.clone() })).await,
+            Code::NotFound,
+            "not found",
+            &what("CancelJob"),
+        );
+        assert_status(
+            c.retry_job(authed(&bob, RetryJobRequest { job_id: job_id.clone(), include_cancelled: true }))
+                .await,
+            Code::NotFound,
+            "not found",
+            &what("RetryJob"),
+        );
+        assert_status(
+            c.list_results(authed(&bob, ListResultsRequest { job_id: job_id.clone(), ..Default::default() }))
+                .await,
+            Code::NotFound,
+            "not found",
+            &what("ListResults"),
+        );
+        assert_status(
+            c.download_result(authed(&bob, DownloadResultRequest { job_id: job_id.clone(), index: 0 }))
+                .await
+                .map(|_| ()),
+            Code::NotFound,
+            "",
+            &what("DownloadResult"),
+        );
+    }
+    let bobs = jobs(&ch).list_jobs(authed(&bob, ListJobsRequest::default())).await.unwrap().into_inner();
+    assert!(bobs.jobs.iter().all(|j| j.job_id != id), "bob lists alice's job");
+    let alices = jobs(&ch).get_job(authed(&alice, GetJobRequest { job_id: id.clone() })).await.unwrap().into_inner();
+    assert_ne!(alices.state, JobState::Cancelled as i32, "bob's cancel must not reach alice's job");
+
+    // --- Stale leases: UploadResult with a token that is not the task's current one is
+    // FAILED_PRECONDITION and commits nothing, before and after the real commit.
+    let mut session = Session::open(&ch, Some(&bearer(&alice_worker)), "hand-worker", 1).await.unwrap();
+    session.credits(1).await;
+    let assign = session.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(assign.tasks.len(), 1);
+    let lease = assign.tasks[0].lease.clone().unwrap();
+    let index = assign.tasks[0].index;
+    let worker_auth = bearer(&alice_worker);
+    let wa = Some(worker_auth.as_str());
+    let blob_path = coord.results_dir().join(format!("{id}/{index}.png"));
+    assert_status(
+        upload(&ch, wa, &lease.task_id, lease.lease_token + 1000, b"forged").await,
+        Code::FailedPrecondition,
+        "lease is not current",
+        "upload with a token that was never issued for the task",
+    );
+    assert_status(
+        upload(&ch, wa, &Uuid::new_v4().to_string(), lease.lease_token, b"forged").await,
+        Code::FailedPrecondition,
+        "lease is not current",
+        "upload for another task id",
+    );
+    assert!(!blob_path.exists(), "a refused upload stored a blob");
+    assert_eq!(
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await,
+        0,
+        "a refused upload committed"
+    );
+    assert_status(
+        upload(&ch, Some(&bearer(&alice)), &lease.task_id, lease.lease_token, b"client").await,
+        Code::PermissionDenied,
+        "client tokens",
+        "upload with a client token",
+    );
+    let good = b"\x89PNG\r\n\x1a\nthe real result".to_vec();
+    let committed = upload(&ch, wa, &lease.task_id, lease.lease_token, &good).await.expect("a current lease uploads");
+    assert_eq!(committed.result.unwrap().sha256, hex::encode(Sha256::digest(&good)));
+    let row_before: (i16, String, i64) =
+        sqlx::query_as("select state, result_sha256, result_size from tasks where id = $1")
+            .bind(Uuid::parse_str(&lease.task_id).unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_status(
+        upload(&ch, wa, &lease.task_id, lease.lease_token, b"a second commit").await,
+        Code::FailedPrecondition,
+        "lease is not current",
+        "a second upload under an already committed lease",
+    );
+    let row_after: (i16, String, i64) =
+        sqlx::query_as("select state, result_sha256, result_size from tasks where id = $1")
+            .bind(Uuid::parse_str(&lease.task_id).unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(row_before, row_after, "the committed row changed");
+    assert_eq!(std::fs::read(&blob_path).unwrap(), good, "the committed blob changed");
+    assert_eq!(stored_blobs(coord.results_dir(), job), (1, 0), "one blob, no temporary leftovers");
+    assert_eq!(
+        count(&pool, "select count(*) from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.outcome = 'succeeded'", job).await,
+        1
+    );
+    drop(session);
+
+    // --- Idempotency: the same tenant and key return the first job and insert nothing.
+    let mut keyed = header("nightly", 2);
+    keyed.idempotency_key = "nightly-2024-06-01".into();
+    let first = submit(&ch, &alice, keyed.clone(), prompts(5)).await.unwrap();
+    assert!(!first.duplicate && first.accepted == 5 && !first.job_id.is_empty(), "{first:?}");
+    let before = row_counts(&pool).await;
+    let again = submit(&ch, &alice, keyed.clone(), prompts(7)).await.unwrap();
+    assert_eq!(again.job_id, first.job_id, "a repeated key returns the first job");
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.accepted, 5, "the first job's size");
+    assert_eq!(row_counts(&pool).await, before, "a repeated key inserts nothing");
+    // Keys are per tenant: bob's identical key is a new job.
+    let bobs = submit(&ch, &bob, keyed, prompts(2)).await.unwrap();
+    assert!(!bobs.duplicate && bobs.job_id != first.job_id, "{bobs:?}");
+}
