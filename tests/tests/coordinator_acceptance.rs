@@ -825,3 +825,184 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let bobs = submit(&ch, &bob, keyed, prompts(2)).await.unwrap();
     assert!(!bobs.duplicate && bobs.job_id != first.job_id, "{bobs:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lost and silent workers
+
+/// Running leases of a worker (by its name): (task id, index, lease token).
+async fn leases_of(pool: &PgPool, worker_name: &str) -> Vec<(Uuid, i64, i64)> {
+    sqlx::query_as(
+        "select t.id, t.idx, t.lease_token from tasks t join workers w on w.id = t.lease_owner
+         where t.state = 2 and w.name = $1 order by t.idx",
+    )
+    .bind(worker_name)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Outcome of the attempt that carried `token` ('running' while open).
+async fn attempt_outcome(pool: &PgPool, token: i64) -> String {
+    sqlx::query_scalar("select outcome from task_attempts where lease_token = $1")
+        .bind(token)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_tasks_are_requeued_at_once_and_finish_elsewhere() {
+    let db = fresh_database("acc_killed_worker");
+    // A long lease TTL: only the dropped stream can explain a fast requeue.
+    let coord = coordinator(&db, &["--lease-ttl-ms", "60000", "--heartbeat-ms", "500"]);
+    let pool = pool(&db).await;
+    let client = coord.token("acme", "client").unwrap();
+    let worker_token = coord.token("acme", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+
+    let mut victim = synthetic_worker(&coord.url(), &worker_token, "victim", 300, 2);
+    wait_connected(&[&victim]);
+    let job = submit_ok(&ch, &client, header("killed worker", 8), prompts(6)).await;
+
+    // Kill the victim while it is between denoising steps of its batch.
+    wait_for("the victim to be mid-render", Duration::from_secs(30), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 2 and current_step >= 1", job).await
+            > 0
+    })
+    .await;
+    let held = leases_of(&pool, "victim").await;
+    assert!(!held.is_empty(), "the victim holds leases");
+    victim.kill();
+    let requeued_after = wait_for("the victim's leases to be requeued", Duration::from_secs(10), || async {
+        for (task, _, token) in &held {
+            let state: i16 = sqlx::query_scalar("select state from tasks where id = $1")
+                .bind(task)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if state == 2 || attempt_outcome(&pool, *token).await != "lost" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eprintln!("requeued {requeued_after:?} after SIGKILL");
+    assert!(
+        requeued_after < Duration::from_secs(1),
+        "requeued {requeued_after:?} after the kill; the stream drop must requeue within a second"
+    );
+
+    let rescuer = synthetic_worker(&coord.url(), &worker_token, "rescuer", 5, 4);
+    wait_job_finished(&pool, job, Duration::from_secs(60)).await;
+    drop(rescuer);
+    assert_each_task_succeeded_once(&pool, job, 6, coord.results_dir()).await;
+
+    // The task history shows the loss, not charged, and the success elsewhere.
+    for (_, idx, token) in &held {
+        let task = jobs(&ch)
+            .get_task(authed(&client, GetTaskRequest { job_id: job.to_string(), index: *idx as u64 }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(task.state, TaskState::Succeeded as i32);
+        assert_eq!(task.failures, 0, "losing a worker charges no attempt");
+        let lost = task.attempts.iter().find(|a| a.lease_token == *token as u64).expect("the lost attempt");
+        assert_eq!((lost.outcome.as_str(), lost.worker_name.as_str()), ("lost", "victim"));
+        assert!(lost.ended_at_ms > 0);
+        let last = task.attempts.last().unwrap();
+        assert_eq!((last.outcome.as_str(), last.worker_name.as_str()), ("succeeded", "rescuer"));
+        assert_eq!(last.attempt, 1, "the retry is still attempt 1");
+        assert!(last.lease_token > lost.lease_token, "fencing tokens only grow");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_worker_loses_its_leases_after_the_ttl_and_its_late_upload_is_refused() {
+    let db = fresh_database("acc_silent_worker");
+    let coord = coordinator(&db, &["--lease-ttl-ms", "2000", "--heartbeat-ms", "500"]);
+    let pool = pool(&db).await;
+    let client = coord.token("acme", "client").unwrap();
+    let worker_token = coord.token("acme", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+
+    let mut victim = synthetic_worker(&coord.url(), &worker_token, "silent", 400, 2);
+    wait_connected(&[&victim]);
+    let job = submit_ok(&ch, &client, header("silent worker", 6), prompts(4)).await;
+    wait_for("the silent worker to be mid-render", Duration::from_secs(30), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 2 and current_step >= 1", job).await
+            > 0
+    })
+    .await;
+
+    // SIGSTOP: the TCP stream stays open, but no heartbeat, progress or upload comes any more.
+    let pid = victim.pid().expect("the worker runs") as libc::pid_t;
+    // SAFETY: plain signal to a child process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let held = leases_of(&pool, "silent").await;
+    assert!(!held.is_empty(), "the stopped worker holds leases");
+    wait_for("the silent worker's leases to expire", Duration::from_secs(10), || async {
+        for (_, _, token) in &held {
+            if attempt_outcome(&pool, *token).await != "expired" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let expired_after = stopped.elapsed();
+    eprintln!("leases expired {expired_after:?} after SIGSTOP");
+    // The last heartbeat came at most one interval (0.5 s) before the stop; the sweep runs every second.
+    assert!(
+        expired_after >= Duration::from_millis(1400) && expired_after < Duration::from_secs(5),
+        "leases expired {expired_after:?} after the worker went silent (TTL 2 s)"
+    );
+
+    let rescuer = synthetic_worker(&coord.url(), &worker_token, "rescuer", 5, 4);
+    wait_job_finished(&pool, job, Duration::from_secs(60)).await;
+    drop(rescuer);
+    assert_each_task_succeeded_once(&pool, job, 4, coord.results_dir()).await;
+    let snapshot = || async {
+        let rows: Vec<(i64, i16, String, String, i64)> = sqlx::query_as(
+            "select idx, state, result_sha256, result_worker, (extract(epoch from result_at) * 1000000)::bigint
+             from tasks where job_id = $1 order by idx",
+        )
+        .bind(job)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let files: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| std::fs::read(coord.results_dir().join(format!("{job}/{}.png", r.0))).unwrap())
+            .collect();
+        (rows, files)
+    };
+    let before = snapshot().await;
+    assert!(before.0.iter().all(|r| r.3 == "rescuer"), "every result is the rescuer's: {:?}", before.0);
+
+    // SIGCONT: the worker finishes its stale renders and uploads them; the coordinator refuses them.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    victim
+        .wait_for_log("result dropped: the lease is no longer ours", Duration::from_secs(30))
+        .expect("the late upload is refused");
+    assert!(victim.log().contains("lease is not current"), "the refusal names the stale lease");
+    assert_eq!(snapshot().await, before, "a late upload changed a committed result");
+    assert_each_task_succeeded_once(&pool, job, 4, coord.results_dir()).await;
+
+    // The same refusal, spoken directly: the old lease token from task_attempts is not current.
+    let worker_auth = bearer(&worker_token);
+    for (task, _, token) in &held {
+        assert_status(
+            upload(&ch, Some(&worker_auth), &task.to_string(), *token as u64, b"late bytes").await,
+            Code::FailedPrecondition,
+            "lease is not current",
+            "upload under an expired lease",
+        );
+        assert_eq!(attempt_outcome(&pool, *token).await, "expired");
+    }
+    assert_eq!(snapshot().await, before, "a stale upload changed a committed result");
+    assert_eq!(stored_blobs(coord.results_dir(), job), (4, 0), "no temporary leftovers");
+    victim.kill();
+}
