@@ -56,9 +56,10 @@ impl TorchEnv {
         TorchEnv::probe(&venv).map(Some)
     }
 
-    /// What the stamp says, if libtorch is still where it says.
+    /// What the stamp says, if libtorch is still where it says and torch was not reinstalled since.
     pub fn cached(venv: &Path) -> Option<TorchEnv> {
-        let text = fs::read_to_string(venv.join(STAMP)).ok()?;
+        let stamp = venv.join(STAMP);
+        let text = fs::read_to_string(&stamp).ok()?;
         let mut lines = text.lines();
         let version = lines.next()?.to_owned();
         let torch_dir = PathBuf::from(lines.next()?);
@@ -67,7 +68,10 @@ impl TorchEnv {
             version,
             torch_dir,
         };
-        found.lib_dir().join("libtorch_cpu.so").exists().then_some(found)
+        let modified = |path: &Path| fs::metadata(path).and_then(|meta| meta.modified()).ok();
+        let installed = modified(&found.torch_dir.join("version.py"))?;
+        let fresh = modified(&stamp)? >= installed && found.lib_dir().join("libtorch_cpu.so").exists();
+        fresh.then_some(found)
     }
 
     /// Asks the venv's python for torch's version and location, and records the answer in the stamp.
@@ -161,4 +165,59 @@ fn prepend_path(variable: &str, dir: &Path) -> OsString {
     let current = env::var_os(variable).unwrap_or_default();
     let rest = env::split_paths(&current).filter(|entry| entry != dir && !entry.as_os_str().is_empty());
     env::join_paths(std::iter::once(dir.to_path_buf()).chain(rest)).expect("PATH entries contain no ':'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::TempDir;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn the_stamp_is_trusted_until_torch_changes() {
+        let venv = TempDir::new("xtask-torch-test").unwrap();
+        let torch_dir = venv.path().join("site-packages/torch");
+        fs::create_dir_all(torch_dir.join("lib")).unwrap();
+        fs::write(torch_dir.join("lib/libtorch_cpu.so"), b"").unwrap();
+        let version_py = torch_dir.join("version.py");
+        fs::write(&version_py, b"__version__ = '2.11.0'\n").unwrap();
+        let set_mtime = |path: &Path, time: SystemTime| {
+            fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(time)
+                .unwrap();
+        };
+        let now = SystemTime::now();
+        set_mtime(&version_py, now - Duration::from_secs(60));
+        fs::write(
+            venv.path().join(STAMP),
+            format!("2.11.0+cpu\n{}\n", torch_dir.display()),
+        )
+        .unwrap();
+
+        let found = TorchEnv::cached(venv.path()).expect("a fresh stamp is used");
+        assert!(found.is_expected_version());
+        assert_eq!(found.lib_dir(), torch_dir.join("lib"));
+
+        set_mtime(&version_py, now + Duration::from_secs(60));
+        assert!(
+            TorchEnv::cached(venv.path()).is_none(),
+            "a reinstalled torch is asked again"
+        );
+    }
+
+    #[test]
+    fn versions_with_a_local_suffix_match() {
+        let with = |version: &str| TorchEnv {
+            venv: "/v".into(),
+            version: version.into(),
+            torch_dir: "/t".into(),
+        };
+        assert!(with("2.11.0").is_expected_version());
+        assert!(with("2.11.0+cu130").is_expected_version());
+        assert!(!with("2.11.1").is_expected_version());
+        assert!(!with("2.11.0rc1").is_expected_version());
+    }
 }

@@ -152,7 +152,7 @@ impl Apt {
             Command::new("apt-get")
         } else if paths::which("sudo").is_some() {
             let mut sudo = Command::new("sudo");
-            sudo.args(["--preserve-env=DEBIAN_FRONTEND", "apt-get"]);
+            sudo.args(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
             sudo
         } else {
             bail!(
