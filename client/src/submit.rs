@@ -19,7 +19,7 @@ use farm_proto::batch::{BatchFormat, BatchPrompt, BatchReader};
 use farm_proto::limits;
 use farm_proto::pb::{
     submit_job_request, Precision, PromptChunk, PromptIssue, PromptSpec, RenderParams, Sampler, SubmitHeader,
-    SubmitJobRequest, SubmitJobResponse,
+    SubmitEnd, SubmitJobRequest, SubmitJobResponse,
 };
 use farm_proto::prompt::{parse_prompt, PromptLimits};
 use futures::StreamExt;
@@ -551,6 +551,8 @@ struct Feeder {
     rx: mpsc::Receiver<Feed>,
     abort: watch::Receiver<bool>,
     finished: bool,
+    /// Prompts sent so far, for the end marker.
+    sent: u64,
 }
 
 /// Streams the inputs as one SubmitJob call. Local validation errors abort the call (nothing is
@@ -585,6 +587,7 @@ pub async fn submit_stream(
         rx,
         abort: abort_rx.clone(),
         finished: false,
+        sent: 0,
     };
     let chunks = futures::stream::unfold(feeder, |mut f| async move {
         if f.finished {
@@ -595,13 +598,24 @@ pub async fn submit_stream(
             // An error only means the reader finished without aborting: the branch is then disabled.
             Ok(_) = f.abort.wait_for(|a| *a) => None,
             m = f.rx.recv() => match m {
-                Some(Feed::Chunk(c)) => Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) }),
-                Some(Feed::Done) => return None,
+                Some(Feed::Chunk(c)) => {
+                    f.sent += c.prompts.len() as u64;
+                    Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) })
+                }
+                // The end marker: without it the coordinator stores nothing.
+                Some(Feed::Done) => Some(SubmitJobRequest {
+                    msg: Some(submit_job_request::Msg::End(SubmitEnd { prompt_count: f.sent })),
+                }),
                 None => None,
             },
         };
         match next {
-            Some(req) => Some((req, f)),
+            Some(req) => {
+                if matches!(req.msg, Some(submit_job_request::Msg::End(_))) {
+                    f.finished = true;
+                }
+                Some((req, f))
+            }
             None => {
                 f.finished = true;
                 Some((abort_marker(), f))

@@ -102,6 +102,8 @@ impl JobService for Fake {
             armed: true,
         };
         self.seen.lock().unwrap().chunks.clear();
+        // Like the coordinator: a stream without the end marker stores nothing.
+        let mut ended = false;
         loop {
             match stream.message().await {
                 Ok(Some(m)) => match m.msg {
@@ -113,9 +115,14 @@ impl JobService for Fake {
                         self.seen.lock().unwrap().chunks.push(c.prompts.len());
                         prompts.extend(c.prompts);
                     }
+                    Some(submit_job_request::Msg::End(e)) => {
+                        assert_eq!(e.prompt_count, prompts.len() as u64, "end marker counts the prompts");
+                        ended = true;
+                    }
                     None => return Err(Status::invalid_argument("empty message")),
                 },
-                Ok(None) => break,
+                Ok(None) if ended => break,
+                Ok(None) => return Err(Status::aborted("no end marker")),
                 Err(_) => {
                     // The client went away mid-stream: store nothing.
                     return Err(Status::cancelled("stream broken"));

@@ -20,6 +20,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller went away or broke off; nothing was done.
+    #[error("{0}")]
+    Aborted(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("storage: {0}")]
@@ -50,6 +53,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Aborted(m) => Status::aborted(m),
             Error::Database(err) => {
                 tracing::error!(error = %err, "database error");
                 Status::new(Code::Unavailable, "the job store is unavailable; retry later")

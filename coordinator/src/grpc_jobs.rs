@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::queries;
 use crate::state::{Metrics, Shared};
 use crate::store::parse_job_id;
-use crate::submit::{submit, ChunkStream};
+use crate::submit::{submit, ChunkStream, SubmitItem};
 
 pub struct JobApi {
     pub shared: Arc<Shared>,
@@ -57,9 +57,10 @@ impl JobService for JobApi {
             return Err(Status::invalid_argument("the first SubmitJob message must be a header"));
         };
         let chunks: ChunkStream<'_> = Box::pin(inbound.map(|m| match m {
-            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) }) => Ok(c.prompts),
-            Ok(_) => Err(Error::InvalidArgument("only prompt chunks may follow the header".into())),
-            Err(s) => Err(Error::InvalidArgument(format!("submission stream broke: {}", s.message()))),
+            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) }) => Ok(SubmitItem::Prompts(c.prompts)),
+            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::End(e)) }) => Ok(SubmitItem::End(e.prompt_count)),
+            Ok(_) => Err(Error::InvalidArgument("only prompt chunks and the end marker may follow the header".into())),
+            Err(s) => Err(Error::Aborted(format!("submission stream broke ({}); nothing was stored", s.message()))),
         }));
         let out = submit(&self.shared.store, &self.shared.limits, &p.tenant, header, chunks).await?;
         if let Some(job) = out.created {

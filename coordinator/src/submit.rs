@@ -35,7 +35,14 @@ impl Default for SubmitLimits {
 }
 
 /// One incoming message after the header.
-pub type ChunkStream<'a> = std::pin::Pin<Box<dyn Stream<Item = Result<Vec<PromptSpec>>> + Send + 'a>>;
+#[derive(Debug)]
+pub enum SubmitItem {
+    Prompts(Vec<PromptSpec>),
+    /// The end marker with the number of prompts the client sent.
+    End(u64),
+}
+
+pub type ChunkStream<'a> = std::pin::Pin<Box<dyn Stream<Item = Result<SubmitItem>> + Send + 'a>>;
 
 /// What the store needs of a submission's outcome.
 pub struct SubmitOutcome {
@@ -206,9 +213,20 @@ pub async fn submit(
         let job_str = job_id.to_string();
         let mut over_limit = false;
 
-        while let Some(chunk) = chunks.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
+        let mut ended: Option<u64> = None;
+        while let Some(item) = chunks.next().await {
+            let chunk = match item {
+                Ok(SubmitItem::Prompts(_)) if ended.is_some() => {
+                    if let Some(c) = copy.take() {
+                        let _ = c.abort("prompts after the end marker").await;
+                    }
+                    return Err(Error::InvalidArgument("prompts after the end marker".into()));
+                }
+                Ok(SubmitItem::Prompts(c)) => c,
+                Ok(SubmitItem::End(n)) => {
+                    ended = Some(n);
+                    continue;
+                }
                 Err(e) => {
                     if let Some(c) = copy.take() {
                         let _ = c.abort("submission stream failed").await;
@@ -276,6 +294,25 @@ pub async fn submit(
                     c.abort("invalid prompts").await.ok();
                 }
             }
+        }
+        match ended {
+            None => {
+                if let Some(c) = copy.take() {
+                    c.abort("no end marker").await.ok();
+                }
+                return Err(Error::Aborted(
+                    "the submission ended without its end marker (client went away?); nothing was stored".into(),
+                ));
+            }
+            Some(n) if n != count => {
+                if let Some(c) = copy.take() {
+                    c.abort("count mismatch").await.ok();
+                }
+                return Err(Error::InvalidArgument(format!(
+                    "the end marker says {n} prompts but {count} arrived; nothing was stored"
+                )));
+            }
+            Some(_) => {}
         }
         if errors.is_empty() && count > 0 && !header.validate_only {
             if let Some(c) = copy.take() {
