@@ -31,6 +31,9 @@ use tonic::{Code, Request, Status};
 use crate::pngmeta::{encode_png, ResultMetadata};
 use crate::render::{precision_name, sampler_name, Image, RenderError, RenderItem, Renderer, RendererInfo};
 
+/// How long an idle GPU waits for more same-shape tasks before starting a batch that is not full.
+const BATCH_GATHER: Duration = Duration::from_millis(30);
+
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -165,6 +168,9 @@ struct Controller {
     uploads: HashMap<String, PendingUpload>,
     cancelled: Arc<Mutex<HashSet<String>>>,
     batch_limit: u32,
+    /// When the GPU is idle and a batch is not full yet, assignments that arrive until this instant
+    /// join it (the coordinator sends claims back to back).
+    gather_until: Option<Instant>,
     draining: bool,
     job_tx: std::sync::mpsc::SyncSender<Vec<TaskAssignment>>,
     upload_tx: mpsc::Sender<(String, UploadOutcome)>,
@@ -311,6 +317,7 @@ impl Controller {
 
     /// Hands the next batch (first queued task and others of its shape) to the GPU thread when idle.
     fn start_batch(&mut self) {
+        self.gather_until = None;
         if !self.running.is_empty() || self.queue.is_empty() {
             return;
         }
@@ -346,7 +353,14 @@ impl Controller {
                     return;
                 }
                 self.queue.extend(a.tasks);
-                self.start_batch();
+                if self.running.is_empty() {
+                    if self.queue.len() >= self.batch_limit as usize {
+                        self.gather_until = None;
+                        self.start_batch();
+                    } else if self.gather_until.is_none() {
+                        self.gather_until = Some(Instant::now() + BATCH_GATHER);
+                    }
+                }
             }
             Some(coordinator_message::Msg::Cancel(c)) => self.cancel(c.leases, true).await,
             Some(coordinator_message::Msg::Revoked(r)) => self.cancel(r.leases, false).await,
@@ -545,6 +559,7 @@ pub async fn run(
     let (png_tx, mut png_rx) = mpsc::channel::<(String, Result<Vec<u8>, String>)>(1024);
     let mut ctl = Controller {
         batch_limit: opts.max_batch.max(1),
+        gather_until: None,
         opts,
         info,
         client: None,
@@ -661,6 +676,8 @@ pub async fn run(
                 }
             }
             _ = retry_tick.tick() => ctl.retry_uploads(),
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ctl.gather_until.unwrap_or_else(Instant::now))),
+                if ctl.gather_until.is_some() => ctl.start_batch(),
             _ = tokio::time::sleep(reconnect_wait), if ctl.session.is_none() => {}
         }
     }
