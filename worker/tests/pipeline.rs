@@ -389,3 +389,99 @@ fn published_layout_loads_and_renders() {
         r => panic!("expected a Load error, got {r:?}"),
     }
 }
+
+/// CUDA checks; a no-op where libtorch sees no CUDA device. `FARM_GPU_FULL=1` adds a render with
+/// the full-size `newbie-exp0.1` preset (random weights, about 17 GB of device memory).
+#[test]
+fn cuda_render_offload_and_out_of_memory() {
+    let _g = serial();
+    farm_worker::device::load_cuda_backend();
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let cuda = Device::Cuda(0);
+    let opts = |kind: Kind, offload: bool| PipelineOptions {
+        preset: Preset::Tiny,
+        model_dir: None,
+        device: cuda,
+        kind,
+        offload_text_encoders: offload,
+        seed: 7,
+        text_cache_size: 16,
+    };
+    let s = settings(64, 96, 4);
+    let reqs = [req(A, 41), req(B, 42)];
+
+    // fp32 on the GPU against the CPU (kernels differ, so only closeness is expected).
+    let mut gpu = Pipeline::load(&opts(Kind::Float, false)).unwrap();
+    let on_gpu = render_all(&mut gpu, &reqs, &s);
+    let on_cpu = render_all(&mut tiny(Kind::Float), &reqs, &s);
+    // Checked at the end, so that a mismatch does not hide the other results.
+    let means: Vec<f64> = on_gpu
+        .iter()
+        .zip(&on_cpu)
+        .map(|(g, c)| {
+            let mean = g.pixels.iter().zip(&c.pixels).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>() / g.pixels.len() as f64;
+            eprintln!("cuda vs cpu fp32: max {} LSB, mean {mean:.3} LSB", max_diff(g, c));
+            mean
+        })
+        .collect();
+    // Same seed twice on the GPU, and offloaded text encoders, give the same pixels.
+    assert_eq!(render_all(&mut gpu, &reqs, &s), on_gpu);
+    let mut off = Pipeline::load(&opts(Kind::Float, true)).unwrap();
+    assert_eq!(render_all(&mut off, &reqs, &s), on_gpu);
+
+    // bf16 on the GPU: finite, structured images.
+    let mut bf = Pipeline::load(&opts(Kind::BFloat16, false)).unwrap();
+    for img in render_all(&mut bf, &reqs, &s) {
+        assert!(distinct_values(&img) > 8);
+    }
+
+    if std::env::var("FARM_GPU_FULL").is_ok_and(|v| v == "1") {
+        drop((off, bf));
+        for offload in [false, true] {
+            let t = std::time::Instant::now();
+            let mut full = Pipeline::load(&PipelineOptions {
+                preset: Preset::NewbieExp01,
+                kind: Kind::BFloat16,
+                ..opts(Kind::BFloat16, offload)
+            })
+            .unwrap();
+            let load = t.elapsed();
+            let s = RenderSettings { width: 1024, height: 1024, sample: SampleParams { steps: 8, ..SampleParams::default() } };
+            for round in 0..2 {
+                let t = std::time::Instant::now();
+                let r = full.render(&[req(A, 1), req(B, 2)], &s, &mut |_, _| Vec::new());
+                let took = t.elapsed();
+                match r {
+                    Ok(imgs) => eprintln!(
+                        "newbie-exp0.1 random bf16 offload={offload}: load {load:?}, round {round}: 2 images 1024x1024 8 steps in {took:?}, distinct values {:?}",
+                        imgs.iter().map(|i| distinct_values(i.as_ref().unwrap())).collect::<Vec<_>>()
+                    ),
+                    Err(e) => eprintln!("newbie-exp0.1 random bf16 offload={offload}: round {round}: {e} after {took:?}"),
+                }
+            }
+            let (_, total, free) = farm_worker::device::describe(cuda);
+            eprintln!("device memory in use after the renders: {:.1} GiB", (total - free) as f64 / (1u64 << 30) as f64);
+        }
+    }
+    // Out of memory (last, since the caching allocator keeps what the hog held): take device
+    // memory in chunks until none is left (cached blocks included), then ask for a large batch.
+    let mut hog = Vec::new();
+    for chunk in [1i64 << 30, 32 << 20] {
+        while let Ok(t) = tch::Tensor::f_empty([chunk], (Kind::Uint8, cuda)) {
+            hog.push(t);
+        }
+    }
+    eprintln!("holding {} chunks", hog.len());
+    let big: Vec<ImageRequest> = (0..48).map(|i| req(A, i)).collect();
+    match gpu.render(&big, &settings(1024, 1024, 2), &mut |_, _| Vec::new()) {
+        Err(PipelineError::OutOfMemory(m)) => eprintln!("out of memory reported: {m}"),
+        other => panic!("expected OutOfMemory, got {:?}", other.map(|v| v.len())),
+    }
+    drop(hog);
+    // The pipeline stays usable.
+    assert_eq!(render_all(&mut gpu, &reqs, &s), on_gpu);
+    assert!(means.iter().all(|m| *m < 2.0), "CUDA and CPU images differ by {means:?} LSB on average");
+}

@@ -45,7 +45,9 @@
 //! bytes when present, and for every safetensors file (sorted by name) its file name, its size and its
 //! header (the 8-byte length plus the JSON header, which lists every tensor's name, dtype, shape and
 //! offsets) — cheap to compute, and it changes when any file is replaced by a different export.
-//! For random weights it covers the tag `random`, the preset name and the seed.
+//! For random weights it covers the tag `random`, the preset name and the seed; `tiny` draws its
+//! weights on the CPU and copies them to the device, so they are the same everywhere, while the
+//! full-size random preset draws them on the device and adds the device type (CPU or CUDA) to the hash.
 //!
 //! # Offloading
 //!
@@ -201,11 +203,21 @@ fn is_oom_message(msg: &str) -> bool {
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
+        torch_message(s)
     } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
+        torch_message(s)
     } else {
         "libtorch operation failed".to_string()
+    }
+}
+
+/// The first line of libtorch's error inside a tch panic message (`... Torch("<error>\nException
+/// raised from ...")`), without the C++ stack trace.
+fn torch_message(msg: &str) -> String {
+    let body = msg.split_once("Torch(\"").map_or(msg, |(_, rest)| rest);
+    match [body.find("\\n"), body.find('\n')].into_iter().flatten().min() {
+        Some(end) => body[..end].trim().to_string(),
+        None => body.strip_suffix("\")").unwrap_or(body).trim().to_string(),
     }
 }
 
@@ -444,23 +456,51 @@ fn vae_kind(kind: Kind, cfg: &VaeConfig) -> Kind {
     }
 }
 
-fn random_hash(preset: Preset, seed: i64) -> String {
+/// Hash of random weights: the tag `random`, the preset, the seed and, where the weights are drawn
+/// on the target device (see [`random_module`]), the device type.
+fn random_hash(preset: Preset, seed: i64, drawn_on: Option<Device>) -> String {
     let mut h = Sha256::new();
     h.update(b"random\0");
     h.update(preset.name().as_bytes());
     h.update(b"\0");
     h.update(seed.to_le_bytes());
+    if let Some(d) = drawn_on {
+        h.update(if d.is_cuda() { &b"\0cuda"[..] } else { &b"\0cpu"[..] });
+    }
     hex::encode(h.finalize())
 }
 
-/// Builds a DiT with random weights.
-fn random_dit(cfg: &DitConfig, device: Device, kind: Kind, seed: i64) -> Result<(NextDit, nn::VarStore), PipelineError> {
-    let mut vs = nn::VarStore::new(device);
-    vs.set_kind(kind);
-    let dit = NextDit::new(vs.root(), cfg).map_err(|e| PipelineError::load(e.to_string()))?;
-    NextDit::randomize(&vs, seed);
-    vs.freeze();
-    Ok((dit, vs))
+/// Builds a module with random weights from `seed`. With `draw_on_cpu` the values are drawn on the
+/// CPU and copied to `device`, so a seed gives the same weights on every device (libtorch's CPU and
+/// CUDA generators differ); otherwise they are drawn on `device` directly (full-size random models,
+/// whose weights then depend on the device type). `randomize` may redraw values after `build`'s own
+/// initialisation. Returns the module and its (frozen) variables.
+fn random_module<T, E: std::fmt::Display>(
+    what: &str,
+    device: Device,
+    kind: Kind,
+    seed: i64,
+    draw_on_cpu: bool,
+    build: impl Fn(&nn::Path) -> Result<T, E>,
+    randomize: impl FnOnce(&nn::VarStore),
+) -> Result<(T, nn::VarStore), PipelineError> {
+    let err = |e: String| PipelineError::load(format!("{what}: {e}"));
+    tch::manual_seed(seed);
+    let source_device = if draw_on_cpu { Device::Cpu } else { device };
+    let mut source = nn::VarStore::new(source_device);
+    source.set_kind(kind);
+    let module = build(&source.root()).map_err(|e| err(e.to_string()))?;
+    randomize(&source);
+    if source_device == device {
+        source.freeze();
+        return Ok((module, source));
+    }
+    let mut target = nn::VarStore::new(device);
+    target.set_kind(kind);
+    let module = build(&target.root()).map_err(|e| err(e.to_string()))?;
+    target.copy(&source).map_err(|e| err(e.to_string()))?;
+    target.freeze();
+    Ok((module, target))
 }
 
 impl Pipeline {
@@ -499,16 +539,33 @@ impl Pipeline {
         }
         let (device, kind, seed) = (opts.device, opts.kind, opts.seed);
         let offload = opts.offload_text_encoders;
-        let (dit, dit_vars) = random_dit(&dit_cfg, device, kind, seed)?;
-        let vae = VaeDecoder::random(&vae_cfg, device, vae_kind(kind, &vae_cfg), seed.wrapping_add(3))
-            .map_err(|e| PipelineError::load(format!("VAE: {e}")))?;
+        let on_cpu = preset == Preset::Tiny;
+        let (dit, dit_vars) = random_module(
+            "transformer",
+            device,
+            kind,
+            seed,
+            on_cpu,
+            |p| NextDit::new(p.clone(), &dit_cfg),
+            |vs| NextDit::randomize(vs, seed),
+        )?;
+        let (vae, _) = random_module(
+            "VAE",
+            device,
+            vae_kind(kind, &vae_cfg),
+            seed.wrapping_add(3),
+            on_cpu,
+            |p| VaeDecoder::new(p, &vae_cfg),
+            |_| {},
+        )?;
         let caption = {
             let cfg = caption_cfg.clone();
             Slot::new(
                 offload,
                 Box::new(move || {
-                    Gemma3TextModel::random(&cfg, device, kind, seed.wrapping_add(1))
-                        .map_err(|e| PipelineError::load(format!("text encoder: {e}")))
+                    let build = |p: &nn::Path| Gemma3TextModel::new(p, &cfg);
+                    random_module("text encoder", device, kind, seed.wrapping_add(1), on_cpu, build, |_| {})
+                        .map(|(m, _)| m)
                 }),
             )?
         };
@@ -517,8 +574,9 @@ impl Pipeline {
             Slot::new(
                 offload,
                 Box::new(move || {
-                    JinaTextModel::random(&cfg, device, kind, seed.wrapping_add(2))
-                        .map_err(|e| PipelineError::load(format!("pooled text encoder: {e}")))
+                    let build = |p: &nn::Path| JinaTextModel::new(p, &cfg);
+                    random_module("Jina CLIP text encoder", device, kind, seed.wrapping_add(2), on_cpu, build, |_| {})
+                        .map(|(m, _)| m)
                 }),
             )?
         };
@@ -530,7 +588,7 @@ impl Pipeline {
         };
         Ok(Pipeline {
             preset,
-            weights_hash: random_hash(preset, seed),
+            weights_hash: random_hash(preset, seed, (!on_cpu).then_some(device)),
             device,
             kind,
             dit_config: dit_cfg,
@@ -969,6 +1027,19 @@ mod tests {
         }
         assert_eq!(Preset::parse("newbie-exp0.1"), Some(Preset::NewbieExp01));
         assert_eq!(Preset::parse("other"), None);
+    }
+
+    #[test]
+    fn torch_panics_are_reduced_to_the_error_line() {
+        let raw = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 MiB.\\nException raised from malloc\\nframe #0: x\")";
+        assert_eq!(torch_message(raw), "CUDA out of memory. Tried to allocate 2.00 MiB.");
+        assert_eq!(torch_message("plain failure"), "plain failure");
+        assert_eq!(torch_message("x: Torch(\"bad shape (see docs)\")"), "bad shape (see docs)");
+        let e = guarded("rendering", || -> Result<(), PipelineError> { panic!("{}", raw) }).unwrap_err();
+        match e {
+            PipelineError::OutOfMemory(m) => assert_eq!(m, "rendering: CUDA out of memory. Tried to allocate 2.00 MiB."),
+            e => panic!("unexpected {e:?}"),
+        }
     }
 
     #[test]
