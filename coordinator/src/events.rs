@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use farm_proto::pb::{job_event, JobEvent};
 use futures::Stream;
@@ -26,6 +26,10 @@ use uuid::Uuid;
 pub const HISTORY: usize = 10_000;
 const REDIS_TTL_SECS: u64 = 7 * 24 * 3600;
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failed publish, Redis is not tried again for this long (one probe per interval). Publishing
+/// sits on the dispatch and upload paths: waiting out PUBLISH_TIMEOUT for every event while Redis is
+/// away would slow dispatch to a few tasks per second.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 const PUBLISH_SCRIPT: &str = r"
 local seq = redis.call('INCR', KEYS[1])
@@ -54,9 +58,29 @@ struct RedisEvents {
     /// Connected on first use, so that a coordinator starts while Redis is away.
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     script: redis::Script,
+    /// Set while Redis is known to be away: publishes fail fast until then.
+    away_until: Mutex<Option<Instant>>,
 }
 
 impl RedisEvents {
+    /// Whether to call Redis now. While it is away, only the first caller after each RETRY_AFTER
+    /// interval probes it; everyone else fails fast.
+    fn should_try(&self) -> bool {
+        let mut away = self.away_until.lock().unwrap();
+        match *away {
+            None => true,
+            Some(until) if Instant::now() >= until => {
+                *away = Some(Instant::now() + RETRY_AFTER);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn set_away(&self, away: bool) {
+        *self.away_until.lock().unwrap() = away.then(|| Instant::now() + RETRY_AFTER);
+    }
+
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
@@ -93,6 +117,7 @@ impl Events {
                 config,
                 conn: tokio::sync::Mutex::new(None),
                 script: redis::Script::new(PUBLISH_SCRIPT),
+                away_until: Mutex::new(None),
             }),
             publish_failures: AtomicU64::new(0),
         })
@@ -123,6 +148,10 @@ impl Events {
                 Some(entry.seq)
             }
             Some(r) => {
+                if !r.should_try() {
+                    self.publish_failures.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
                 let payload = ev.encode_to_vec();
                 let call = async {
                     let mut conn = r.connection().await?;
@@ -135,13 +164,18 @@ impl Events {
                     inv.invoke_async::<u64>(&mut conn).await
                 };
                 match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
-                    Ok(Ok(seq)) => Some(seq),
+                    Ok(Ok(seq)) => {
+                        r.set_away(false);
+                        Some(seq)
+                    }
                     Ok(Err(e)) => {
+                        r.set_away(true);
                         self.publish_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %e, "event not published");
                         None
                     }
                     Err(_) => {
+                        r.set_away(true);
                         self.publish_failures.fetch_add(1, Ordering::Relaxed);
                         None
                     }
