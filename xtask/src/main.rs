@@ -14,7 +14,8 @@ usage: cargo xtask <command>
   demo [--stay] [--no-build]
                     build, start a throwaway farm on loopback, render examples/prompts.xml into ./out
   test [ARGS...]    setup, start PostgreSQL and Redis, cargo test --workspace --no-fail-fast ARGS,
-                    then the extra checks in .ci/checks/
+                    then the extra checks in .ci/checks/ and deploy-check
+  deploy-check      offline checks of deploy/ (YAML, Kubernetes schemas, compose, Dockerfiles, systemd)
   fuzz [SECONDS]    run the prompt fuzz target in proto/fuzz (needs cargo-fuzz and a nightly toolchain)
   services          start PostgreSQL and Redis, print their URLs, run until Ctrl-C
 ";
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         "build" => cmd::build().map(|_| ExitCode::SUCCESS),
         "demo" => cmd::demo::run(rest),
         "test" => cmd::test::run(rest),
+        "deploy-check" => cmd::deploy_check::run(),
         "fuzz" => cmd::fuzz::run(rest),
         "services" => cmd::services(),
         "help" | "-h" | "--help" => {

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub mod demo;
+pub mod deploy_check;
 pub mod fuzz;
 pub mod setup;
 pub mod test;

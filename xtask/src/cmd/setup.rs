@@ -30,6 +30,10 @@ pub fn run() -> Result<TorchEnv> {
     let redis_server = redis::find_server_binary()
         .context("redis-server still missing after apt-get install redis-server")?;
     let (torch, torch_installed) = ensure_torch_venv(&mut apt)?;
+    // Not fatal: without these only `cargo xtask deploy-check` fails (and says why).
+    if let Err(err) = ensure_deploy_tools(&torch.venv) {
+        eprintln!("setup: warning: {err:#}");
+    }
 
     let status = |installed: bool| if installed { "installed" } else { "present" };
     println!(
@@ -107,6 +111,38 @@ fn ensure_torch_venv(apt: &mut Apt) -> Result<(TorchEnv, bool)> {
         );
     }
     Ok((found, true))
+}
+
+/// What `deploy/validate.py` imports: PyYAML and kubernetes-validate (which bundles the Kubernetes
+/// schemas, so the check itself needs no network).
+pub const DEPLOY_TOOLS: [&str; 2] = ["PyYAML==6.0.3", "kubernetes-validate==1.37.0"];
+const DEPLOY_TOOLS_STAMP: &str = ".farm-deploy-tools";
+
+/// Installs [`DEPLOY_TOOLS`] into the venv unless its stamp says they are there.
+pub fn ensure_deploy_tools(venv: &Path) -> Result<()> {
+    let stamp = venv.join(DEPLOY_TOOLS_STAMP);
+    let wanted = DEPLOY_TOOLS.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|text| text == wanted) {
+        return Ok(());
+    }
+    let imports = || {
+        Command::new(torch::python(venv))
+            .args(["-c", "import yaml, kubernetes_validate"])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    if !imports() {
+        println!("setup: pip install {} into {}", DEPLOY_TOOLS.join(" "), venv.display());
+        let mut pip = Command::new(torch::python(venv));
+        pip.args(["-m", "pip", "install", "--no-input", "--disable-pip-version-check"]);
+        if std::env::var_os("CI").is_some() {
+            pip.args(["--progress-bar", "off"]);
+        }
+        pip.args(DEPLOY_TOOLS);
+        run_checked(pip).context("installing the deploy check's python packages")?;
+    }
+    fs::write(&stamp, wanted).with_context(|| format!("write {}", stamp.display()))?;
+    Ok(())
 }
 
 /// `python3 -m venv`, installing python3-venv with apt if that fails (Debian ships venv separately).

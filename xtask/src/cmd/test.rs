@@ -2,7 +2,8 @@
 //!
 //! Builds every binary first (the end-to-end tests run them as processes), starts PostgreSQL and
 //! Redis unless `DATABASE_URL` / `REDIS_URL` name existing ones, runs the workspace's tests with
-//! those URLs, then every executable in `.ci/checks/` (in name order, same environment). The exit
+//! those URLs, then every executable in `.ci/checks/` (in name order, same environment) and the deploy check
+//! (`cargo xtask deploy-check`). The exit
 //! code is the tests' exit code, or 1 if only a check failed.
 
 use std::ffi::OsString;
@@ -78,6 +79,17 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
             failed_checks.push(check);
         }
     }
+
+    println!("xtask: check deploy/validate.py");
+    match super::deploy_check::check() {
+        Ok(true) => {}
+        Ok(false) => failed_checks.push(PathBuf::from("deploy/validate.py")),
+        Err(err) => {
+            eprintln!("xtask: deploy check: {err:#}");
+            failed_checks.push(PathBuf::from("deploy/validate.py"));
+        }
+    }
+    signal::check()?;
 
     if !status.success() {
         eprintln!("xtask: tests failed ({})", process::describe(status));
