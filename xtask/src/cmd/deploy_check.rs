@@ -10,7 +10,11 @@ use xtask::torch;
 use super::{run_foreground, setup};
 
 pub fn run() -> Result<ExitCode> {
-    Ok(if check()? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if check()? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Runs `deploy/validate.py`; true when everything passed. Installs its python packages first if
@@ -26,7 +30,10 @@ pub fn check() -> Result<bool> {
     setup::ensure_deploy_tools(&venv)?;
     let root = paths::repo_root();
     let mut command = Command::new(&python);
-    command.arg(root.join("deploy/validate.py")).current_dir(&root);
-    let status = run_foreground(command).with_context(|| format!("running {}", python.display()))?;
+    command
+        .arg(root.join("deploy/validate.py"))
+        .current_dir(&root);
+    let status =
+        run_foreground(command).with_context(|| format!("running {}", python.display()))?;
     Ok(status.success())
 }
