@@ -18,7 +18,7 @@ use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
     CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Hello,
     JobEvent, JobState, ListJobsRequest, ListResultsRequest, PromptChunk, PromptSpec, RenderParams,
-    RetryJobRequest, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskState, UploadHeader,
+    RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
 };
 use farm_tests::{
@@ -143,8 +143,18 @@ fn prompts(n: usize) -> Vec<PromptSpec> {
     (0..n).map(prompt).collect()
 }
 
-/// The SubmitJob stream: `header` (if any) then the prompts in chunks of 1,000.
+/// The SubmitJob stream: `header` (if any), the prompts in chunks of 1,000, then the end marker.
 fn submit_messages(header: Option<SubmitHeader>, prompts: Vec<PromptSpec>) -> Vec<SubmitJobRequest> {
+    let n = prompts.len() as u64;
+    let mut messages = submit_messages_without_end(header, prompts);
+    messages.push(SubmitJobRequest {
+        msg: Some(submit_job_request::Msg::End(SubmitEnd { prompt_count: n })),
+    });
+    messages
+}
+
+/// [`submit_messages`] without the end marker (a client that went away).
+fn submit_messages_without_end(header: Option<SubmitHeader>, prompts: Vec<PromptSpec>) -> Vec<SubmitJobRequest> {
     let mut messages = Vec::new();
     if let Some(header) = header {
         messages.push(SubmitJobRequest {
@@ -627,6 +637,25 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
         "header",
         "chunk before the header",
     );
+    // A stream that ends without its end marker (the client went away) or whose marker disagrees with
+    // what arrived stores nothing, even when every prompt is valid.
+    let cut = tokio_stream::iter(submit_messages_without_end(Some(header("cut off", 2)), prompts(1500)));
+    assert_status(
+        jobs(&ch).submit_job(authed(&alice, cut)).await,
+        Code::Aborted,
+        "nothing was stored",
+        "a submission without its end marker",
+    );
+    let mut short = submit_messages(Some(header("short", 2)), prompts(1500));
+    if let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::End(end)) }) = short.last_mut() {
+        end.prompt_count = 1501;
+    }
+    assert_status(
+        jobs(&ch).submit_job(authed(&alice, tokio_stream::iter(short))).await,
+        Code::InvalidArgument,
+        "1501",
+        "an end marker that disagrees with the prompts sent",
+    );
     assert_eq!(row_counts(&pool).await, before, "header errors store nothing");
 
     // --- validate_only stores nothing even when everything is valid.
@@ -1005,4 +1034,246 @@ async fn silent_worker_loses_its_leases_after_the_ttl_and_its_late_upload_is_ref
     assert_eq!(snapshot().await, before, "a stale upload changed a committed result");
     assert_eq!(stored_blobs(coord.results_dir(), job), (4, 0), "no temporary leftovers");
     victim.kill();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replicas and scheduling
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_store_and_watchers_see_progress_from_both() {
+    let db = fresh_database("acc_replicas");
+    let redis = shared_redis();
+    let results = tempfile::tempdir().unwrap();
+    let options = || CoordinatorOptions::new(&db).redis(&redis.url()).results(results.path());
+    let one = coordinator_with(options(), &[]);
+    let two = coordinator_with(options(), &[]);
+    let pool = pool(&db).await;
+    let client = one.token("acme", "client").unwrap();
+    let worker_token = one.token("acme", "worker").unwrap();
+    let workers = [
+        synthetic_worker(&one.url(), &worker_token, "w1", 1, 8),
+        synthetic_worker(&one.url(), &worker_token, "w2", 1, 8),
+        synthetic_worker(&two.url(), &worker_token, "w3", 1, 8),
+        synthetic_worker(&two.url(), &worker_token, "w4", 1, 8),
+    ];
+    wait_connected(&workers.iter().collect::<Vec<_>>());
+
+    const TASKS: i64 = 2000;
+    let ch_one = channel(&one.url()).await;
+    let ch_two = channel(&two.url()).await;
+    // Submitted through replica two, watched through replica one.
+    let started = Instant::now();
+    let job = submit_ok(&ch_two, &client, header("two replicas", 2), prompts(TASKS as usize)).await;
+    let watcher = tokio::spawn(collect_events(ch_one.clone(), client.clone(), job, Duration::from_secs(180)));
+    wait_job_finished(&pool, job, Duration::from_secs(180)).await;
+    eprintln!("{TASKS} tasks over two replicas in {:?}", started.elapsed());
+    let events = watcher.await.unwrap();
+    drop(workers);
+
+    assert_each_task_succeeded_once(&pool, job, TASKS, results.path()).await;
+    // Both replicas dispatched and committed work.
+    let per_replica: Vec<(String, i64)> = sqlx::query_as(
+        "select coordinator, sum(completed)::bigint from workers group by coordinator order by coordinator",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_replica.len(), 2, "{per_replica:?}");
+    assert!(per_replica.iter().all(|(_, n)| *n > 0), "each replica's workers completed tasks: {per_replica:?}");
+    assert_eq!(per_replica.iter().map(|r| r.1).sum::<i64>(), TASKS);
+
+    // The watcher on replica one saw progress from workers connected to replica two (and one).
+    assert_eq!(final_state(&events), Some(JobState::Succeeded as i32), "the watch ends with the final state");
+    let on_one = workers_of_replica(&pool, one.port()).await;
+    let on_two = workers_of_replica(&pool, two.port()).await;
+    let progress_from: HashMap<&str, usize> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Progress(p)) => Some(p.worker_id.as_str()),
+            _ => None,
+        })
+        .fold(HashMap::new(), |mut m, w| {
+            *m.entry(w).or_default() += 1;
+            m
+        });
+    let from_two: usize = progress_from.iter().filter(|(w, _)| on_two.contains(**w)).map(|(_, n)| n).sum();
+    let from_one: usize = progress_from.iter().filter(|(w, _)| on_one.contains(**w)).map(|(_, n)| n).sum();
+    assert!(from_two > 0, "no progress from replica two's workers reached replica one's watcher");
+    assert!(from_one > 0, "no progress from replica one's own workers");
+    let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1] || (w[0] == w[1] && w[1] == *sequences.last().unwrap())),
+        "sequence numbers increase"
+    );
+    let succeeded_events: HashSet<u64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Task(t)) if t.state == TaskState::Succeeded as i32 => Some(t.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(succeeded_events.len() as i64, TASKS, "a succeeded event per task, from either replica");
+}
+
+/// Seconds since the epoch (as f64) of a job's finished_at.
+async fn finished_at(pool: &PgPool, job: Uuid) -> f64 {
+    sqlx::query_scalar("select extract(epoch from finished_at)::float8 from jobs where id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_lets_a_small_job_finish_long_before_a_big_one() {
+    let db = fresh_database("acc_fair_share");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("acme", "client").unwrap();
+    let worker_token = coord.token("acme", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+    let workers: Vec<Worker> = (0..4)
+        .map(|i| synthetic_worker(&coord.url(), &worker_token, &format!("w{i}"), 0, 16))
+        .collect();
+    wait_connected(&workers.iter().collect::<Vec<_>>());
+
+    let big = submit_ok(&ch, &client, header("big", 1), prompts(10_000)).await;
+    // Let the big job take the workers first.
+    wait_for("the big job to start", Duration::from_secs(30), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", big).await >= 100
+    })
+    .await;
+    let small = submit_ok(&ch, &client, header("small", 1), prompts(10)).await;
+    let started = Instant::now();
+    wait_job_finished(&pool, small, Duration::from_secs(60)).await;
+    let small_took = started.elapsed();
+    let small_done = finished_at(&pool, small).await;
+    let big_left: i64 = sqlx::query_scalar(
+        "select count(*) from tasks where job_id = $1 and (finished_at is null or extract(epoch from finished_at) > $2)",
+    )
+    .bind(big)
+    .bind(small_done)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    eprintln!("the small job finished in {small_took:?} with {big_left} tasks of the big job left");
+    assert!(big_left >= 5_000, "the small job waited behind the big one: only {big_left} of 10,000 were left");
+    assert_each_task_succeeded_once(&pool, small, 10, coord.results_dir()).await;
+
+    wait_job_finished(&pool, big, Duration::from_secs(240)).await;
+    let big_done = finished_at(&pool, big).await;
+    assert!(small_done < big_done, "the small job finished after the big one");
+    assert_each_task_succeeded_once(&pool, big, 10_000, coord.results_dir()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outages
+
+/// Polls the succeeded count of a job until it reaches `at_least` (the database may be away).
+async fn wait_succeeded(pool: &PgPool, job: Uuid, at_least: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n: Result<i64, _> =
+            sqlx::query_scalar("select count(*) from tasks where job_id = $1 and state = 3")
+                .bind(job)
+                .fetch_one(pool)
+                .await;
+        if n.as_ref().is_ok_and(|n| *n >= at_least) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "fewer than {at_least} tasks succeeded within {timeout:?}: {n:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_postgres_restarts_mid_batch_lose_nothing() {
+    let pg = PgServer::start_local().expect("a dedicated PostgreSQL");
+    let db = pg.create_database("acc_restarts").unwrap();
+    let mut coord = coordinator(&db, &["--lease-ttl-ms", "3000", "--heartbeat-ms", "500"]);
+    let pool = pool(&db).await;
+    let client = coord.token("acme", "client").unwrap();
+    let worker_token = coord.token("acme", "worker").unwrap();
+    let workers = [
+        synthetic_worker(&coord.url(), &worker_token, "w1", 3, 4),
+        synthetic_worker(&coord.url(), &worker_token, "w2", 3, 4),
+    ];
+    wait_connected(&workers.iter().collect::<Vec<_>>());
+    const TASKS: i64 = 600;
+    let job = submit_ok(&channel(&coord.url()).await, &client, header("restarts", 2), prompts(TASKS as usize)).await;
+
+    // The coordinator crashes (SIGKILL) mid-batch and comes back on the same port.
+    wait_succeeded(&pool, job, TASKS / 5, Duration::from_secs(60)).await;
+    coord.kill();
+    let at_crash = count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    coord.resume().expect("the coordinator restarts");
+    wait_succeeded(&pool, job, at_crash + TASKS / 5, Duration::from_secs(60)).await;
+
+    // PostgreSQL stops mid-batch, stays away for two seconds and comes back.
+    pg.stop().expect("stop PostgreSQL");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.resume().expect("start PostgreSQL again");
+
+    wait_job_finished(&pool, job, Duration::from_secs(120)).await;
+    drop(workers);
+    assert_each_task_succeeded_once(&pool, job, TASKS, coord.results_dir()).await;
+    // Status still answers through the restarted coordinator.
+    let status = jobs(&channel(&coord.url()).await)
+        .get_job(authed(&client, GetJobRequest { job_id: job.to_string() }))
+        .await
+        .expect("GetJob after the outages")
+        .into_inner();
+    assert_eq!(status.state, JobState::Succeeded as i32);
+    assert_eq!(status.counts.unwrap().succeeded, TASKS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_dispatch_and_status_working_and_progress_recovers() {
+    let redis = RedisServer::start_local().expect("a dedicated Redis");
+    let db = fresh_database("acc_redis_outage");
+    let coord = coordinator_with(CoordinatorOptions::new(&db).redis(&redis.url()), &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("acme", "client").unwrap();
+    let worker_token = coord.token("acme", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+    let workers = [
+        synthetic_worker(&coord.url(), &worker_token, "w1", 2, 4),
+        synthetic_worker(&coord.url(), &worker_token, "w2", 2, 4),
+    ];
+    wait_connected(&workers.iter().collect::<Vec<_>>());
+
+    // With Redis up, a watcher sees progress.
+    let before = submit_ok(&ch, &client, header("before the outage", 2), prompts(50)).await;
+    let events = collect_events(ch.clone(), client.clone(), before, Duration::from_secs(60)).await;
+    assert_eq!(final_state(&events), Some(JobState::Succeeded as i32));
+    assert!(events.iter().any(|e| matches!(e.event, Some(job_event::Event::Progress(_)))));
+
+    // Redis away: submissions, dispatch, uploads and status all keep working.
+    redis.stop().expect("stop Redis");
+    let started = Instant::now();
+    let during = submit_ok(&ch, &client, header("during the outage", 2), prompts(300)).await;
+    // Dispatch must not wait on Redis: 300 tiny tasks take about a second with Redis up.
+    wait_job_finished(&pool, during, Duration::from_secs(20)).await;
+    eprintln!("300 tasks with Redis away in {:?}", started.elapsed());
+    assert_each_task_succeeded_once(&pool, during, 300, coord.results_dir()).await;
+    let status = jobs(&ch)
+        .get_job(authed(&client, GetJobRequest { job_id: during.to_string() }))
+        .await
+        .expect("GetJob with Redis away")
+        .into_inner();
+    assert_eq!((status.state, status.counts.unwrap().succeeded), (JobState::Succeeded as i32, 300));
+    // A watch of a finished job still ends with its final state (read from the job store).
+    let events = collect_events(ch.clone(), client.clone(), during, Duration::from_secs(15)).await;
+    assert_eq!(final_state(&events), Some(JobState::Succeeded as i32));
+
+    // Redis back: progress reaches watchers again.
+    redis.resume().expect("start Redis again");
+    let after = submit_ok(&ch, &client, header("after the outage", 4), prompts(50)).await;
+    let events = collect_events(ch.clone(), client.clone(), after, Duration::from_secs(60)).await;
+    assert_eq!(final_state(&events), Some(JobState::Succeeded as i32));
+    let progress = events.iter().filter(|e| matches!(e.event, Some(job_event::Event::Progress(_)))).count();
+    assert!(progress > 0, "no progress events after Redis returned ({} events)", events.len());
+    assert_each_task_succeeded_once(&pool, after, 50, coord.results_dir()).await;
+    drop(workers);
 }
