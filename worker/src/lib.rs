@@ -10,3 +10,4 @@ pub mod model;
 pub mod pngmeta;
 pub mod render;
 pub mod runtime;
+pub mod verify;

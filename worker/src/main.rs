@@ -70,6 +70,84 @@ struct Args {
     /// Skip the warm-up render at start.
     #[arg(long)]
     no_warmup: bool,
+    /// Before connecting, check the model code against this golden directory on --device in
+    /// --precision (see docs/verify.md); a failing node exits instead of joining.
+    #[arg(long, env = "FARM_VERIFY_ON_START")]
+    verify_on_start: Option<PathBuf>,
+}
+
+/// `farm-worker verify`: the numerical self-check on its own.
+#[derive(Parser, Debug)]
+#[command(name = "farm-worker verify", about = "Check the model code against a golden reference directory")]
+struct VerifyArgs {
+    /// Directory with <c>.json, <c>_weights.safetensors and <c>_io.safetensors for c in dit, gemma3, jina, vae.
+    #[arg(long)]
+    goldens: PathBuf,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the parameters.
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: PrecisionArg,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn precision_kind(p: PrecisionArg) -> tch::Kind {
+    match p {
+        PrecisionArg::Bf16 => tch::Kind::BFloat16,
+        PrecisionArg::Fp16 => tch::Kind::Half,
+        PrecisionArg::Fp32 => tch::Kind::Float,
+    }
+}
+
+/// Parses the device, turns TF32 off for fp32 on CUDA, loads the CUDA backend and checks the device exists.
+fn verify_device(device: &str, precision: PrecisionArg) -> anyhow::Result<tch::Device> {
+    let dev = parse_device(device).map_err(anyhow::Error::msg)?;
+    if let tch::Device::Cuda(i) = dev {
+        if matches!(precision, PrecisionArg::Fp32) {
+            farm_worker::verify::disable_tf32_for_process();
+        }
+        farm_worker::device::load_cuda_backend();
+        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            anyhow::bail!("--device {device}: no such CUDA device on this machine");
+        }
+    }
+    Ok(dev)
+}
+
+fn verify_command() -> anyhow::Result<()> {
+    let v = VerifyArgs::parse_from(std::env::args().skip(1));
+    let device = verify_device(&v.device, v.precision)?;
+    let report = match farm_worker::verify::verify_dir(&v.goldens, device, precision_kind(v.precision)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if v.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    std::process::exit(if report.pass { 0 } else { 1 });
+}
+
+/// `--verify-on-start`: the self-check before joining; `Ok((true, now_ms))` on a pass.
+fn start_check(dir: &std::path::Path, device: &str, precision: PrecisionArg) -> anyhow::Result<(bool, i64)> {
+    let dev = verify_device(device, precision)?;
+    let started = Instant::now();
+    let report = farm_worker::verify::verify_dir(dir, dev, precision_kind(precision)).map_err(|e| anyhow::anyhow!("--verify-on-start: {e}"))?;
+    if !report.pass {
+        eprint!("{}", report.to_table());
+        let failed: Vec<String> = report.failures().into_iter().map(|(c, t)| format!("{c} {t}")).collect();
+        anyhow::bail!("numerical self-check against {} failed: {}; not joining", dir.display(), failed.join(", "));
+    }
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    tracing::info!(goldens = %dir.display(), ms = started.elapsed().as_millis() as u64, "numerical self-check passed");
+    Ok((true, now_ms))
 }
 
 fn host_name() -> String {
@@ -81,7 +159,14 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args().nth(1).as_deref() == Some("verify") {
+        return verify_command();
+    }
     let a = Args::parse();
+    let verified = match &a.verify_on_start {
+        Some(dir) => Some(start_check(dir, &a.device, a.precision)?),
+        None => None,
+    };
     farm_worker::device::load_cuda_backend();
     if a.max_batch == 0 || a.max_batch > 256 {
         anyhow::bail!("--max-batch must be between 1 and 256");
@@ -138,7 +223,7 @@ fn main() -> anyhow::Result<()> {
         name: a.name.unwrap_or_else(|| format!("{}/{}", host_name(), a.device)),
         max_batch: a.max_batch,
         max_backoff: Duration::from_millis(a.max_backoff_ms.max(100)),
-        verified: None,
+        verified,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
