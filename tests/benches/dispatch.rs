@@ -1,0 +1,299 @@
+//! Control-plane benchmark of the coordinator, printed as three figures and one ratio:
+//!
+//! 1. **submit**: SubmitJob prompts/s for one streamed job of `BENCH_PROMPTS` prompts (default 100,000).
+//! 2. **dispatch**: end-to-end tasks/s with `BENCH_WORKERS` in-process worker sessions (default 64)
+//!    that render in 0 ms: hello, credits, and for every assignment an UploadResult of a tiny blob and
+//!    the credits back. Each task is claimed under a lease, sent, uploaded, stored and committed.
+//! 3. **raw**: the floor PostgreSQL itself sets on the same database with the same number of
+//!    connections: claim up to `BENCH_BATCH` queued tasks with `SELECT ... FOR UPDATE SKIP LOCKED`,
+//!    then mark each one done with its own UPDATE (as an upload commits one task).
+//!
+//! Run: `cargo bench -p farm-tests --bench dispatch --profile dev` (the binaries the harness starts are
+//! built in the same profile; `FARM_BIN_DIR` points it at others, e.g. release builds). PostgreSQL is
+//! `DATABASE_URL` or a throwaway local server; the coordinator runs alone with in-process events.
+//! Each timed phase stops after `BENCH_SECONDS` (default 20) or `BENCH_TASKS` tasks (default 30,000).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farm_proto::pb::job_service_client::JobServiceClient;
+use farm_proto::pb::worker_service_client::WorkerServiceClient;
+use farm_proto::pb::{
+    coordinator_message, submit_job_request, upload_result_request, worker_message, Credits, Hello, Lease,
+    PromptChunk, PromptSpec, RenderParams, SubmitEnd, SubmitHeader, SubmitJobRequest, UploadHeader,
+    UploadResultRequest, WorkerCapabilities, WorkerMessage,
+};
+use farm_tests::{Coordinator, CoordinatorOptions, PgServer};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+use uuid::Uuid;
+
+const MODEL: &str = "tiny";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut request = Request::new(msg);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?.connect().await?)
+}
+
+/// The SubmitJob stream, built before timing starts.
+fn submission(n: u64) -> Vec<SubmitJobRequest> {
+    let header = SubmitHeader {
+        name: "dispatch benchmark".into(),
+        defaults: Some(RenderParams {
+            width: 64,
+            height: 64,
+            steps: 1,
+            model: MODEL.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut messages = vec![SubmitJobRequest {
+        msg: Some(submit_job_request::Msg::Header(header)),
+    }];
+    let mut chunk = Vec::with_capacity(1000);
+    for i in 0..n {
+        chunk.push(PromptSpec {
+            text: format!(
+                "<character_1><n>character {i}</n><appearance>long hair, blue eyes</appearance></character_1>\
+                 <general_tags><style>anime</style><background>city at night</background></general_tags>"
+            ),
+            seed: Some(i),
+            ..Default::default()
+        });
+        if chunk.len() == 1000 || i + 1 == n {
+            messages.push(SubmitJobRequest {
+                msg: Some(submit_job_request::Msg::Chunk(PromptChunk {
+                    prompts: std::mem::take(&mut chunk),
+                })),
+            });
+        }
+    }
+    messages.push(SubmitJobRequest {
+        msg: Some(submit_job_request::Msg::End(SubmitEnd { prompt_count: n })),
+    });
+    messages
+}
+
+/// One worker session rendering in 0 ms until `stop`: every assigned task is uploaded at once (the
+/// batch's uploads concurrently) and its credit granted back.
+async fn session(
+    url: String,
+    token: String,
+    name: String,
+    batch: u32,
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let ch = channel(&url).await?;
+    let (out, rx) = mpsc::channel(256);
+    let hello = Hello {
+        name,
+        capabilities: Some(WorkerCapabilities {
+            device: "cpu".into(),
+            model_name: MODEL.into(),
+            model_hash: "bench".into(),
+            max_batch: batch,
+            max_pixels: 1024 * 1024,
+            ..Default::default()
+        }),
+        held_leases: vec![],
+    };
+    out.send(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) }).await?;
+    let mut inbound = WorkerServiceClient::new(ch.clone())
+        .connect(authed(&token, ReceiverStream::new(rx)))
+        .await?
+        .into_inner();
+    let credits = |add: u32| WorkerMessage { msg: Some(worker_message::Msg::Credits(Credits { add })) };
+    out.send(credits(batch * 2)).await?;
+    let blob = b"\x89PNG\r\n\x1a\nbenchmark result".to_vec();
+    let sha = hex::encode(Sha256::digest(&blob));
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(200), inbound.message()).await else {
+            continue;
+        };
+        let Some(msg) = msg? else { break };
+        let Some(coordinator_message::Msg::Assign(assign)) = msg.msg else { continue };
+        let uploads = assign.tasks.iter().map(|task| {
+            let lease: Lease = task.lease.clone().expect("a lease");
+            let messages = vec![
+                UploadResultRequest {
+                    msg: Some(upload_result_request::Msg::Header(UploadHeader {
+                        lease: Some(lease),
+                        content_type: "image/png".into(),
+                        size_bytes: blob.len() as u64,
+                        sha256: sha.clone(),
+                        metadata_json: "{}".into(),
+                    })),
+                },
+                UploadResultRequest { msg: Some(upload_result_request::Msg::Data(blob.clone())) },
+            ];
+            let mut client = WorkerServiceClient::new(ch.clone());
+            let token = token.clone();
+            async move { client.upload_result(authed(&token, tokio_stream::iter(messages))).await }
+        });
+        let n = futures::future::try_join_all(uploads).await?.len() as u32;
+        done.fetch_add(u64::from(n), Ordering::Relaxed);
+        out.send(credits(n)).await?;
+    }
+    Ok(())
+}
+
+/// Runs until `limit` tasks are done or `seconds` pass; returns (tasks, elapsed).
+async fn measure(done: &AtomicU64, limit: u64, seconds: u64) -> (u64, Duration) {
+    let start_count = done.load(Ordering::Relaxed);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) && done.load(Ordering::Relaxed) - start_count < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (done.load(Ordering::Relaxed) - start_count, started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let prompts = env_or("BENCH_PROMPTS", 100_000);
+    let workers = env_or("BENCH_WORKERS", 64) as usize;
+    let batch = env_or("BENCH_BATCH", 4) as u32;
+    let seconds = env_or("BENCH_SECONDS", 20);
+    let task_limit = env_or("BENCH_TASKS", 30_000);
+
+    let pg = PgServer::start()?;
+    let db = pg.create_database("bench_dispatch")?;
+    let pool_size = (workers + 16).to_string();
+    let coord = Coordinator::spawn(CoordinatorOptions::new(&db).args([
+        "--db-pool",
+        &pool_size,
+        "--idle-poll-ms",
+        "100",
+        "--lease-ttl-ms",
+        "60000",
+        "--heartbeat-ms",
+        "10000",
+    ]))?;
+    let client_token = coord.token("bench", "client")?;
+    let worker_token = coord.token("bench", "worker")?;
+
+    // 1. Submission.
+    let messages = submission(prompts);
+    let ch = channel(&coord.url()).await?;
+    let started = Instant::now();
+    let response = JobServiceClient::new(ch.clone())
+        .submit_job(authed(&client_token, tokio_stream::iter(messages)))
+        .await?
+        .into_inner();
+    let submit_elapsed = started.elapsed();
+    anyhow::ensure!(response.errors.is_empty() && response.accepted == prompts, "submission refused: {response:?}");
+    let job = Uuid::parse_str(&response.job_id)?;
+    let submit_rate = prompts as f64 / submit_elapsed.as_secs_f64();
+
+    // 2. Dispatch through the coordinator.
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions: Vec<_> = (0..workers)
+        .map(|i| {
+            tokio::spawn(session(
+                coord.url(),
+                worker_token.clone(),
+                format!("bench-{i}"),
+                batch,
+                done.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    // Warm-up: every session connected and the first tasks through.
+    let warm_up = Instant::now();
+    while done.load(Ordering::Relaxed) < (workers as u64) * u64::from(batch) && warm_up.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (dispatched, dispatch_elapsed) = measure(&done, task_limit, seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in sessions {
+        if let Err(e) = s.await? {
+            eprintln!("a worker session failed: {e:#}");
+        }
+    }
+    let dispatch_rate = dispatched as f64 / dispatch_elapsed.as_secs_f64();
+    // Let the coordinator requeue what the closed sessions held before the raw loop runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. Raw claim loop on the same database and job, as many connections as sessions.
+    let pool = PgPoolOptions::new().max_connections(workers as u32).connect(&db).await?;
+    let raw_done = Arc::new(AtomicU64::new(0));
+    let raw_stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..workers)
+        .map(|_| {
+            let (pool, raw_done, raw_stop) = (pool.clone(), raw_done.clone(), raw_stop.clone());
+            let owner = Uuid::new_v4();
+            tokio::spawn(async move {
+                while !raw_stop.load(Ordering::Relaxed) {
+                    let claimed: Vec<(Uuid, i64)> = sqlx::query_as(
+                        "with picked as (
+                             select id from tasks where job_id = $1 and state = 1 order by idx limit $2
+                             for update skip locked)
+                         update tasks t set state = 2, lease_owner = $3, lease_token = nextval('lease_tokens'),
+                                lease_expires_at = now() + interval '60 seconds'
+                         from picked where t.id = picked.id
+                         returning t.id, t.lease_token",
+                    )
+                    .bind(job)
+                    .bind(i64::from(batch))
+                    .bind(owner)
+                    .fetch_all(&pool)
+                    .await?;
+                    if claimed.is_empty() {
+                        break;
+                    }
+                    for (id, token) in claimed {
+                        sqlx::query(
+                            "update tasks set state = 3, finished_at = now(), lease_owner = null
+                             where id = $1 and lease_token = $2 and state = 2",
+                        )
+                        .bind(id)
+                        .bind(token)
+                        .execute(&pool)
+                        .await?;
+                        raw_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let (raw, raw_elapsed) = measure(&raw_done, task_limit, seconds).await;
+    raw_stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await??;
+    }
+    let raw_rate = raw as f64 / raw_elapsed.as_secs_f64();
+
+    println!("submit:   {prompts} prompts in {:.2} s = {submit_rate:.0} prompts/s (target >= 100000)", submit_elapsed.as_secs_f64());
+    println!(
+        "dispatch: {dispatched} tasks in {:.2} s = {dispatch_rate:.0} tasks/s with {workers} sessions, batch {batch} (target >= 5000)",
+        dispatch_elapsed.as_secs_f64()
+    );
+    println!(
+        "raw:      {raw} tasks in {:.2} s = {raw_rate:.0} tasks/s (SKIP LOCKED claim of {batch} + one UPDATE per task, {workers} connections)",
+        raw_elapsed.as_secs_f64()
+    );
+    println!("ratio:    dispatch/raw = {:.1} % (target >= 50 %)", 100.0 * dispatch_rate / raw_rate);
+    drop(coord);
+    drop(pg);
+    Ok(())
+}
