@@ -99,16 +99,9 @@ struct Args {
 /// `libtorch_cuda.so` from the binary's dependencies (no symbol of it is referenced directly, and
 /// Rust links with `--as-needed`), so without this libtorch reports no CUDA device.
 fn parse_device(s: &str) -> Result<Device> {
-    let device = match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        s if s.starts_with("cuda:") => Device::Cuda(s[5..].parse().context("cuda index")?),
-        _ => bail!("unknown device {s} (cuda, cuda:N, cpu)"),
-    };
+    let device = farm_worker::device::parse_device(s).map_err(anyhow::Error::msg)?;
     if let Device::Cuda(_) = device {
-        // SAFETY: dlopen of a shared library by name; the handle is kept for the process lifetime.
-        let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        if handle.is_null() {
+        if !farm_worker::device::load_cuda_backend() {
             bail!("cannot load libtorch_cuda.so: put the CUDA build of libtorch's lib folder on LD_LIBRARY_PATH");
         }
         if !tch::Cuda::is_available() {
