@@ -2,9 +2,9 @@
 //!
 //! Builds every binary first (the end-to-end tests run them as processes), starts PostgreSQL and
 //! Redis unless `DATABASE_URL` / `REDIS_URL` name existing ones, runs the workspace's tests with
-//! those URLs, then every executable in `.ci/checks/` (in name order, same environment) and the deploy check
-//! (`cargo xtask deploy-check`). The exit
-//! code is the tests' exit code, or 1 if only a check failed.
+//! those URLs, then every executable in `.ci/checks/` (in name order, same environment) and the
+//! deploy check (`cargo xtask deploy-check`). The exit code is the tests' exit code, or 1 if only a
+//! check failed.
 
 use std::ffi::OsString;
 use std::fs;
