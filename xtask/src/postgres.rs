@@ -12,13 +12,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::paths;
-use crate::process::{self, Process, TempDir};
+use crate::process::{self, LocalServer, Process, TempDir};
 
 /// The superuser every local server is initialised with.
 pub const SUPERUSER: &str = "postgres";
@@ -62,18 +61,20 @@ pub struct PgServer {
 
 enum Backend {
     External { url: String },
-    Local(Local),
+    Local(Box<Local>),
 }
 
 struct Local {
-    // Field order matters: the server stops before its directory is removed.
-    process: Mutex<Option<Process>>,
+    server: LocalServer,
+    setup: Setup,
+}
+
+/// What starting the server again needs.
+struct Setup {
     bin_dir: PathBuf,
-    port: u16,
     data_dir: PathBuf,
     socket_dir: PathBuf,
     run_as: Option<(libc::uid_t, libc::gid_t)>,
-    dir: TempDir,
 }
 
 impl PgServer {
@@ -129,38 +130,29 @@ impl PgServer {
         drop_privileges(&mut initdb, run_as);
         process::run_captured(initdb).context("initdb")?;
 
-        let mut local = Local {
-            process: Mutex::new(None),
+        let setup = Setup {
             bin_dir,
-            port: 0,
             data_dir,
             socket_dir,
             run_as,
-            dir,
         };
-        // A port that was free when picked can be taken before the server binds it: try a few.
-        let mut last_error = None;
-        for _ in 0..5 {
-            local.port = process::free_port();
-            match local.launch() {
-                Ok(server) => {
-                    *local.process.lock().unwrap() = Some(server);
-                    return Ok(PgServer {
-                        backend: Backend::Local(local),
-                    });
-                }
-                Err(err) if format!("{err:#}").contains("Address already in use") => last_error = Some(err),
-                Err(err) => return Err(err),
-            }
-        }
-        Err(last_error.unwrap())
+        // SIGINT is PostgreSQL's "fast shutdown": sessions are disconnected, a checkpoint is written.
+        let server = LocalServer::start("postgres", dir, Duration::from_secs(30), &|dir, port| {
+            setup.launch(dir, port)
+        })?;
+        Ok(PgServer {
+            backend: Backend::Local(Box::new(Local { server, setup })),
+        })
     }
 
     /// The maintenance URL (database `postgres`).
     pub fn url(&self) -> String {
         match &self.backend {
             Backend::External { url } => url.clone(),
-            Backend::Local(local) => format!("postgres://{SUPERUSER}@127.0.0.1:{}/postgres", local.port),
+            Backend::Local(local) => format!(
+                "postgres://{SUPERUSER}@127.0.0.1:{}/postgres",
+                local.server.port()
+            ),
         }
     }
 
@@ -173,7 +165,7 @@ impl PgServer {
     pub fn port(&self) -> Option<u16> {
         match &self.backend {
             Backend::External { .. } => None,
-            Backend::Local(local) => Some(local.port),
+            Backend::Local(local) => Some(local.server.port()),
         }
     }
 
@@ -222,7 +214,7 @@ impl PgServer {
     /// Runs one SQL command on the maintenance database with `psql` and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> Result<String> {
         let psql = match &self.backend {
-            Backend::Local(local) => local.bin_dir.join("psql"),
+            Backend::Local(local) => local.setup.bin_dir.join("psql"),
             Backend::External { .. } => find_bin_dir()
                 .map(|dir| dir.join("psql"))
                 .filter(|psql| psql.exists())
@@ -248,19 +240,13 @@ impl PgServer {
 
     /// Fast shutdown (SIGINT: sessions are disconnected, a checkpoint is written). Data and port stay.
     pub fn stop(&self) -> Result<()> {
-        let local = self.local("stop")?;
-        if let Some(mut server) = local.process.lock().unwrap().take() {
-            server.stop(Duration::from_secs(30));
-        }
+        self.local("stop")?.server.stop();
         Ok(())
     }
 
     /// Crash: SIGKILL to the postmaster and every backend. The next start runs crash recovery.
     pub fn kill(&self) -> Result<()> {
-        let local = self.local("kill")?;
-        if let Some(mut server) = local.process.lock().unwrap().take() {
-            server.kill();
-        }
+        self.local("kill")?.server.kill();
         Ok(())
     }
 
@@ -268,15 +254,7 @@ impl PgServer {
     /// data directory; returns once it accepts connections. Does nothing if it is running.
     pub fn resume(&self) -> Result<()> {
         let local = self.local("start")?;
-        let mut slot = local.process.lock().unwrap();
-        if let Some(server) = slot.as_mut() {
-            if server.is_running() {
-                return Ok(());
-            }
-        }
-        *slot = None;
-        *slot = Some(local.launch()?);
-        Ok(())
+        local.server.resume(&|dir, port| local.setup.launch(dir, port))
     }
 
     /// [`PgServer::stop`] then [`PgServer::resume`].
@@ -289,12 +267,7 @@ impl PgServer {
     pub fn is_running(&self) -> bool {
         match &self.backend {
             Backend::External { .. } => true,
-            Backend::Local(local) => local
-                .process
-                .lock()
-                .unwrap()
-                .as_mut()
-                .is_some_and(Process::is_running),
+            Backend::Local(local) => local.server.is_running(),
         }
     }
 
@@ -302,31 +275,23 @@ impl PgServer {
     pub fn log_path(&self) -> Option<PathBuf> {
         match &self.backend {
             Backend::External { .. } => None,
-            Backend::Local(local) => Some(local.log_path()),
+            Backend::Local(local) => Some(local.server.log_path()),
         }
     }
 
     /// The last `lines` lines of the server log (empty for an external server).
     pub fn log_tail(&self, lines: usize) -> String {
-        self.log_path()
-            .map(|path| {
-                format!(
-                    "---- postgres (last {lines} lines of {}) ----\n{}",
-                    path.display(),
-                    process::tail_of_file(&path, lines)
-                )
-            })
-            .unwrap_or_default()
+        match &self.backend {
+            Backend::External { .. } => String::new(),
+            Backend::Local(local) => local.server.log_tail(lines),
+        }
     }
 
     /// Stops a local server and removes its directory now (for owners that are never dropped,
     /// such as a process-wide shared server).
     pub fn shutdown(&self) {
         if let Backend::Local(local) = &self.backend {
-            if let Some(mut server) = local.process.lock().unwrap().take() {
-                server.stop(Duration::from_secs(10));
-            }
-            local.dir.remove();
+            local.server.shutdown();
         }
     }
 
@@ -340,22 +305,18 @@ impl PgServer {
     }
 }
 
-impl Local {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("postgres.log")
-    }
-
-    /// Starts `postgres` on `self.port` and waits until it accepts connections.
-    fn launch(&self) -> Result<Process> {
+impl Setup {
+    /// Starts `postgres` in `dir` on `port` and waits until it accepts connections.
+    fn launch(&self, dir: &Path, port: u16) -> Result<Process> {
         let mut command = Command::new(self.bin_dir.join("postgres"));
         command
             .arg("-D")
             .arg(&self.data_dir)
             .arg("-p")
-            .arg(self.port.to_string())
+            .arg(port.to_string())
             .arg("-k")
             .arg(&self.socket_dir)
-            .current_dir(self.dir.path());
+            .current_dir(dir);
         for setting in [
             "listen_addresses=127.0.0.1",
             "fsync=off",
@@ -367,41 +328,36 @@ impl Local {
             command.arg("-c").arg(setting);
         }
         drop_privileges(&mut command, self.run_as);
-        let log = self.log_path();
-        // SIGINT is PostgreSQL's "fast shutdown".
+        let log = LocalServer::log_path_in(dir, "postgres");
         let mut server = Process::spawn("postgres", command, &log)?.with_stop_signal(libc::SIGINT);
-        let ready = process::wait_until(
-            &format!("PostgreSQL on 127.0.0.1:{}", self.port),
-            START_TIMEOUT,
-            || {
-                if let Some(status) = server.try_status() {
-                    bail!(
-                        "postgres exited ({}) while starting\n{}",
-                        process::describe(status),
-                        server.log_tail(30)
-                    );
-                }
-                // pg_isready: 0 accepting, 1 still starting or recovering, 2 no answer yet.
-                let status = Command::new(self.bin_dir.join("pg_isready"))
-                    .args([
-                        "--quiet",
-                        "--host",
-                        "127.0.0.1",
-                        "--username",
-                        SUPERUSER,
-                        "--dbname",
-                        "postgres",
-                        "--timeout",
-                        "2",
-                    ])
-                    .arg("--port")
-                    .arg(self.port.to_string())
-                    .stdin(std::process::Stdio::null())
-                    .status()
-                    .context("run pg_isready")?;
-                Ok(status.success())
-            },
-        );
+        let ready = process::wait_until(&format!("PostgreSQL on 127.0.0.1:{port}"), START_TIMEOUT, || {
+            if let Some(status) = server.try_status() {
+                bail!(
+                    "postgres exited ({}) while starting\n{}",
+                    process::describe(status),
+                    server.log_tail(30)
+                );
+            }
+            // pg_isready: 0 accepting, 1 still starting or recovering, 2 no answer yet.
+            let status = Command::new(self.bin_dir.join("pg_isready"))
+                .args([
+                    "--quiet",
+                    "--host",
+                    "127.0.0.1",
+                    "--username",
+                    SUPERUSER,
+                    "--dbname",
+                    "postgres",
+                    "--timeout",
+                    "2",
+                ])
+                .arg("--port")
+                .arg(port.to_string())
+                .stdin(std::process::Stdio::null())
+                .status()
+                .context("run pg_isready")?;
+            Ok(status.success())
+        });
         ready.map(|()| server)
     }
 }

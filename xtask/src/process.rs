@@ -219,6 +219,112 @@ impl Drop for Process {
     }
 }
 
+/// Starts a server: given its directory and a port, returns the running process once it serves.
+pub type Launch<'a> = dyn Fn(&Path, u16) -> Result<Process> + 'a;
+
+/// A server process of ours on a fixed port, with its own directory (log `NAME.log` inside), that
+/// can be stopped, killed and started again on the same port and directory from any thread.
+pub struct LocalServer {
+    // Field order matters: the process stops before its directory is removed.
+    process: Mutex<Option<Process>>,
+    name: &'static str,
+    port: u16,
+    /// How long a stop may take before SIGKILL.
+    grace: Duration,
+    dir: TempDir,
+}
+
+impl LocalServer {
+    /// Launches the server in `dir` on a free port. A port that was free when picked can be taken
+    /// before the server binds it, so "Address already in use" makes it try another, five times.
+    pub fn start(name: &'static str, dir: TempDir, grace: Duration, launch: &Launch) -> Result<LocalServer> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = free_port();
+            match launch(dir.path(), port) {
+                Ok(process) => {
+                    return Ok(LocalServer {
+                        process: Mutex::new(Some(process)),
+                        name,
+                        port,
+                        grace,
+                        dir,
+                    });
+                }
+                Err(err) if format!("{err:#}").contains("Address already in use") => last_error = Some(err),
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last_error.expect("five attempts"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where a server named `name` started in `dir` logs.
+    pub fn log_path_in(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.log"))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        LocalServer::log_path_in(self.dir.path(), self.name)
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let path = self.log_path();
+        format!(
+            "---- {} (last {lines} lines of {}) ----\n{}",
+            self.name,
+            path.display(),
+            tail_of_file(&path, lines)
+        )
+    }
+
+    /// The process's stop signal, then SIGKILL after the grace period.
+    pub fn stop(&self) {
+        if let Some(mut process) = self.slot().take() {
+            process.stop(self.grace);
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&self) {
+        if let Some(mut process) = self.slot().take() {
+            process.kill();
+        }
+    }
+
+    /// Launches it again on the same port and directory unless it is running.
+    pub fn resume(&self, launch: &Launch) -> Result<()> {
+        let mut slot = self.slot();
+        if slot.as_mut().is_some_and(Process::is_running) {
+            return Ok(());
+        }
+        *slot = None;
+        *slot = Some(launch(self.dir.path(), self.port)?);
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.slot().as_mut().is_some_and(Process::is_running)
+    }
+
+    /// Stops it and removes its directory now (for owners that are never dropped).
+    pub fn shutdown(&self) {
+        self.stop();
+        self.dir.remove();
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Process>> {
+        self.process.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
 /// The process ids below `root` in the process tree, from `/proc` (empty where there is none).
 pub fn descendants_of(root: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = fs::read_dir("/proc")

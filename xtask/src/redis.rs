@@ -5,15 +5,14 @@
 use std::env;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::paths;
-use crate::process::{self, Process, TempDir};
+use crate::process::{self, LocalServer, Process, TempDir};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -45,10 +44,8 @@ enum Backend {
 }
 
 struct Local {
-    process: Mutex<Option<Process>>,
+    server: LocalServer,
     binary: PathBuf,
-    port: u16,
-    dir: TempDir,
 }
 
 impl RedisServer {
@@ -71,40 +68,28 @@ impl RedisServer {
     pub fn start_local() -> Result<RedisServer> {
         let binary = find_server_binary()
             .context("redis-server not found; run `cargo xtask setup` or `apt-get install redis-server`, or set FARM_REDIS_SERVER")?;
-        let mut local = Local {
-            process: Mutex::new(None),
-            binary,
-            port: 0,
-            dir: TempDir::new("farm-redis")?,
-        };
-        let mut last_error = None;
-        for _ in 0..5 {
-            local.port = process::free_port();
-            match local.launch() {
-                Ok(server) => {
-                    *local.process.lock().unwrap() = Some(server);
-                    return Ok(RedisServer {
-                        backend: Backend::Local(local),
-                    });
-                }
-                Err(err) if format!("{err:#}").contains("Address already in use") => last_error = Some(err),
-                Err(err) => return Err(err),
-            }
-        }
-        Err(last_error.unwrap())
+        let server = LocalServer::start(
+            "redis",
+            TempDir::new("farm-redis")?,
+            Duration::from_secs(10),
+            &|dir, port| launch(&binary, dir, port),
+        )?;
+        Ok(RedisServer {
+            backend: Backend::Local(Local { server, binary }),
+        })
     }
 
     pub fn url(&self) -> String {
         match &self.backend {
             Backend::External { url } => url.clone(),
-            Backend::Local(local) => format!("redis://127.0.0.1:{}", local.port),
+            Backend::Local(local) => format!("redis://127.0.0.1:{}", local.server.port()),
         }
     }
 
     pub fn port(&self) -> Option<u16> {
         match &self.backend {
             Backend::External { .. } => None,
-            Backend::Local(local) => Some(local.port),
+            Backend::Local(local) => Some(local.server.port()),
         }
     }
 
@@ -114,17 +99,13 @@ impl RedisServer {
 
     /// SIGTERM; nothing is saved. The port stays reserved for [`RedisServer::resume`].
     pub fn stop(&self) -> Result<()> {
-        if let Some(mut server) = self.local("stop")?.process.lock().unwrap().take() {
-            server.stop(Duration::from_secs(10));
-        }
+        self.local("stop")?.server.stop();
         Ok(())
     }
 
     /// SIGKILL.
     pub fn kill(&self) -> Result<()> {
-        if let Some(mut server) = self.local("kill")?.process.lock().unwrap().take() {
-            server.kill();
-        }
+        self.local("kill")?.server.kill();
         Ok(())
     }
 
@@ -132,15 +113,7 @@ impl RedisServer {
     /// if it is running.
     pub fn resume(&self) -> Result<()> {
         let local = self.local("start")?;
-        let mut slot = local.process.lock().unwrap();
-        if let Some(server) = slot.as_mut() {
-            if server.is_running() {
-                return Ok(());
-            }
-        }
-        *slot = None;
-        *slot = Some(local.launch()?);
-        Ok(())
+        local.server.resume(&|dir, port| launch(&local.binary, dir, port))
     }
 
     /// [`RedisServer::stop`] then [`RedisServer::resume`].
@@ -152,41 +125,28 @@ impl RedisServer {
     pub fn is_running(&self) -> bool {
         match &self.backend {
             Backend::External { .. } => true,
-            Backend::Local(local) => local
-                .process
-                .lock()
-                .unwrap()
-                .as_mut()
-                .is_some_and(Process::is_running),
+            Backend::Local(local) => local.server.is_running(),
         }
     }
 
     pub fn log_path(&self) -> Option<PathBuf> {
         match &self.backend {
             Backend::External { .. } => None,
-            Backend::Local(local) => Some(local.log_path()),
+            Backend::Local(local) => Some(local.server.log_path()),
         }
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        self.log_path()
-            .map(|path| {
-                format!(
-                    "---- redis (last {lines} lines of {}) ----\n{}",
-                    path.display(),
-                    process::tail_of_file(&path, lines)
-                )
-            })
-            .unwrap_or_default()
+        match &self.backend {
+            Backend::External { .. } => String::new(),
+            Backend::Local(local) => local.server.log_tail(lines),
+        }
     }
 
     /// Stops a local server and removes its directory now (for owners that are never dropped).
     pub fn shutdown(&self) {
         if let Backend::Local(local) = &self.backend {
-            if let Some(mut server) = local.process.lock().unwrap().take() {
-                server.stop(Duration::from_secs(5));
-            }
-            local.dir.remove();
+            local.server.shutdown();
         }
     }
 
@@ -200,44 +160,38 @@ impl RedisServer {
     }
 }
 
-impl Local {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
-    }
-
-    fn launch(&self) -> Result<Process> {
-        let mut command = Command::new(&self.binary);
-        command
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .args(["--protected-mode", "no", "--logfile", ""])
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--dir")
-            .arg(self.dir.path())
-            .current_dir(self.dir.path());
-        let mut server = Process::spawn("redis", command, &self.log_path())?;
-        let port = self.port;
-        process::wait_until(&format!("Redis on 127.0.0.1:{port}"), START_TIMEOUT, || {
-            if let Some(status) = server.try_status() {
-                bail!(
-                    "redis-server exited ({}) while starting\n{}",
-                    process::describe(status),
-                    server.log_tail(30)
-                );
-            }
-            Ok(answers_ping(port))
-        })?;
-        Ok(server)
-    }
+/// Starts `redis-server` in `dir` on `port` and waits until it answers PING.
+fn launch(binary: &Path, dir: &Path, port: u16) -> Result<Process> {
+    let mut command = Command::new(binary);
+    command
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ])
+        .args(["--protected-mode", "no", "--logfile", ""])
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--dir")
+        .arg(dir)
+        .current_dir(dir);
+    let mut server = Process::spawn("redis", command, &LocalServer::log_path_in(dir, "redis"))?;
+    process::wait_until(&format!("Redis on 127.0.0.1:{port}"), START_TIMEOUT, || {
+        if let Some(status) = server.try_status() {
+            bail!(
+                "redis-server exited ({}) while starting\n{}",
+                process::describe(status),
+                server.log_tail(30)
+            );
+        }
+        Ok(answers_ping(port))
+    })?;
+    Ok(server)
 }
 
 /// Whether a Redis server on 127.0.0.1:`port` answers `PING` with `+PONG`.
