@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::loading::{load_checkpoint, KeyTarget, LoadOptions};
 use super::tokenizer::{pad_right, TextTokenizer, TokenizerError};
-use super::vae::{read_json, WeightsError};
+use super::vae::{random_frozen, read_json, WeightsError};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -588,12 +588,7 @@ impl Gemma3TextModel {
 
     /// A frozen model with random weights drawn from `seed`.
     pub fn random(cfg: &Gemma3Config, device: Device, kind: Kind, seed: i64) -> Result<Self, WeightsError> {
-        tch::manual_seed(seed);
-        let mut vs = nn::VarStore::new(device);
-        vs.set_kind(kind);
-        let model = Self::new(&vs.root(), cfg)?;
-        vs.freeze();
-        Ok(model)
+        random_frozen(device, kind, seed, |root| Self::new(root, cfg))
     }
 
     /// Loads the text weights from a safetensors file, a shard index or a directory of shards

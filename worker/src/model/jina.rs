@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::loading::{load_checkpoint, KeyTarget, LoadOptions};
 use super::tokenizer::{pad_right, TextTokenizer, TokenizerError};
-use super::vae::{read_json, WeightsError};
+use super::vae::{random_frozen, read_json, WeightsError};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -597,12 +597,7 @@ impl JinaTextModel {
 
     /// A frozen tower with random (already merged) weights drawn from `seed`.
     pub fn random(cfg: &JinaConfig, device: Device, kind: Kind, seed: i64) -> Result<Self, WeightsError> {
-        tch::manual_seed(seed);
-        let mut vs = nn::VarStore::new(device);
-        vs.set_kind(kind);
-        let model = Self::new(&vs.root(), cfg)?;
-        vs.freeze();
-        Ok(model)
+        random_frozen(device, kind, seed, |root| Self::new(root, cfg))
     }
 
     /// Loads the text tower from a safetensors file, shard index or directory with

@@ -131,6 +131,22 @@ pub fn copy_strict(vs: &mut nn::VarStore, tensors: BTreeMap<String, Tensor>) -> 
     Ok(())
 }
 
+/// Builds a model on a fresh var store of `kind` on `device` with random weights drawn from `seed`,
+/// then freezes it. Shared by the random-weight constructors of the text encoders and the VAE.
+pub fn random_frozen<M>(
+    device: Device,
+    kind: Kind,
+    seed: i64,
+    build: impl FnOnce(&nn::Path) -> Result<M, WeightsError>,
+) -> Result<M, WeightsError> {
+    tch::manual_seed(seed);
+    let mut vs = nn::VarStore::new(device);
+    vs.set_kind(kind);
+    let model = build(&vs.root())?;
+    vs.freeze();
+    Ok(model)
+}
+
 /// Reads and parses a JSON file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {
     let text = std::fs::read_to_string(path).map_err(|source| WeightsError::Io {
@@ -528,12 +544,7 @@ impl VaeDecoder {
 
     /// A frozen decoder with random weights drawn from `seed` (for the `tiny` pipeline).
     pub fn random(cfg: &VaeConfig, device: Device, kind: Kind, seed: i64) -> Result<Self, WeightsError> {
-        tch::manual_seed(seed);
-        let mut vs = nn::VarStore::new(device);
-        vs.set_kind(kind);
-        let model = Self::new(&vs.root(), cfg)?;
-        vs.freeze();
-        Ok(model)
+        random_frozen(device, kind, seed, |root| Self::new(root, cfg))
     }
 
     /// Loads a decoder from one safetensors file or a directory of them, in either key format
