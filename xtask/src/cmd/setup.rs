@@ -7,11 +7,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use xtask::torch::{self, TorchEnv, TORCH_VERSION};
-use xtask::{paths, postgres, redis};
+use xtask::{moto, paths, postgres, redis};
 
 use super::run_checked;
 
-/// Ensures PostgreSQL, Redis and the torch venv exist; returns the torch environment.
+/// Ensures PostgreSQL, Redis, the torch venv and the moto venv exist; returns the torch environment.
 pub fn run() -> Result<TorchEnv> {
     let mut apt = Apt::default();
 
@@ -34,6 +34,8 @@ pub fn run() -> Result<TorchEnv> {
     if let Err(err) = ensure_deploy_tools(&torch.venv) {
         eprintln!("setup: warning: {err:#}");
     }
+    // Not fatal either: only the tests against an S3-compatible server need it (and they try again).
+    let moto = moto::ensure_installed();
 
     let status = |installed: bool| if installed { "installed" } else { "present" };
     println!(
@@ -52,6 +54,15 @@ pub fn run() -> Result<TorchEnv> {
         torch.venv.display(),
         status(torch_installed)
     );
+    match moto {
+        Ok((venv, installed)) => println!(
+            "setup: moto       {} in {} ({})",
+            moto::MOTO_VERSION,
+            venv.display(),
+            status(installed)
+        ),
+        Err(err) => eprintln!("setup: warning: moto (S3-compatible test server): {err:#}"),
+    }
     Ok(torch)
 }
 
