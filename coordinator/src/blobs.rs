@@ -1,97 +1,424 @@
-//! Result storage: a local directory (the default). Keys are `{job_id}/{index}.png`.
+//! Result storage: a local directory (the default) or an S3-compatible bucket. Keys are
+//! `{job_id}/{index}.png`; the rest of the coordinator sees only [`BlobStore`] and [`PendingBlob`].
 //!
-//! Writes go to a temporary file in the same directory, are checked (size, SHA-256), and become visible
-//! under their key only by an atomic rename, so a reader never sees half a file.
+//! `--results` chooses the backend: a directory or `file://DIR`, or `s3://BUCKET[/PREFIX]` with the
+//! connection settings taken from the standard `AWS_*` environment (see [`BlobStore::open`]).
+//!
+//! The invariant for both: a blob becomes visible under its key only through [`BlobStore::publish`],
+//! which the upload path calls after it has checked size and SHA-256 and locked the task row with a
+//! current lease token. Whatever fails before that leaves nothing behind.
+//!
+//! * Local directory: writes go to a temporary file in the key's directory, are flushed and fsynced,
+//!   and become visible by an atomic rename, so a reader never sees half a file.
+//! * S3: a result up to [`S3_BUFFER_BYTES`] (every PNG the farm renders) is held in memory and written
+//!   to its final key with one PUT at publish time, so nothing temporary ever exists in the bucket.
+//!   A larger one streams into a multipart upload to a temporary key under `PREFIX/.tmp/`
+//!   (memory stays bounded by a few parts); publish copies it to the final key and deletes it, and a
+//!   failure aborts the multipart upload or deletes the temporary object. Only a coordinator crash in
+//!   the middle of that can leave an incomplete multipart upload or a `.tmp/` object, never a final
+//!   key: a bucket lifecycle rule on `PREFIX/.tmp/` (and on incomplete multipart uploads) cleans up.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::fs;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{Error, Result};
 
+/// Results up to this size are buffered in memory and written with one PUT (S3 backend).
+pub const S3_BUFFER_BYTES: usize = 8 << 20;
+/// Part size of multipart uploads (S3's minimum for every part but the last is 5 MiB).
+const S3_PART_BYTES: usize = 5 << 20;
+/// Parts of one multipart upload in flight at once.
+const S3_PARTS_IN_FLIGHT: usize = 2;
+/// Largest chunk a download stream yields (well under gRPC's default message limit).
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A result blob being read: chunks of at most [`READ_CHUNK_BYTES`].
+pub type BlobReader = BoxStream<'static, Result<Bytes>>;
+
 pub struct BlobStore {
-    root: PathBuf,
+    backend: Backend,
 }
 
-/// A blob being written; not visible until [`BlobStore::publish`].
+enum Backend {
+    Local { root: PathBuf },
+    S3(S3Bucket),
+}
+
+struct S3Bucket {
+    store: Arc<dyn ObjectStore>,
+    /// Keys live below this (empty: the bucket's root).
+    prefix: String,
+    /// `s3://bucket/prefix`, for messages.
+    url: String,
+    /// Results larger than this spill into a multipart upload.
+    buffer_bytes: usize,
+}
+
+/// A blob being written; not visible until [`BlobStore::publish`]. Dropping it without publishing
+/// removes what was written (as [`PendingBlob::discard`] does).
 pub struct PendingBlob {
-    tmp: PathBuf,
-    file: Option<fs::File>,
     hasher: Sha256,
     pub size: u64,
+    /// `None` once published or discarded.
+    state: Option<Pending>,
+}
+
+enum Pending {
+    Local {
+        tmp: PathBuf,
+        file: Option<fs::File>,
+    },
+    S3 {
+        store: Arc<dyn ObjectStore>,
+        /// Where a spilled upload goes (under `PREFIX/.tmp/`).
+        tmp: ObjectPath,
+        buffer: Vec<u8>,
+        buffer_bytes: usize,
+        /// The multipart upload, once the result outgrew the buffer; `None` after it completed.
+        upload: Option<WriteMultipart>,
+        /// Whether a spilled upload was started (then `tmp` exists or an upload is open).
+        spilled: bool,
+    },
+}
+
+fn storage(e: object_store::Error) -> Error {
+    Error::Storage(std::io::Error::other(e))
+}
+
+async fn delete_tmp(store: &dyn ObjectStore, tmp: &ObjectPath) {
+    if let Err(e) = store.delete(tmp).await {
+        tracing::warn!(error = %e, key = %tmp, "could not delete a temporary result object");
+    }
 }
 
 impl PendingBlob {
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        self.file.as_mut().expect("open").write_all(data).await?;
+        match self.state.as_mut().expect("blob not published") {
+            Pending::Local { file, .. } => file.as_mut().expect("open").write_all(data).await?,
+            Pending::S3 { store, tmp, buffer, buffer_bytes, upload, spilled } => {
+                if upload.is_none() && buffer.len() + data.len() <= *buffer_bytes {
+                    buffer.extend_from_slice(data);
+                } else {
+                    if upload.is_none() {
+                        let started = store.put_multipart(tmp).await.map_err(storage)?;
+                        *spilled = true;
+                        let mut writer = WriteMultipart::new_with_chunk_size(started, S3_PART_BYTES);
+                        writer.put(Bytes::from(std::mem::take(buffer)));
+                        *upload = Some(writer);
+                    }
+                    let writer = upload.as_mut().expect("started");
+                    writer.wait_for_capacity(S3_PARTS_IN_FLIGHT).await.map_err(storage)?;
+                    writer.write(data);
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Flushes to disk and returns the lower-case hex SHA-256 of everything written.
+    /// Makes everything written durable (fsync; completes a spilled multipart upload at its
+    /// temporary key) and returns the lower-case hex SHA-256 of it.
     pub async fn finish(&mut self) -> Result<String> {
-        let mut f = self.file.take().expect("open");
-        f.flush().await?;
-        f.sync_all().await?;
+        match self.state.as_mut().expect("blob not published") {
+            Pending::Local { file, .. } => {
+                let mut f = file.take().expect("open");
+                f.flush().await?;
+                f.sync_all().await?;
+            }
+            Pending::S3 { upload, .. } => {
+                if let Some(writer) = upload.take() {
+                    writer.finish().await.map_err(storage)?;
+                }
+            }
+        }
         Ok(hex::encode(self.hasher.clone().finalize()))
     }
 
-    pub async fn discard(self) {
-        let _ = fs::remove_file(&self.tmp).await;
+    /// Removes what was written.
+    pub async fn discard(mut self) {
+        if let Some(state) = self.state.take() {
+            state.remove().await;
+        }
+    }
+}
+
+impl Pending {
+    async fn remove(self) {
+        match self {
+            Pending::Local { tmp, file } => {
+                drop(file);
+                let _ = fs::remove_file(&tmp).await;
+            }
+            Pending::S3 { store, tmp, upload, spilled, .. } => match upload {
+                Some(writer) => {
+                    if let Err(e) = writer.abort().await {
+                        tracing::warn!(error = %e, key = %tmp, "could not abort a multipart upload");
+                    }
+                }
+                None if spilled => delete_tmp(store.as_ref(), &tmp).await,
+                None => {}
+            },
+        }
+    }
+}
+
+impl Drop for PendingBlob {
+    fn drop(&mut self) {
+        // An upload handler that was cancelled (the worker went away) drops its blob unpublished.
+        match self.state.take() {
+            None => {}
+            Some(Pending::Local { tmp, .. }) => {
+                let _ = std::fs::remove_file(tmp);
+            }
+            Some(state @ Pending::S3 { spilled: true, .. }) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(state.remove());
+                }
+            }
+            Some(Pending::S3 { .. }) => {}
+        }
     }
 }
 
 impl BlobStore {
-    pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let root = root.into();
-        fs::create_dir_all(&root).await?;
-        Ok(BlobStore { root })
+    /// Opens the storage named by `--results`: a directory (created if missing), `file://DIR`, or
+    /// `s3://BUCKET[/PREFIX]`. For S3, credentials, region and endpoint come from the environment
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+    /// `AWS_ENDPOINT` or `AWS_ENDPOINT_URL` for S3-compatible servers, `AWS_ALLOW_HTTP=true` for a
+    /// plain-HTTP endpoint, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`), and the bucket is listed once so that
+    /// a wrong setting fails here rather than at the first upload.
+    pub async fn open(results: &str) -> Result<Self> {
+        if let Some(rest) = results.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::InvalidArgument(format!("--results {results}: no bucket named")));
+            }
+            let prefix = prefix.trim_matches('/').to_string();
+            if prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
+                return Err(Error::InvalidArgument(format!("--results {results}: bad prefix")));
+            }
+            let store = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| Error::InvalidArgument(format!("--results {results}: S3 settings: {e}")))?;
+            let store = BlobStore::s3(Arc::new(store), &prefix, results);
+            store.check_reachable().await?;
+            return Ok(store);
+        }
+        let dir = results.strip_prefix("file://").unwrap_or(results);
+        if dir.contains("://") {
+            return Err(Error::InvalidArgument(format!(
+                "--results {results}: expected a directory, a file:// URL or an s3://bucket/prefix URL"
+            )));
+        }
+        BlobStore::local(dir).await
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A local directory (created if missing).
+    pub async fn local(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).await?;
+        Ok(BlobStore { backend: Backend::Local { root } })
+    }
+
+    /// Any object store (S3 in production) with keys below `prefix`.
+    pub fn s3(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Self {
+        BlobStore {
+            backend: Backend::S3(S3Bucket {
+                store,
+                prefix: prefix.trim_matches('/').to_string(),
+                url: url.to_string(),
+                buffer_bytes: S3_BUFFER_BYTES,
+            }),
+        }
+    }
+
+    /// Changes the size above which S3 uploads spill into a multipart upload.
+    pub fn with_s3_buffer_bytes(mut self, bytes: usize) -> Self {
+        if let Backend::S3(s3) = &mut self.backend {
+            s3.buffer_bytes = bytes;
+        }
+        self
+    }
+
+    /// The directory of a local store (`None` for S3).
+    pub fn root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local { root } => Some(root),
+            Backend::S3(_) => None,
+        }
+    }
+
+    /// Where results go, for logs: the directory or the `s3://` URL.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Local { root } => root.display().to_string(),
+            Backend::S3(s3) => s3.url.clone(),
+        }
     }
 
     pub fn key_for(job: &uuid::Uuid, index: u64) -> String {
         format!("{job}/{index}.png")
     }
 
-    fn path(&self, key: &str) -> Result<PathBuf> {
+    fn check_key(key: &str) -> Result<()> {
         if key.split('/').any(|c| c.is_empty() || c == ".." || c == ".") {
             return Err(Error::Internal(format!("bad blob key {key}")));
         }
-        Ok(self.root.join(key))
+        Ok(())
+    }
+
+    fn path(&self, root: &Path, key: &str) -> Result<PathBuf> {
+        BlobStore::check_key(key)?;
+        Ok(root.join(key))
+    }
+
+    fn object_path(s3: &S3Bucket, key: &str) -> Result<ObjectPath> {
+        BlobStore::check_key(key)?;
+        let full = if s3.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", s3.prefix) };
+        ObjectPath::parse(&full).map_err(|e| Error::Internal(format!("bad blob key {full}: {e}")))
+    }
+
+    /// Lists the prefix once: fails when the bucket or the credentials are wrong.
+    async fn check_reachable(&self) -> Result<()> {
+        if let Backend::S3(s3) = &self.backend {
+            let prefix = (!s3.prefix.is_empty()).then(|| ObjectPath::from(s3.prefix.as_str()));
+            s3.store
+                .list_with_delimiter(prefix.as_ref())
+                .await
+                .map_err(|e| Error::Storage(std::io::Error::other(format!("{}: {e}", s3.url))))?;
+        }
+        Ok(())
     }
 
     /// Starts writing a blob that will be published under `key`.
     pub async fn create(&self, key: &str) -> Result<PendingBlob> {
-        let final_path = self.path(key)?;
-        let dir = final_path.parent().expect("key has a directory");
-        fs::create_dir_all(dir).await?;
-        let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-        let file = fs::File::create(&tmp).await?;
-        Ok(PendingBlob { tmp, file: Some(file), hasher: Sha256::new(), size: 0 })
-    }
-
-    /// Makes a finished blob visible under `key` (atomic rename; replaces an uncommitted leftover).
-    pub async fn publish(&self, blob: PendingBlob, key: &str) -> Result<()> {
-        let final_path = self.path(key)?;
-        fs::rename(&blob.tmp, &final_path).await?;
-        Ok(())
-    }
-
-    pub async fn open_read(&self, key: &str) -> Result<fs::File> {
-        let p = self.path(key)?;
-        fs::File::open(&p).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::NotFound(format!("result blob {key} is missing from storage"))
-            } else {
-                Error::Storage(e)
+        let state = match &self.backend {
+            Backend::Local { root } => {
+                let final_path = self.path(root, key)?;
+                let dir = final_path.parent().expect("key has a directory");
+                fs::create_dir_all(dir).await?;
+                let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+                let file = fs::File::create(&tmp).await?;
+                Pending::Local { tmp, file: Some(file) }
             }
-        })
+            Backend::S3(s3) => {
+                BlobStore::object_path(s3, key)?;
+                Pending::S3 {
+                    store: s3.store.clone(),
+                    tmp: BlobStore::object_path(s3, &format!(".tmp/{}", uuid::Uuid::new_v4()))?,
+                    buffer: Vec::new(),
+                    buffer_bytes: s3.buffer_bytes,
+                    upload: None,
+                    spilled: false,
+                }
+            }
+        };
+        Ok(PendingBlob { hasher: Sha256::new(), size: 0, state: Some(state) })
+    }
+
+    /// Makes a finished blob visible under `key` (replacing an uncommitted leftover there): an atomic
+    /// rename, or one PUT (a copy of the temporary object for a spilled upload). On failure nothing
+    /// of the blob is left behind.
+    pub async fn publish(&self, mut blob: PendingBlob, key: &str) -> Result<()> {
+        let state = blob.state.take().expect("blob not published");
+        match (&self.backend, state) {
+            (Backend::Local { root }, Pending::Local { tmp, file }) => {
+                drop(file);
+                let final_path = self.path(root, key)?;
+                if let Err(e) = fs::rename(&tmp, &final_path).await {
+                    let _ = fs::remove_file(&tmp).await;
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            (Backend::S3(s3), Pending::S3 { store, tmp, buffer, upload, spilled, .. }) => {
+                if let Some(writer) = upload {
+                    let _ = writer.abort().await;
+                    return Err(Error::Internal("publishing a blob that was not finished".into()));
+                }
+                let dest = BlobStore::object_path(s3, key);
+                let done = match &dest {
+                    Ok(dest) if spilled => store.copy(&tmp, dest).await.map_err(storage),
+                    Ok(dest) => {
+                        store.put(dest, PutPayload::from(Bytes::from(buffer))).await.map(|_| ()).map_err(storage)
+                    }
+                    Err(_) => Ok(()),
+                };
+                if spilled {
+                    delete_tmp(store.as_ref(), &tmp).await;
+                }
+                dest?;
+                done
+            }
+            (_, state) => {
+                state.remove().await;
+                Err(Error::Internal("blob from another store".into()))
+            }
+        }
+    }
+
+    /// Streams the blob under `key`; NOT_FOUND if it is missing.
+    pub async fn open_read(&self, key: &str) -> Result<BlobReader> {
+        let missing = || Error::NotFound(format!("result blob {key} is missing from storage"));
+        match &self.backend {
+            Backend::Local { root } => {
+                let p = self.path(root, key)?;
+                let mut file = fs::File::open(&p).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        missing()
+                    } else {
+                        Error::Storage(e)
+                    }
+                })?;
+                let stream = async_stream::stream! {
+                    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+                    loop {
+                        match file.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(n) => yield Ok(Bytes::copy_from_slice(&buf[..n])),
+                            Err(e) => { yield Err(Error::Storage(e)); break; }
+                        }
+                    }
+                };
+                Ok(stream.boxed())
+            }
+            Backend::S3(s3) => {
+                let path = BlobStore::object_path(s3, key)?;
+                let got = s3.store.get(&path).await.map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => missing(),
+                    other => storage(other),
+                })?;
+                let mut body = got.into_stream();
+                let stream = async_stream::stream! {
+                    while let Some(chunk) = body.next().await {
+                        match chunk {
+                            Ok(mut bytes) => {
+                                while bytes.len() > READ_CHUNK_BYTES {
+                                    yield Ok(bytes.split_to(READ_CHUNK_BYTES));
+                                }
+                                if !bytes.is_empty() {
+                                    yield Ok(bytes);
+                                }
+                            }
+                            Err(e) => { yield Err(storage(e)); break; }
+                        }
+                    }
+                };
+                Ok(stream.boxed())
+            }
+        }
     }
 }
 
@@ -99,10 +426,21 @@ impl BlobStore {
 mod tests {
     use super::*;
 
+    async fn read_all(store: &BlobStore, key: &str) -> Result<Vec<u8>> {
+        let mut reader = store.open_read(key).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = reader.next().await {
+            let chunk = chunk?;
+            assert!(chunk.len() <= READ_CHUNK_BYTES);
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
     #[tokio::test]
     async fn write_check_publish_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
+        let store = BlobStore::open(dir.path().to_str().unwrap()).await.unwrap();
         let job = uuid::Uuid::new_v4();
         let key = BlobStore::key_for(&job, 7);
         let mut b = store.create(&key).await.unwrap();
@@ -113,11 +451,165 @@ mod tests {
         assert!(!dir.path().join(&key).exists(), "not visible before publish");
         store.publish(b, &key).await.unwrap();
         assert_eq!(std::fs::read(dir.path().join(&key)).unwrap(), b"hello world");
-        assert!(store.path("../etc/passwd").is_err());
-        // discarded blobs leave nothing behind
+        assert_eq!(read_all(&store, &key).await.unwrap(), b"hello world");
+        assert!(store.path(dir.path(), "../etc/passwd").is_err());
+        // discarded (or dropped) blobs leave nothing behind
         let b = store.create(&BlobStore::key_for(&job, 8)).await.unwrap();
         b.discard().await;
+        let mut b = store.create(&BlobStore::key_for(&job, 9)).await.unwrap();
+        b.write(b"half").await.unwrap();
+        drop(b);
         let names: Vec<_> = std::fs::read_dir(dir.path().join(job.to_string())).unwrap().collect();
         assert_eq!(names.len(), 1);
+        assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8)).await, Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_large_local_blob_reads_back_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&format!("file://{}", dir.path().display())).await.unwrap();
+        let data: Vec<u8> = (0..(3 * READ_CHUNK_BYTES + 17)).map(|i| (i * 31 % 251) as u8).collect();
+        let key = BlobStore::key_for(&uuid::Uuid::new_v4(), 0);
+        let mut b = store.create(&key).await.unwrap();
+        for part in data.chunks(100_000) {
+            b.write(part).await.unwrap();
+        }
+        b.finish().await.unwrap();
+        store.publish(b, &key).await.unwrap();
+        assert_eq!(read_all(&store, &key).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_are_refused() {
+        for url in ["gs://bucket/x", "http://host/x", "s3://", "s3:///prefix", "s3://b/../x"] {
+            assert!(matches!(BlobStore::open(url).await, Err(Error::InvalidArgument(_))), "{url} must be refused");
+        }
+    }
+    // The S3 backend against a real S3-compatible server (moto, installed by xtask when missing).
+    mod s3 {
+        use super::*;
+        use object_store::aws::AmazonS3;
+        use xtask::moto::MotoServer;
+
+        async fn moto_with_bucket(bucket: &'static str) -> MotoServer {
+            tokio::task::spawn_blocking(move || {
+                let moto = MotoServer::start().expect("start moto (pip install moto[server] when missing)");
+                moto.create_bucket(bucket).unwrap();
+                moto
+            })
+            .await
+            .unwrap()
+        }
+
+        fn client(moto: &MotoServer, bucket: &str) -> AmazonS3 {
+            let mut builder = AmazonS3Builder::new().with_bucket_name(bucket);
+            for (name, value) in moto.env() {
+                builder = builder.with_config(name.to_ascii_lowercase().parse().unwrap(), value);
+            }
+            builder.build().unwrap()
+        }
+
+        fn store(moto: &MotoServer, bucket: &str, prefix: &str) -> BlobStore {
+            BlobStore::s3(Arc::new(client(moto, bucket)), prefix, &format!("s3://{bucket}/{prefix}"))
+        }
+
+        /// Every object key in the bucket, sorted.
+        async fn keys(moto: &MotoServer, bucket: &str) -> Vec<String> {
+            let listed: Vec<_> = client(moto, bucket).list(None).collect().await;
+            let mut keys: Vec<String> = listed.into_iter().map(|m| m.unwrap().location.to_string()).collect();
+            keys.sort();
+            keys
+        }
+
+        /// Multipart uploads that were started and neither completed nor aborted.
+        fn open_uploads(moto: &MotoServer, bucket: &str) -> usize {
+            let (status, body) = moto.get(&format!("/{bucket}?uploads")).unwrap();
+            assert_eq!(status, 200, "{body}");
+            body.matches("<UploadId>").count()
+        }
+
+        #[tokio::test]
+        async fn a_result_appears_under_its_key_only_when_published() {
+            let moto = moto_with_bucket("blobs").await;
+            let store = store(&moto, "blobs", "farm/results");
+            store.check_reachable().await.unwrap();
+            let job = uuid::Uuid::new_v4();
+            let key = BlobStore::key_for(&job, 7);
+            let mut b = store.create(&key).await.unwrap();
+            b.write(b"hello ").await.unwrap();
+            b.write(b"world").await.unwrap();
+            let sha = b.finish().await.unwrap();
+            assert_eq!(sha, hex::encode(Sha256::digest(b"hello world")));
+            assert!(keys(&moto, "blobs").await.is_empty(), "nothing in the bucket before publish");
+            store.publish(b, &key).await.unwrap();
+            assert_eq!(keys(&moto, "blobs").await, vec![format!("farm/results/{job}/7.png")]);
+            assert_eq!(read_all(&store, &key).await.unwrap(), b"hello world");
+
+            // Discarded and dropped blobs leave nothing; a missing key is NOT_FOUND.
+            let mut b = store.create(&BlobStore::key_for(&job, 8)).await.unwrap();
+            b.write(b"x").await.unwrap();
+            b.discard().await;
+            let mut b = store.create(&BlobStore::key_for(&job, 9)).await.unwrap();
+            b.write(b"y").await.unwrap();
+            drop(b);
+            assert_eq!(keys(&moto, "blobs").await.len(), 1);
+            assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8)).await, Err(Error::NotFound(_))));
+            assert!(store.path(Path::new("/"), "a/../b").is_err() && BlobStore::check_key("a//b").is_err());
+        }
+
+        #[tokio::test]
+        async fn a_large_result_streams_through_a_temporary_multipart_upload() {
+            let moto = moto_with_bucket("large").await;
+            let store = store(&moto, "large", "r").with_s3_buffer_bytes(64 * 1024);
+            let data: Vec<u8> = (0..(11usize << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let job = uuid::Uuid::new_v4();
+            let key = BlobStore::key_for(&job, 0);
+
+            let mut b = store.create(&key).await.unwrap();
+            for part in data.chunks(1 << 20) {
+                b.write(part).await.unwrap();
+            }
+            assert_eq!(open_uploads(&moto, "large"), 1, "the upload spilled into a multipart upload");
+            assert!(keys(&moto, "large").await.is_empty(), "nothing visible while uploading");
+            let sha = b.finish().await.unwrap();
+            assert_eq!(sha, hex::encode(Sha256::digest(&data)));
+            let staged = keys(&moto, "large").await;
+            assert!(staged.len() == 1 && staged[0].starts_with("r/.tmp/"), "completed at a temporary key: {staged:?}");
+            store.publish(b, &key).await.unwrap();
+            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.png")], "the temporary object is gone");
+            assert_eq!(open_uploads(&moto, "large"), 0);
+            let back = read_all(&store, &key).await.unwrap();
+            assert!(back == data, "read back {} bytes, wrote {}", back.len(), data.len());
+
+            // A spilled upload that fails before finishing is aborted; one that finished is deleted.
+            let mut b = store.create(&BlobStore::key_for(&job, 1)).await.unwrap();
+            b.write(&data[..200_000]).await.unwrap();
+            assert_eq!(open_uploads(&moto, "large"), 1);
+            b.discard().await;
+            assert_eq!(open_uploads(&moto, "large"), 0, "aborted");
+            let mut b = store.create(&BlobStore::key_for(&job, 2)).await.unwrap();
+            b.write(&data[..200_000]).await.unwrap();
+            b.finish().await.unwrap();
+            b.discard().await;
+            // A handler cancelled mid-upload drops its blob: the abort runs in the background.
+            let mut b = store.create(&BlobStore::key_for(&job, 3)).await.unwrap();
+            b.write(&data[..200_000]).await.unwrap();
+            drop(b);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while open_uploads(&moto, "large") > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            assert_eq!(open_uploads(&moto, "large"), 0, "a dropped upload is aborted");
+            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.png")], "nothing else is left");
+        }
+
+        #[tokio::test]
+        async fn a_missing_bucket_is_reported_at_open() {
+            let moto = moto_with_bucket("present").await;
+            let store = store(&moto, "absent", "");
+            let err = store.check_reachable().await.unwrap_err();
+            assert!(matches!(err, Error::Storage(_)), "{err}");
+            assert!(err.to_string().contains("s3://absent"), "{err}");
+        }
     }
 }

@@ -12,7 +12,6 @@ use farm_proto::pb::{
     RetryJobResponse, SubmitJobRequest, SubmitJobResponse, Task, WatchJobRequest,
 };
 use futures::Stream;
-use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -185,21 +184,20 @@ impl JobService for JobApi {
         let p = self.client(&req).await?;
         let id = parse_job_id(&req.get_ref().job_id)?;
         let (key, info) = queries::result_of(&self.shared.store.pool, &p.tenant, id, req.get_ref().index).await?;
-        let mut file = self.shared.blobs.open_read(&key).await?;
+        let mut blob = self.shared.blobs.open_read(&key).await?;
         let stream = async_stream::stream! {
             let mut first = Some(info);
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match file.read(&mut buf).await {
-                    Ok(0) => {
-                        if let Some(info) = first.take() {
-                            yield Ok(DownloadResultChunk { info: Some(info), data: Vec::new() });
-                        }
-                        break;
+            while let Some(chunk) = blob.next().await {
+                match chunk {
+                    Ok(data) => yield Ok(DownloadResultChunk { info: first.take(), data: data.to_vec() }),
+                    Err(e) => {
+                        yield Err(Status::from(e));
+                        return;
                     }
-                    Ok(n) => yield Ok(DownloadResultChunk { info: first.take(), data: buf[..n].to_vec() }),
-                    Err(e) => { yield Err(Status::from(Error::Storage(e))); break; }
                 }
+            }
+            if let Some(info) = first.take() {
+                yield Ok(DownloadResultChunk { info: Some(info), data: Vec::new() });
             }
         };
         Ok(Response::new(Box::pin(stream)))

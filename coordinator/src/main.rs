@@ -60,7 +60,17 @@ struct ServeArgs {
     /// Redis URL for cross-replica events; without it events stay in this process.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
-    /// Where results are stored: a local directory (or file:// URL).
+    /// Where results are stored: a local directory (or file:// URL), or s3://BUCKET[/PREFIX] for
+    /// S3-compatible object storage.
+    ///
+    /// For s3:// the connection comes from the standard AWS environment: AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary credentials), AWS_REGION (default
+    /// us-east-1), AWS_ENDPOINT or AWS_ENDPOINT_URL for S3-compatible servers other than AWS (MinIO,
+    /// Ceph, ...), AWS_ALLOW_HTTP=true when that endpoint is plain http://, and
+    /// AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true for bucket-in-hostname addressing (path style otherwise
+    /// with a custom endpoint). The bucket must exist: it is listed once at start. Results up to 8 MiB
+    /// are written with one PUT after their size and SHA-256 are checked; larger ones go through a
+    /// multipart upload to PREFIX/.tmp/ and are copied into place.
     #[arg(long, env = "FARM_RESULTS", default_value = "./results")]
     results: String,
     /// Address of the Prometheus /metrics endpoint (off when not set).

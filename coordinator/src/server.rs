@@ -56,16 +56,14 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         Some(url) => Events::redis(url).await?,
         None => Events::local(),
     };
-    let results = opts.results.strip_prefix("file://").unwrap_or(&opts.results);
-    if results.contains("://") {
-        anyhow::bail!("--results {results}: only local directories (or file:// URLs) are supported by this build");
-    }
+    let blobs = BlobStore::open(&opts.results).await?;
+    tracing::info!(results = %blobs.describe(), "result storage opened");
     let store = Store::new(pool.clone(), StoreConfig { lease_ttl: opts.lease_ttl, ..Default::default() });
     Ok(Arc::new(Shared {
         store,
         auth: Authenticator::new(pool),
         events,
-        blobs: BlobStore::open(results).await?,
+        blobs,
         limits: SubmitLimits::default(),
         sessions: Mutex::new(HashMap::new()),
         new_work: Notify::new(),
