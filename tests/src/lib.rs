@@ -6,6 +6,9 @@
 //!   `start_local()` always starts one, which outage tests need for `stop()` / `kill()` /
 //!   `resume()` / `restart()`. [`shared_pg`] and [`shared_redis`] give one server per test binary;
 //!   [`fresh_database`] a new database on it for each test.
+//! - S3: [`s3_server`] starts a throwaway S3-compatible server ([`MotoServer`], installed on first
+//!   use) with one bucket; [`CoordinatorOptions::s3_results`] points a coordinator's `--results` at
+//!   it and [`s3_client`] reads the bucket back.
 //! - Farm processes: [`Coordinator`], [`Worker`] and [`Cli`] run the workspace's binaries from the
 //!   target dir the test binary itself lives in; they are built first (`cargo build --bins`) unless
 //!   `FARM_BINS_BUILT` says that already happened.
@@ -25,6 +28,7 @@ use anyhow::Result;
 use xtask::paths;
 use xtask::torch::TorchEnv;
 
+pub use xtask::moto::MotoServer;
 pub use xtask::postgres::PgServer;
 pub use xtask::process::{free_port, port_is_open, wait_for_port, wait_until, Process, TempDir};
 pub use xtask::redis::RedisServer;
@@ -140,6 +144,24 @@ pub fn shared_redis() -> &'static RedisServer {
         stop_shared_servers_at_exit();
         server
     })
+}
+
+/// A fresh S3-compatible server (moto, in memory) on a free port with an empty bucket `bucket`.
+/// Stopped when dropped.
+pub fn s3_server(bucket: &str) -> MotoServer {
+    let server = MotoServer::start().expect("start moto (it is pip-installed on first use)");
+    server.create_bucket(bucket).expect("create the bucket");
+    server
+}
+
+/// An object_store client for `bucket` on `server`, with the same settings a coordinator gets.
+pub fn s3_client(server: &MotoServer, bucket: &str) -> object_store::aws::AmazonS3 {
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+    for (name, value) in server.env() {
+        let key = name.to_ascii_lowercase().parse().expect("an AmazonS3Builder setting");
+        builder = builder.with_config(key, value);
+    }
+    builder.build().expect("an S3 client for moto")
 }
 
 /// A new, empty database on [`shared_pg`] whose name starts with `prefix`; returns its URL.
@@ -261,7 +283,8 @@ pub struct CoordinatorOptions {
     pub database_url: String,
     /// `--redis-url`; without it the coordinator fans out in-process.
     pub redis_url: Option<String>,
-    /// `--results`; a directory in the coordinator's temp dir if unset.
+    /// `--results`: a directory in the coordinator's temp dir if unset, or an `s3://` URL (see
+    /// [`CoordinatorOptions::s3_results`]).
     pub results_dir: Option<PathBuf>,
     /// The port to listen on (a free one if unset). Replicas each need their own.
     pub port: Option<u16>,
@@ -298,6 +321,14 @@ impl CoordinatorOptions {
 
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
+        self
+    }
+
+    /// `--results URL` (`s3://BUCKET/PREFIX`) on `server`, with the `AWS_*` environment that points
+    /// the coordinator at it.
+    pub fn s3_results(mut self, server: &MotoServer, url: &str) -> Self {
+        self.results_dir = Some(PathBuf::from(url));
+        self.env.extend(server.env().into_iter().map(|(name, value)| (name.to_owned(), value)));
         self
     }
 
@@ -377,7 +408,8 @@ impl Coordinator {
         &self.database_url
     }
 
-    /// Where this coordinator writes result blobs (`{results}/{job_id}/{index}.png`).
+    /// Where this coordinator writes result blobs (`{results}/{job_id}/{index}.png`): a directory, or
+    /// the `s3://` URL it was given.
     pub fn results_dir(&self) -> &Path {
         &self.results_dir
     }
