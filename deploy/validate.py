@@ -8,8 +8,9 @@ Kubernetes schemas ship inside kubernetes-validate, so nothing is fetched at che
   * Kubernetes manifests: built-in kinds validate (strictly) against the pinned Kubernetes schema,
     the KEDA ScaledObject and the kustomization are checked structurally, and the objects and
     settings the deployment relies on are present (probes, GPU requests, grace periods, PVCs, ...);
-  * compose.yaml: the services, profiles, GPU reservations, volumes and ports; every variable it
-    uses is documented in .env.example;
+  * compose.yaml: the services, profiles, GPU reservations, volumes and ports; the coordinators
+    store results in the objectstore service (s3:// results, AWS_* settings, the bucket created
+    first); every variable it uses is documented in .env.example;
   * Dockerfiles: FROM (after ARGs) comes first, images are pinned (no `latest`, no untagged image),
     the runtime stage runs as a non-root USER, the worker stops with SIGTERM and sets LD_LIBRARY_PATH;
   * systemd units: the keys the farm relies on; launch-workers.sh passes `bash -n`;
@@ -215,8 +216,17 @@ def check_compose(docs):
         return
     c = docs[path][0]
     services = c.get("services", {})
-    for name in ("postgres", "redis", "migrate", "coordinator-a", "coordinator-b", "worker", "worker-cpu"):
+    for name in ("postgres", "redis", "objectstore", "create-bucket", "migrate", "coordinator-a", "coordinator-b",
+                 "worker", "worker-cpu"):
         check(name in services, w, f"service {name} missing")
+    if {"objectstore", "create-bucket"} <= set(services):
+        store, bucket = services["objectstore"], services["create-bucket"]
+        check("healthcheck" in store, w, "objectstore needs a healthcheck (create-bucket waits for it)")
+        check(any(str(v).split(":")[0] == "objects" and str(v).split(":")[1] == "/data" for v in store.get("volumes", [])),
+              w, "objectstore must keep its data in the named volume objects at /data")
+        check(bucket.get("depends_on", {}).get("objectstore", {}).get("condition") == "service_healthy", w,
+              "create-bucket must wait for a healthy objectstore")
+        check(bucket.get("restart") == "no" and "mb" in bucket.get("command", []), w, "create-bucket must be a one-shot `mc mb`")
     if set(services) >= {"migrate", "coordinator-a", "coordinator-b", "worker", "worker-cpu"}:
         check(services["migrate"].get("command") == ["migrate"], w, "migrate must run `migrate`")
         host_ports = []
@@ -224,12 +234,17 @@ def check_compose(docs):
             s = services[name]
             check(s.get("command") == ["serve"], w, f"{name} must run `serve`")
             env = s.get("environment", {})
-            for key in ("DATABASE_URL", "REDIS_URL", "FARM_RESULTS", "FARM_LISTEN", "FARM_METRICS_LISTEN"):
+            for key in ("DATABASE_URL", "REDIS_URL", "FARM_RESULTS", "FARM_LISTEN", "FARM_METRICS_LISTEN",
+                        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT"):
                 check(key in env, w, f"{name} lacks {key}")
-            check(any(v.split(":")[0] == "results" and v.split(":")[1] == env.get("FARM_RESULTS") for v in s.get("volumes", [])),
-                  w, f"{name} must mount the shared results volume at FARM_RESULTS")
+            # Both replicas share the object store, not a volume.
+            check(str(env.get("FARM_RESULTS", "")).startswith("s3://"), w, f"{name}: FARM_RESULTS must be an s3:// URL")
+            check("objectstore:9000" in str(env.get("AWS_ENDPOINT", "")), w, f"{name}: AWS_ENDPOINT must default to the objectstore service")
+            check(not s.get("volumes"), w, f"{name}: results are in the object store; no volume is needed")
             dep = s.get("depends_on", {})
             check(dep.get("migrate", {}).get("condition") == "service_completed_successfully", w, f"{name} must wait for migrate")
+            check(dep.get("create-bucket", {}).get("condition") == "service_completed_successfully", w,
+                  f"{name} must wait for create-bucket (the coordinator lists the bucket at start)")
             host_ports += [p.split(":")[0] for p in s.get("ports", [])]
         check(len(host_ports) == len(set(host_ports)) and len(host_ports) >= 4, w, "coordinators need distinct host ports")
         gpu = services["worker"]
@@ -246,14 +261,10 @@ def check_compose(docs):
         check("cpu" in cpu.get("profiles", []), w, "worker-cpu must be in the cpu profile")
         check("--model tiny" in cmd and "--device cpu" in cmd, w, "worker-cpu must run --model tiny --device cpu")
         check("deploy" not in cpu, w, "worker-cpu must not reserve a GPU")
-    check("results" in (c.get("volumes") or {}), w, "named volume results missing")
+    check("objects" in (c.get("volumes") or {}), w, "named volume objects missing")
     for name, s in services.items():
         image = s.get("image", "")
         check(image and not image.endswith(":latest") and ":" in image, w, f"{name}: image must carry a pinned tag")
-    # The coordinator cannot write to S3 yet: no object store must pretend otherwise.
-    for name, s in services.items():
-        check(not re.search(r"minio|s3|garage|seaweed", f"{name} {s.get('image', '')}", re.I), w,
-              f"{name}: object storage is not supported by the coordinator yet")
     # Every ${VAR} is documented in .env.example.
     text = path.read_text(encoding="utf-8")
     used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
