@@ -1,6 +1,7 @@
 //! `farm-coordinator`: serve, migrate, and manage tokens.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -88,6 +89,13 @@ struct ServeArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "FARM_DB_POOL", default_value_t = 32)]
     db_pool: u32,
+    /// PEM certificate chain (leaf first) for TLS on the gRPC listener; with --tls-key the listener
+    /// speaks TLS only. The metrics endpoint stays plain HTTP.
+    #[arg(long, env = "FARM_TLS_CERT", requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FARM_TLS_KEY", requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -114,6 +122,11 @@ async fn main() -> anyhow::Result<()> {
             if a.lease_ttl_ms < 2 * a.heartbeat_ms {
                 anyhow::bail!("--lease-ttl-ms must be at least twice --heartbeat-ms");
             }
+            // Checked before anything else starts, so a bad file fails the start at once.
+            let tls = match (&a.tls_cert, &a.tls_key) {
+                (Some(cert), Some(key)) => Some(server::load_tls(cert, key)?),
+                _ => None,
+            };
             let opts = server::ServeOptions {
                 database_url: a.database_url,
                 redis_url: a.redis_url,
@@ -135,8 +148,8 @@ async fn main() -> anyhow::Result<()> {
                     }
                 });
             }
-            tracing::info!(%addr, redis = opts.redis_url.is_some(), "coordinator listening");
-            server::run(listener, shared, shutdown_signal()).await?;
+            tracing::info!(%addr, redis = opts.redis_url.is_some(), tls = tls.is_some(), "coordinator listening");
+            server::run(listener, shared, tls, shutdown_signal()).await?;
             tracing::info!("coordinator stopped");
         }
     }

@@ -1,19 +1,23 @@
-//! Wiring: the gRPC server (job and worker services, health, reflection), the lease sweeper, the
-//! PostgreSQL notification listener and the metrics endpoint. `main` and the tests call [`run`].
+//! Wiring: the gRPC server (job and worker services, health, reflection; TLS when configured), the
+//! lease sweeper, the PostgreSQL notification listener and the metrics endpoint. `main` and the tests
+//! call [`run`].
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use farm_proto::pb::job_service_server::JobServiceServer;
 use farm_proto::pb::worker_service_server::WorkerServiceServer;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -74,8 +78,50 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
     }))
 }
 
-/// Serves until `shutdown` resolves.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+/// TLS for the gRPC listener from two PEM files: the certificate chain (leaf first) and its private key
+/// (PKCS#8, PKCS#1 or SEC1). Fails naming the file when one cannot be read, holds no PEM block of the
+/// expected kind, or the pair does not make a usable server configuration (for example a key that does
+/// not belong to the certificate).
+pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<ServerTlsConfig> {
+    let cert_pem = std::fs::read(cert).with_context(|| format!("--tls-cert {}: cannot read the certificate", cert.display()))?;
+    let key_pem = std::fs::read(key).with_context(|| format!("--tls-key {}: cannot read the private key", key.display()))?;
+    if !contains(&cert_pem, b"-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("--tls-cert {}: not a PEM certificate (no -----BEGIN CERTIFICATE----- block)", cert.display());
+    }
+    if !contains(&key_pem, b"-----BEGIN") || !contains(&key_pem, b"PRIVATE KEY-----") {
+        anyhow::bail!("--tls-key {}: not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)", key.display());
+    }
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)).timeout(Duration::from_secs(10));
+    // Building the acceptor parses both files and checks that the key matches the certificate.
+    tonic::transport::Server::builder().tls_config(config.clone()).map_err(|e| {
+        anyhow::anyhow!("--tls-cert {} / --tls-key {}: unusable TLS certificate or key: {}", cert.display(), key.display(), error_chain(&e))
+    })?;
+    Ok(config)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An error and its sources, `a: b: c` (tonic's transport errors keep the detail in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Serves until `shutdown` resolves; with `tls` (see [`load_tls`]) the gRPC port accepts TLS only.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
     health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
@@ -93,7 +139,11 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Futu
         .max_decoding_message_size(64 << 20)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
     let workers = WorkerServiceServer::new(WorkerApi { shared: shared.clone() }).max_decoding_message_size(64 << 20);
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration: {}", error_chain(&e)))?;
+    }
+    let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
