@@ -23,13 +23,15 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Clone, Default, Args)]
 pub struct GlobalArgs {
-    /// Coordinator address, e.g. http://coordinator:50051 [env: FARM_ENDPOINT] [default: http://127.0.0.1:50051]
+    /// Coordinator address: http://HOST:PORT (plaintext) or https://HOST:PORT (TLS)
+    /// [env: FARM_ENDPOINT] [default: http://127.0.0.1:50051]
     #[arg(long, global = true, help_heading = "Global options", value_name = "URL")]
     pub endpoint: Option<String>,
     /// API token, sent as `authorization: Bearer <token>` on every call [env: FARM_TOKEN]
     #[arg(long, global = true, help_heading = "Global options", value_name = "TOKEN")]
     pub token: Option<String>,
-    /// PEM file of the CA that signed the coordinator's TLS certificate [env: FARM_CA_CERT]
+    /// PEM file of the CA that signed the coordinator's TLS certificate; an https:// endpoint then
+    /// trusts only this CA (without it: the system's roots) [env: FARM_CA_CERT]
     #[arg(long, global = true, help_heading = "Global options", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Config file to read instead of ~/.config/farm/config.json [env: FARM_CONFIG]

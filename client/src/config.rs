@@ -9,11 +9,17 @@
 //! | token | `--token` | `FARM_TOKEN` | `token` | none |
 //! | TLS CA | `--ca-cert` | `FARM_CA_CERT` | `ca_cert` | none |
 //!
+//! TLS follows the endpoint's scheme: `https://` is TLS, trusting only the CA file when one is set and
+//! the system's (else the bundled webpki) roots otherwise; `http://` is plaintext, and a CA file with an
+//! `http://` endpoint is refused (see `connect::tls_config`). A bare `host:port` gets `http://`, or
+//! `https://` when a CA file is set.
+//!
 //! The config file is `<config dir>/farm/config.json` (`~/.config/farm/config.json` on Linux), or
 //! `config.toml` next to it when there is no JSON file; `--config PATH` / `FARM_CONFIG` names another
-//! file. JSON: `{"endpoint": "http://coordinator:50051", "token": "..."}`. TOML: flat `key = "value"`
-//! lines (`#` comments allowed). A missing default file is not an error; a named file that is missing or
-//! unreadable is.
+//! file. JSON: `{"endpoint": "https://coordinator:50051", "token": "...", "ca_cert": "/etc/farm/ca.pem"}`.
+//! TOML: flat `key = "value"` lines (`#` comments allowed). A missing default file is not an error; a
+//! named file that is missing or unreadable is. A relative `ca_cert` in a config file is taken relative
+//! to that file's directory.
 
 use std::path::{Path, PathBuf};
 
@@ -84,19 +90,24 @@ pub fn resolve(flags: &FlagConfig, env: &EnvConfig, file: Option<&FileConfig>) -
         .or_else(|| env.endpoint.clone())
         .or(file.endpoint)
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    let ca_cert = flags
+        .ca_cert
+        .clone()
+        .or_else(|| env.ca_cert.clone())
+        .or(file.ca_cert);
     Settings {
-        endpoint: normalize_endpoint(&endpoint),
+        endpoint: if ca_cert.is_some() {
+            normalize_tls_endpoint(&endpoint)
+        } else {
+            normalize_endpoint(&endpoint)
+        },
         token: flags
             .token
             .clone()
             .or_else(|| env.token.clone())
             .or(file.token)
             .filter(|t| !t.is_empty()),
-        ca_cert: flags
-            .ca_cert
-            .clone()
-            .or_else(|| env.ca_cert.clone())
-            .or(file.ca_cert),
+        ca_cert,
     }
 }
 
@@ -107,6 +118,16 @@ pub fn normalize_endpoint(endpoint: &str) -> String {
         e.to_string()
     } else {
         format!("http://{e}")
+    }
+}
+
+/// Adds `https://` to a bare `host:port` (when a CA file is set).
+pub fn normalize_tls_endpoint(endpoint: &str) -> String {
+    let e = endpoint.trim();
+    if e.contains("://") {
+        e.to_string()
+    } else {
+        format!("https://{e}")
     }
 }
 
@@ -127,11 +148,18 @@ pub fn config_path(flags: &FlagConfig, env: &EnvConfig) -> Option<(PathBuf, bool
 }
 
 /// Reads a config file: JSON when the name ends in `.json` or the text starts with `{`, flat TOML otherwise.
+/// A relative `ca_cert` is resolved against the file's directory.
 pub fn load_file(path: &Path) -> CliResult<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::usage(format!("config file {}: {e}", path.display())))?;
-    parse_config(&text, path.extension().and_then(|e| e.to_str()) == Some("json"))
-        .map_err(|e| CliError::usage(format!("config file {}: {e}", path.display())))
+    let mut cfg = parse_config(&text, path.extension().and_then(|e| e.to_str()) == Some("json"))
+        .map_err(|e| CliError::usage(format!("config file {}: {e}", path.display())))?;
+    if let (Some(ca), Some(dir)) = (&cfg.ca_cert, path.parent()) {
+        if ca.is_relative() {
+            cfg.ca_cert = Some(dir.join(ca));
+        }
+    }
+    Ok(cfg)
 }
 
 /// Parses config text.
@@ -261,6 +289,23 @@ mod tests {
     fn bare_host_port_gets_a_scheme() {
         assert_eq!(normalize_endpoint("coord:50051"), "http://coord:50051");
         assert_eq!(normalize_endpoint("https://coord:443"), "https://coord:443");
+        let flags = FlagConfig {
+            endpoint: Some("coord:50051".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &EnvConfig::default(), None);
+        assert_eq!(s.endpoint, "http://coord:50051");
+        let env = EnvConfig {
+            ca_cert: Some("/ca.pem".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &env, None);
+        assert_eq!(s.endpoint, "https://coord:50051", "a CA file makes a bare host:port TLS");
+        let flags = FlagConfig {
+            endpoint: Some("http://coord:50051".into()),
+            ..Default::default()
+        };
+        assert_eq!(resolve(&flags, &env, None).endpoint, "http://coord:50051");
     }
 
     #[test]
@@ -290,6 +335,15 @@ mod tests {
         let p = dir.path().join("c.json");
         std::fs::write(&p, r#"{"endpoint":"http://x:9"}"#).unwrap();
         assert_eq!(load_file(&p).unwrap().endpoint.as_deref(), Some("http://x:9"));
+        let t = dir.path().join("c.toml");
+        std::fs::write(&t, "ca_cert = \"certs/ca.pem\"\n").unwrap();
+        assert_eq!(
+            load_file(&t).unwrap().ca_cert,
+            Some(dir.path().join("certs/ca.pem")),
+            "a relative ca_cert is relative to the config file"
+        );
+        std::fs::write(&t, "ca_cert = \"/abs/ca.pem\"\n").unwrap();
+        assert_eq!(load_file(&t).unwrap().ca_cert, Some(PathBuf::from("/abs/ca.pem")));
         let missing = load_file(&dir.path().join("nope.json")).unwrap_err();
         assert_eq!(missing.exit_code(), 2);
         let flags = FlagConfig {

@@ -58,7 +58,10 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(unix)]
+    builder.on_thread_start(block_sigpipe_in_this_thread);
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -67,6 +70,22 @@ pub fn main() -> ExitCode {
     };
     let code = runtime.block_on(run(cli));
     ExitCode::from(code as u8)
+}
+
+/// Blocks SIGPIPE in the calling thread. The runtime's threads drive the connections, and a vectored
+/// write to a socket the peer has closed (for example a TLS port answering a plaintext client with an
+/// alert and a close) raises SIGPIPE, which the default disposition set in [`main`] would turn into a
+/// silent death; blocked, the write fails with EPIPE and becomes an error with a message. Output to
+/// stdout happens on the main thread, which keeps the default.
+#[cfg(unix)]
+fn block_sigpipe_in_this_thread() {
+    // SAFETY: plain libc calls on a local signal set; only the calling thread's mask changes.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// Runs a parsed command line; prints errors and returns the exit code.
@@ -103,12 +122,23 @@ pub async fn execute(cli: Cli) -> CliResult<()> {
     };
     let settings = config::load(&flags)?;
     let conn = connect::connect(&settings)?;
-    dispatch(&conn, cli.command, ui).await.map_err(|mut e| {
-        if e.message.contains("coordinator is unavailable") {
-            e.message.push_str(&format!(" [endpoint {}]", settings.endpoint));
-        }
-        e
-    })
+    let Err(mut e) = dispatch(&conn, cli.command, ui).await else {
+        return Ok(());
+    };
+    // A plaintext call cut off by the server: find out whether it is a TLS port.
+    if settings.endpoint.starts_with("http://")
+        && errors::looks_like_cut_connection(&e.message)
+        && connect::speaks_tls(&settings.endpoint).await
+    {
+        e.message = format!(
+            "{} [endpoint {}]; that port speaks TLS: use an https:// endpoint (with --ca-cert FILE when \
+             its CA is private)",
+            e.message, settings.endpoint
+        );
+    } else if e.message.contains("coordinator is unavailable") || e.message.contains("TLS handshake failed") {
+        e.message.push_str(&format!(" [endpoint {}]", settings.endpoint));
+    }
+    Err(e)
 }
 
 /// Runs a command over a connection.

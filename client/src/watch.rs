@@ -15,7 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::connect::Client;
-use crate::errors::{CliError, CliResult};
+use crate::errors::{tls_failure, CliError, CliResult};
 use crate::output::{self, job_is_final, job_state_name, task_state_name};
 use crate::ui::Ui;
 
@@ -336,7 +336,8 @@ async fn get_job(
                 backoff.reset();
                 return Ok(r.into_inner());
             }
-            Err(s) if is_transient(s.code()) && !backoff.exhausted() => {
+            // A certificate that is not trusted stays so: fail at once instead of retrying.
+            Err(s) if is_transient(s.code()) && tls_failure(&s).is_none() && !backoff.exhausted() => {
                 let d = backoff.next_delay();
                 display.note(&format!(
                     "coordinator unreachable ({}); retrying in {:.1}s",
@@ -371,7 +372,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
             .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
-            Err(s) if is_transient(s.code()) && !backoff.exhausted() => {
+            Err(s) if is_transient(s.code()) && tls_failure(&s).is_none() && !backoff.exhausted() => {
                 let d = backoff.next_delay();
                 display.note(&format!(
                     "watch stream unavailable ({}); reconnecting in {:.1}s",
