@@ -11,7 +11,7 @@ use farm_proto::pb::{Precision, RenderParams};
 use farm_worker::device::parse_device;
 use farm_worker::model::pipeline::{Pipeline, PipelineOptions, Preset};
 use farm_worker::render::{ModelRenderer, RenderItem, Renderer, SyntheticRenderer};
-use farm_worker::runtime::{run, WorkerOptions};
+use farm_worker::runtime::{coordinator_endpoint, run, WorkerOptions};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -34,6 +34,10 @@ struct Args {
     /// Coordinator gRPC endpoint.
     #[arg(long, env = "FARM_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// PEM file of the CA that signed the coordinator's TLS certificate (for an https:// coordinator;
+    /// without it the system's roots are trusted).
+    #[arg(long, env = "FARM_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
     /// Worker token (`farm-coordinator token create --role worker`).
     #[arg(long, env = "FARM_WORKER_TOKEN")]
     token: String,
@@ -163,6 +167,18 @@ fn main() -> anyhow::Result<()> {
         return verify_command();
     }
     let a = Args::parse();
+    // The coordinator's address and TLS settings are checked before the model loads.
+    let ca_cert_pem = match &a.ca_cert {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("--ca-cert {}: cannot read the CA certificate", p.display()))?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                anyhow::bail!("--ca-cert {}: not a PEM certificate (no -----BEGIN CERTIFICATE----- block)", p.display());
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    coordinator_endpoint(&a.coordinator, ca_cert_pem.as_deref()).map_err(anyhow::Error::msg)?;
     let verified = match &a.verify_on_start {
         Some(dir) => Some(start_check(dir, &a.device, a.precision)?),
         None => None,
@@ -224,6 +240,7 @@ fn main() -> anyhow::Result<()> {
         max_batch: a.max_batch,
         max_backoff: Duration::from_millis(a.max_backoff_ms.max(100)),
         verified,
+        ca_cert_pem,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::pngmeta::{encode_png, ResultMetadata};
@@ -45,6 +45,74 @@ pub struct WorkerOptions {
     pub max_backoff: Duration,
     /// Numerical self-check outcome to report in the hello: (passed, unix ms).
     pub verified: Option<(bool, i64)>,
+    /// PEM of the CA that signed the coordinator's TLS certificate (`--ca-cert`); an `https://`
+    /// coordinator then trusts only it, else the system's roots.
+    pub ca_cert_pem: Option<String>,
+}
+
+/// The coordinator endpoint: plaintext for `http://`, TLS for `https://` (trusting `ca_cert_pem` when
+/// given, else the system's roots or, when the system has none, the bundled webpki roots). A CA with
+/// an `http://` URL is refused so that a token never goes out in clear when TLS was asked for.
+pub fn coordinator_endpoint(url: &str, ca_cert_pem: Option<&str>) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("coordinator URL {url}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let https = url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    let tls = ClientTlsConfig::new().timeout(Duration::from_secs(10));
+    match (https, ca_cert_pem) {
+        (false, None) => Ok(endpoint),
+        (false, Some(_)) => Err(format!("--ca-cert is set but the coordinator URL {url} is not https://")),
+        (true, Some(pem)) => {
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err("--ca-cert: not a PEM certificate (no -----BEGIN CERTIFICATE----- block)".into());
+            }
+            endpoint
+                .tls_config(tls.ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| format!("TLS settings for {url}: {}", error_chain(&e)))
+        }
+        (true, None) => endpoint
+            .clone()
+            .tls_config(tls.clone().with_enabled_roots())
+            .or_else(|_| endpoint.tls_config(tls.with_webpki_roots()))
+            .map_err(|e| format!("TLS settings for {url}: {}", error_chain(&e))),
+    }
+}
+
+/// An error and its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A status's message and its sources (tonic keeps the cause of a connection failure, a TLS
+/// handshake error among them, in the sources), with a hint when the coordinator's certificate was
+/// not trusted.
+fn status_text(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    if out.contains("invalid peer certificate") {
+        out.push_str(" (TLS: the coordinator's certificate is not trusted; --ca-cert names the CA that signed it)");
+    }
+    out
 }
 
 type Client = WorkerServiceClient<InterceptedService<Channel, AuthInterceptor>>;
@@ -219,11 +287,7 @@ impl Controller {
         let client = match &self.client {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(self.opts.coordinator.clone())
-                    .map_err(|e| format!("coordinator URL: {e}"))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(10));
+                let endpoint = coordinator_endpoint(&self.opts.coordinator, self.opts.ca_cert_pem.as_deref())?;
                 let channel = endpoint.connect_lazy();
                 let value: MetadataValue<_> = format!("Bearer {}", self.opts.token)
                     .parse()
@@ -247,7 +311,7 @@ impl Controller {
         )
         .await
         .map_err(|_| "timed out connecting".to_string())?
-        .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?;
+        .map_err(|s| format!("{}: {}", code_name(s.code()), status_text(&s)))?;
         let mut inbound = resp.into_inner();
         let welcome = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
