@@ -351,6 +351,13 @@ impl CoordinatorOptions {
         self.migrate = false;
         self
     }
+
+    /// `--tls-cert CERT --tls-key KEY`: the gRPC port speaks TLS only; reach it at
+    /// [`Coordinator::https_url`] (the certificate must name 127.0.0.1).
+    pub fn tls(self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Self {
+        let (cert, key) = (cert.as_ref().display().to_string(), key.as_ref().display().to_string());
+        self.args(["--tls-cert".to_owned(), cert, "--tls-key".to_owned(), key])
+    }
 }
 
 /// `farm-coordinator serve --listen 127.0.0.1:PORT --database-url .. [--redis-url ..] --results ..`.
@@ -398,6 +405,11 @@ impl Coordinator {
     /// `http://127.0.0.1:PORT`, for clients and workers.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `https://127.0.0.1:PORT`, for a coordinator started with [`CoordinatorOptions::tls`].
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
