@@ -267,6 +267,7 @@ async fn run_session(
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     shared.sessions.lock().unwrap().remove(&worker_id);
+    let _ = shared.store.flush_completed().await;
     // Requeue what the session held; retry while the database is away (the lease sweep is the backstop).
     for attempt in 0..5 {
         match shared.store.requeue_worker(worker_id, "lost").await {

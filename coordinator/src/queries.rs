@@ -67,8 +67,8 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
     }
     job.progress = if total_steps > 0 { (done_steps as f64 / total_steps as f64).min(1.0) } else { 0.0 };
     let recent: (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "select count(*)::bigint, min(finished_at) from tasks
-         where job_id = $1 and state = 3 and finished_at > now() - interval '60 seconds'",
+        "select count(*)::bigint, min(result_at) from tasks
+         where job_id = $1 and state = 3 and result_at > now() - interval '60 seconds'",
     )
     .bind(job_id)
     .fetch_one(pool)

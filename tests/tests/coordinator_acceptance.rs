@@ -1071,13 +1071,22 @@ async fn two_replicas_share_one_store_and_watchers_see_progress_from_both() {
     drop(workers);
 
     assert_each_task_succeeded_once(&pool, job, TASKS, results.path()).await;
-    // Both replicas dispatched and committed work.
-    let per_replica: Vec<(String, i64)> = sqlx::query_as(
-        "select coordinator, sum(completed)::bigint from workers group by coordinator order by coordinator",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    // Both replicas dispatched and committed work. Each replica adds its workers' completion counts
+    // to the table once a second.
+    let mut per_replica: Vec<(String, i64)> = Vec::new();
+    let counted = Instant::now();
+    while counted.elapsed() < Duration::from_secs(10) {
+        per_replica = sqlx::query_as(
+            "select coordinator, sum(completed)::bigint from workers group by coordinator order by coordinator",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if per_replica.iter().map(|r| r.1).sum::<i64>() >= TASKS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(per_replica.len(), 2, "{per_replica:?}");
     assert!(per_replica.iter().all(|(_, n)| *n > 0), "each replica's workers completed tasks: {per_replica:?}");
     assert_eq!(per_replica.iter().map(|r| r.1).sum::<i64>(), TASKS);
