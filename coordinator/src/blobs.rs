@@ -336,12 +336,14 @@ impl BlobStore {
         match (&self.backend, state) {
             (Backend::Local { root }, Pending::Local { tmp, file }) => {
                 drop(file);
-                let final_path = self.path(root, key)?;
-                if let Err(e) = fs::rename(&tmp, &final_path).await {
+                let renamed = match self.path(root, key) {
+                    Ok(final_path) => fs::rename(&tmp, &final_path).await.map_err(Error::from),
+                    Err(e) => Err(e),
+                };
+                if renamed.is_err() {
                     let _ = fs::remove_file(&tmp).await;
-                    return Err(e.into());
                 }
-                Ok(())
+                renamed
             }
             (Backend::S3(s3), Pending::S3 { store, tmp, buffer, upload, spilled, .. }) => {
                 if let Some(writer) = upload {
@@ -459,6 +461,10 @@ mod tests {
         let mut b = store.create(&BlobStore::key_for(&job, 9)).await.unwrap();
         b.write(b"half").await.unwrap();
         drop(b);
+        let mut b = store.create(&BlobStore::key_for(&job, 10)).await.unwrap();
+        b.write(b"z").await.unwrap();
+        b.finish().await.unwrap();
+        assert!(store.publish(b, "../escape.png").await.is_err(), "a bad key is refused at publish");
         let names: Vec<_> = std::fs::read_dir(dir.path().join(job.to_string())).unwrap().collect();
         assert_eq!(names.len(), 1);
         assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8)).await, Err(Error::NotFound(_))));
