@@ -8,8 +8,10 @@
 //! which the upload path calls after it has checked size and SHA-256 and locked the task row with a
 //! current lease token. Whatever fails before that leaves nothing behind.
 //!
-//! * Local directory: writes go to a temporary file in the key's directory, are flushed and fsynced,
-//!   and become visible by an atomic rename, so a reader never sees half a file.
+//! * Local directory: a result up to [`LOCAL_BUFFER_BYTES`] is held in memory and, at publish time,
+//!   written to a temporary file in the key's directory, fsynced and renamed into place in one
+//!   blocking call; a larger one streams into the temporary file as it arrives. Either way it becomes
+//!   visible by an atomic rename, so a reader never sees half a file.
 //! * S3: a result up to [`S3_BUFFER_BYTES`] (every PNG the farm renders) is held in memory and written
 //!   to its final key with one PUT at publish time, so nothing temporary ever exists in the bucket.
 //!   A larger one streams into a multipart upload to a temporary key under `PREFIX/.tmp/`
@@ -35,6 +37,11 @@ use crate::error::{Error, Result};
 
 /// Results up to this size are buffered in memory and written with one PUT (S3 backend).
 pub const S3_BUFFER_BYTES: usize = 8 << 20;
+/// Results up to this size are buffered in memory and written, fsynced and renamed into place by one
+/// blocking call at publish time (local backend). Writing each one through a temporary file as its
+/// chunks arrived cost a blocking-pool round trip per create, write, flush, fsync and rename, and
+/// those thread hand-offs were most of the coordinator's time per upload.
+pub const LOCAL_BUFFER_BYTES: usize = 8 << 20;
 /// Part size of multipart uploads (S3's minimum for every part but the last is 5 MiB).
 const S3_PART_BYTES: usize = 5 << 20;
 /// Parts of one multipart upload in flight at once.
@@ -50,7 +57,11 @@ pub struct BlobStore {
 }
 
 enum Backend {
-    Local { root: PathBuf },
+    Local {
+        root: PathBuf,
+        /// Results larger than this are written through a temporary file as they arrive.
+        buffer_bytes: usize,
+    },
     S3(S3Bucket),
 }
 
@@ -75,8 +86,15 @@ pub struct PendingBlob {
 
 enum Pending {
     Local {
+        /// Where the temporary file goes (created only when the result outgrows the buffer, or at
+        /// publish time).
         tmp: PathBuf,
+        buffer: Vec<u8>,
+        buffer_bytes: usize,
+        /// The temporary file once the result outgrew the buffer.
         file: Option<fs::File>,
+        /// Whether `tmp` was created (then it must be removed unless renamed into place).
+        spilled: bool,
     },
     S3 {
         store: Arc<dyn ObjectStore>,
@@ -106,7 +124,21 @@ impl PendingBlob {
         self.hasher.update(data);
         self.size += data.len() as u64;
         match self.state.as_mut().expect("blob not published") {
-            Pending::Local { file, .. } => file.as_mut().expect("open").write_all(data).await?,
+            Pending::Local { tmp, buffer, buffer_bytes, file, spilled } => {
+                if !*spilled && buffer.len() + data.len() <= *buffer_bytes {
+                    buffer.extend_from_slice(data);
+                } else {
+                    if !*spilled {
+                        fs::create_dir_all(tmp.parent().expect("key has a directory")).await?;
+                        *spilled = true;
+                        let mut f = fs::File::create(&*tmp).await?;
+                        f.write_all(buffer).await?;
+                        *buffer = Vec::new();
+                        *file = Some(f);
+                    }
+                    file.as_mut().expect("open").write_all(data).await?;
+                }
+            }
             Pending::S3 { store, tmp, buffer, buffer_bytes, upload, spilled } => {
                 if upload.is_none() && buffer.len() + data.len() <= *buffer_bytes {
                     buffer.extend_from_slice(data);
@@ -132,9 +164,11 @@ impl PendingBlob {
     pub async fn finish(&mut self) -> Result<String> {
         match self.state.as_mut().expect("blob not published") {
             Pending::Local { file, .. } => {
-                let mut f = file.take().expect("open");
-                f.flush().await?;
-                f.sync_all().await?;
+                // A buffered result is written and fsynced by publish.
+                if let Some(mut f) = file.take() {
+                    f.flush().await?;
+                    f.sync_all().await?;
+                }
             }
             Pending::S3 { upload, .. } => {
                 if let Some(writer) = upload.take() {
@@ -156,9 +190,11 @@ impl PendingBlob {
 impl Pending {
     async fn remove(self) {
         match self {
-            Pending::Local { tmp, file } => {
+            Pending::Local { tmp, file, spilled, .. } => {
                 drop(file);
-                let _ = fs::remove_file(&tmp).await;
+                if spilled {
+                    let _ = fs::remove_file(&tmp).await;
+                }
             }
             Pending::S3 { store, tmp, upload, spilled, .. } => match upload {
                 Some(writer) => {
@@ -178,9 +214,10 @@ impl Drop for PendingBlob {
         // An upload handler that was cancelled (the worker went away) drops its blob unpublished.
         match self.state.take() {
             None => {}
-            Some(Pending::Local { tmp, .. }) => {
+            Some(Pending::Local { tmp, spilled: true, .. }) => {
                 let _ = std::fs::remove_file(tmp);
             }
+            Some(Pending::Local { .. }) => {}
             Some(state @ Pending::S3 { spilled: true, .. }) => {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(state.remove());
@@ -229,7 +266,7 @@ impl BlobStore {
     pub async fn local(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).await?;
-        Ok(BlobStore { backend: Backend::Local { root } })
+        Ok(BlobStore { backend: Backend::Local { root, buffer_bytes: LOCAL_BUFFER_BYTES } })
     }
 
     /// Any object store (S3 in production) with keys below `prefix`.
@@ -244,10 +281,12 @@ impl BlobStore {
         }
     }
 
-    /// Changes the size above which S3 uploads spill into a multipart upload.
-    pub fn with_s3_buffer_bytes(mut self, bytes: usize) -> Self {
-        if let Backend::S3(s3) = &mut self.backend {
-            s3.buffer_bytes = bytes;
+    /// Changes the size above which a result is no longer buffered in memory: it spills into a
+    /// temporary file (local) or a multipart upload (S3).
+    pub fn with_buffer_bytes(mut self, bytes: usize) -> Self {
+        match &mut self.backend {
+            Backend::Local { buffer_bytes, .. } => *buffer_bytes = bytes,
+            Backend::S3(s3) => s3.buffer_bytes = bytes,
         }
         self
     }
@@ -255,7 +294,7 @@ impl BlobStore {
     /// The directory of a local store (`None` for S3).
     pub fn root(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Local { root } => Some(root),
+            Backend::Local { root, .. } => Some(root),
             Backend::S3(_) => None,
         }
     }
@@ -263,7 +302,7 @@ impl BlobStore {
     /// Where results go, for logs: the directory or the `s3://` URL.
     pub fn describe(&self) -> String {
         match &self.backend {
-            Backend::Local { root } => root.display().to_string(),
+            Backend::Local { root, .. } => root.display().to_string(),
             Backend::S3(s3) => s3.url.clone(),
         }
     }
@@ -305,13 +344,11 @@ impl BlobStore {
     /// Starts writing a blob that will be published under `key`.
     pub async fn create(&self, key: &str) -> Result<PendingBlob> {
         let state = match &self.backend {
-            Backend::Local { root } => {
+            Backend::Local { root, buffer_bytes } => {
                 let final_path = self.path(root, key)?;
                 let dir = final_path.parent().expect("key has a directory");
-                fs::create_dir_all(dir).await?;
                 let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-                let file = fs::File::create(&tmp).await?;
-                Pending::Local { tmp, file: Some(file) }
+                Pending::Local { tmp, buffer: Vec::new(), buffer_bytes: *buffer_bytes, file: None, spilled: false }
             }
             Backend::S3(s3) => {
                 BlobStore::object_path(s3, key)?;
@@ -334,16 +371,37 @@ impl BlobStore {
     pub async fn publish(&self, mut blob: PendingBlob, key: &str) -> Result<()> {
         let state = blob.state.take().expect("blob not published");
         match (&self.backend, state) {
-            (Backend::Local { root }, Pending::Local { tmp, file }) => {
+            (Backend::Local { root, .. }, Pending::Local { tmp, buffer, file, spilled, .. }) => {
                 drop(file);
-                let renamed = match self.path(root, key) {
-                    Ok(final_path) => fs::rename(&tmp, &final_path).await.map_err(Error::from),
-                    Err(e) => Err(e),
+                let final_path = match self.path(root, key) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if spilled {
+                            let _ = fs::remove_file(&tmp).await;
+                        }
+                        return Err(e);
+                    }
                 };
-                if renamed.is_err() {
-                    let _ = fs::remove_file(&tmp).await;
-                }
-                renamed
+                // One blocking call: (write and fsync the buffered bytes,) rename into place; the
+                // temporary file is removed on any failure.
+                let placed = tokio::task::spawn_blocking(move || {
+                    let placed = (|| {
+                        if !spilled {
+                            std::fs::create_dir_all(tmp.parent().expect("key has a directory"))?;
+                            let mut f = std::fs::File::create(&tmp)?;
+                            std::io::Write::write_all(&mut f, &buffer)?;
+                            f.sync_all()?;
+                        }
+                        std::fs::rename(&tmp, &final_path)
+                    })();
+                    if placed.is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    placed
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("result write task: {e}")))?;
+                placed.map_err(Error::from)
             }
             (Backend::S3(s3), Pending::S3 { store, tmp, buffer, upload, spilled, .. }) => {
                 if let Some(writer) = upload {
@@ -375,7 +433,7 @@ impl BlobStore {
     pub async fn open_read(&self, key: &str) -> Result<BlobReader> {
         let missing = || Error::NotFound(format!("result blob {key} is missing from storage"));
         match &self.backend {
-            Backend::Local { root } => {
+            Backend::Local { root, .. } => {
                 let p = self.path(root, key)?;
                 let mut file = fs::File::open(&p).await.map_err(|e| {
                     if e.kind() == std::io::ErrorKind::NotFound {
@@ -473,16 +531,29 @@ mod tests {
     #[tokio::test]
     async fn a_large_local_blob_reads_back_in_bounded_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&format!("file://{}", dir.path().display())).await.unwrap();
+        let store = BlobStore::open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap()
+            .with_buffer_bytes(150_000);
         let data: Vec<u8> = (0..(3 * READ_CHUNK_BYTES + 17)).map(|i| (i * 31 % 251) as u8).collect();
-        let key = BlobStore::key_for(&uuid::Uuid::new_v4(), 0);
+        let job = uuid::Uuid::new_v4();
+        let key = BlobStore::key_for(&job, 0);
         let mut b = store.create(&key).await.unwrap();
         for part in data.chunks(100_000) {
             b.write(part).await.unwrap();
         }
+        let on_disk = || std::fs::read_dir(dir.path().join(job.to_string())).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(on_disk(), 1, "past the buffer the result streams into a temporary file");
         b.finish().await.unwrap();
         store.publish(b, &key).await.unwrap();
         assert_eq!(read_all(&store, &key).await.unwrap(), data);
+        assert_eq!(on_disk(), 1, "the temporary file became the result");
+        // A spilled blob that is dropped removes its temporary file.
+        let mut b = store.create(&BlobStore::key_for(&job, 1)).await.unwrap();
+        b.write(&data).await.unwrap();
+        assert_eq!(on_disk(), 2);
+        drop(b);
+        assert_eq!(on_disk(), 1);
     }
 
     #[tokio::test]
@@ -566,7 +637,7 @@ mod tests {
         #[tokio::test]
         async fn a_large_result_streams_through_a_temporary_multipart_upload() {
             let moto = moto_with_bucket("large").await;
-            let store = store(&moto, "large", "r").with_s3_buffer_bytes(64 * 1024);
+            let store = store(&moto, "large", "r").with_buffer_bytes(64 * 1024);
             let data: Vec<u8> = (0..(11usize << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
             let job = uuid::Uuid::new_v4();
             let key = BlobStore::key_for(&job, 0);
