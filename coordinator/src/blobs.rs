@@ -1,12 +1,17 @@
 //! Result storage: a local directory (the default) or an S3-compatible bucket. Keys are
-//! `{job_id}/{index}.png`; the rest of the coordinator sees only [`BlobStore`] and [`PendingBlob`].
+//! `{job_id}/{index}.{lease_token}.png` ([`BlobStore::key_for`]); the rest of the coordinator sees
+//! only [`BlobStore`] and [`PendingBlob`].
 //!
 //! `--results` chooses the backend: a directory or `file://DIR`, or `s3://BUCKET[/PREFIX]` with the
 //! connection settings taken from the standard `AWS_*` environment (see [`BlobStore::open`]).
 //!
-//! The invariant for both: a blob becomes visible under its key only through [`BlobStore::publish`],
-//! which the upload path calls after it has checked size and SHA-256 and locked the task row with a
-//! current lease token. Whatever fails before that leaves nothing behind.
+//! The invariant for both: a blob becomes visible only through [`BlobStore::publish`], which the
+//! upload path calls after it has checked size and SHA-256 against the header, under a key that
+//! belongs to that upload's lease token alone; the task row then commits that key in one statement
+//! if the token is still current, and a refused commit deletes the blob again. A result is part of
+//! a job only through its row: a blob whose commit was refused is never listed or served, and no
+//! upload can replace the bytes another one committed. Whatever fails before publish leaves nothing
+//! behind; a coordinator crash between publish and commit can leave one unreferenced blob.
 //!
 //! * Local directory: a result up to [`LOCAL_BUFFER_BYTES`] is held in memory and, at publish time,
 //!   written to a temporary file in the key's directory, fsynced and renamed into place in one
@@ -307,8 +312,31 @@ impl BlobStore {
         }
     }
 
-    pub fn key_for(job: &uuid::Uuid, index: u64) -> String {
-        format!("{job}/{index}.png")
+    /// The key of a result: `{job}/{index}.{lease_token}.png`. The token makes every upload attempt's
+    /// key its own, so a blob can be published before its commit without ever replacing another
+    /// attempt's bytes; the task row records the key of the one it committed.
+    pub fn key_for(job: &uuid::Uuid, index: u64, lease_token: u64) -> String {
+        format!("{job}/{index}.{lease_token}.png")
+    }
+
+    /// Removes a published blob whose commit was refused (best effort: logged, not returned).
+    pub async fn delete(&self, key: &str) {
+        let removed = match &self.backend {
+            Backend::Local { root, .. } => match self.path(root, key) {
+                Ok(p) => match fs::remove_file(&p).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+            Backend::S3(s3) => match BlobStore::object_path(s3, key) {
+                Ok(path) => s3.store.delete(&path).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        if let Err(e) = removed {
+            tracing::warn!(key, error = %e, "could not remove a result whose commit was refused");
+        }
     }
 
     fn check_key(key: &str) -> Result<()> {
@@ -502,7 +530,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path().to_str().unwrap()).await.unwrap();
         let job = uuid::Uuid::new_v4();
-        let key = BlobStore::key_for(&job, 7);
+        let key = BlobStore::key_for(&job, 7, 1);
         let mut b = store.create(&key).await.unwrap();
         b.write(b"hello ").await.unwrap();
         b.write(b"world").await.unwrap();
@@ -514,18 +542,18 @@ mod tests {
         assert_eq!(read_all(&store, &key).await.unwrap(), b"hello world");
         assert!(store.path(dir.path(), "../etc/passwd").is_err());
         // discarded (or dropped) blobs leave nothing behind
-        let b = store.create(&BlobStore::key_for(&job, 8)).await.unwrap();
+        let b = store.create(&BlobStore::key_for(&job, 8, 1)).await.unwrap();
         b.discard().await;
-        let mut b = store.create(&BlobStore::key_for(&job, 9)).await.unwrap();
+        let mut b = store.create(&BlobStore::key_for(&job, 9, 1)).await.unwrap();
         b.write(b"half").await.unwrap();
         drop(b);
-        let mut b = store.create(&BlobStore::key_for(&job, 10)).await.unwrap();
+        let mut b = store.create(&BlobStore::key_for(&job, 10, 1)).await.unwrap();
         b.write(b"z").await.unwrap();
         b.finish().await.unwrap();
         assert!(store.publish(b, "../escape.png").await.is_err(), "a bad key is refused at publish");
         let names: Vec<_> = std::fs::read_dir(dir.path().join(job.to_string())).unwrap().collect();
         assert_eq!(names.len(), 1);
-        assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8)).await, Err(Error::NotFound(_))));
+        assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8, 1)).await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test]
@@ -537,7 +565,7 @@ mod tests {
             .with_buffer_bytes(150_000);
         let data: Vec<u8> = (0..(3 * READ_CHUNK_BYTES + 17)).map(|i| (i * 31 % 251) as u8).collect();
         let job = uuid::Uuid::new_v4();
-        let key = BlobStore::key_for(&job, 0);
+        let key = BlobStore::key_for(&job, 0, 1);
         let mut b = store.create(&key).await.unwrap();
         for part in data.chunks(100_000) {
             b.write(part).await.unwrap();
@@ -549,7 +577,7 @@ mod tests {
         assert_eq!(read_all(&store, &key).await.unwrap(), data);
         assert_eq!(on_disk(), 1, "the temporary file became the result");
         // A spilled blob that is dropped removes its temporary file.
-        let mut b = store.create(&BlobStore::key_for(&job, 1)).await.unwrap();
+        let mut b = store.create(&BlobStore::key_for(&job, 1, 1)).await.unwrap();
         b.write(&data).await.unwrap();
         assert_eq!(on_disk(), 2);
         drop(b);
@@ -611,7 +639,7 @@ mod tests {
             let store = store(&moto, "blobs", "farm/results");
             store.check_reachable().await.unwrap();
             let job = uuid::Uuid::new_v4();
-            let key = BlobStore::key_for(&job, 7);
+            let key = BlobStore::key_for(&job, 7, 1);
             let mut b = store.create(&key).await.unwrap();
             b.write(b"hello ").await.unwrap();
             b.write(b"world").await.unwrap();
@@ -619,18 +647,18 @@ mod tests {
             assert_eq!(sha, hex::encode(Sha256::digest(b"hello world")));
             assert!(keys(&moto, "blobs").await.is_empty(), "nothing in the bucket before publish");
             store.publish(b, &key).await.unwrap();
-            assert_eq!(keys(&moto, "blobs").await, vec![format!("farm/results/{job}/7.png")]);
+            assert_eq!(keys(&moto, "blobs").await, vec![format!("farm/results/{job}/7.1.png")]);
             assert_eq!(read_all(&store, &key).await.unwrap(), b"hello world");
 
             // Discarded and dropped blobs leave nothing; a missing key is NOT_FOUND.
-            let mut b = store.create(&BlobStore::key_for(&job, 8)).await.unwrap();
+            let mut b = store.create(&BlobStore::key_for(&job, 8, 1)).await.unwrap();
             b.write(b"x").await.unwrap();
             b.discard().await;
-            let mut b = store.create(&BlobStore::key_for(&job, 9)).await.unwrap();
+            let mut b = store.create(&BlobStore::key_for(&job, 9, 1)).await.unwrap();
             b.write(b"y").await.unwrap();
             drop(b);
             assert_eq!(keys(&moto, "blobs").await.len(), 1);
-            assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8)).await, Err(Error::NotFound(_))));
+            assert!(matches!(read_all(&store, &BlobStore::key_for(&job, 8, 1)).await, Err(Error::NotFound(_))));
             assert!(store.path(Path::new("/"), "a/../b").is_err() && BlobStore::check_key("a//b").is_err());
         }
 
@@ -640,7 +668,7 @@ mod tests {
             let store = store(&moto, "large", "r").with_buffer_bytes(64 * 1024);
             let data: Vec<u8> = (0..(11usize << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
             let job = uuid::Uuid::new_v4();
-            let key = BlobStore::key_for(&job, 0);
+            let key = BlobStore::key_for(&job, 0, 1);
 
             let mut b = store.create(&key).await.unwrap();
             for part in data.chunks(1 << 20) {
@@ -653,23 +681,23 @@ mod tests {
             let staged = keys(&moto, "large").await;
             assert!(staged.len() == 1 && staged[0].starts_with("r/.tmp/"), "completed at a temporary key: {staged:?}");
             store.publish(b, &key).await.unwrap();
-            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.png")], "the temporary object is gone");
+            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.1.png")], "the temporary object is gone");
             assert_eq!(open_uploads(&moto, "large"), 0);
             let back = read_all(&store, &key).await.unwrap();
             assert!(back == data, "read back {} bytes, wrote {}", back.len(), data.len());
 
             // A spilled upload that fails before finishing is aborted; one that finished is deleted.
-            let mut b = store.create(&BlobStore::key_for(&job, 1)).await.unwrap();
+            let mut b = store.create(&BlobStore::key_for(&job, 1, 1)).await.unwrap();
             b.write(&data[..200_000]).await.unwrap();
             assert_eq!(open_uploads(&moto, "large"), 1);
             b.discard().await;
             assert_eq!(open_uploads(&moto, "large"), 0, "aborted");
-            let mut b = store.create(&BlobStore::key_for(&job, 2)).await.unwrap();
+            let mut b = store.create(&BlobStore::key_for(&job, 2, 1)).await.unwrap();
             b.write(&data[..200_000]).await.unwrap();
             b.finish().await.unwrap();
             b.discard().await;
             // A handler cancelled mid-upload drops its blob: the abort runs in the background.
-            let mut b = store.create(&BlobStore::key_for(&job, 3)).await.unwrap();
+            let mut b = store.create(&BlobStore::key_for(&job, 3, 1)).await.unwrap();
             b.write(&data[..200_000]).await.unwrap();
             drop(b);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -677,7 +705,7 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             assert_eq!(open_uploads(&moto, "large"), 0, "a dropped upload is aborted");
-            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.png")], "nothing else is left");
+            assert_eq!(keys(&moto, "large").await, vec![format!("r/{job}/0.1.png")], "nothing else is left");
         }
 
         #[tokio::test]

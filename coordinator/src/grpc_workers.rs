@@ -159,7 +159,7 @@ impl WorkerService for WorkerApi {
         if header.size_bytes > MAX_RESULT_BYTES {
             return Err(Status::invalid_argument(format!("result exceeds the limit of {MAX_RESULT_BYTES} bytes")));
         }
-        let key = BlobStore::key_for(&job_id, idx as u64);
+        let key = BlobStore::key_for(&job_id, idx as u64, token as u64);
         let mut blob = shared.blobs.create(&key).await.map_err(Status::from)?;
         let received: Result<(), Status> = async {
             while let Some(m) = inbound.message().await? {
@@ -194,24 +194,23 @@ impl WorkerService for WorkerApi {
             return Err(Status::data_loss("result size or sha256 does not match the header"));
         }
         let size = blob.size;
-        let tx = match shared.store.lock_lease(task_id, token).await {
-            Ok(tx) => tx,
+        // The key carries the lease token, so no other upload (a stale lease's, or the next
+        // attempt's) can write the same key: the blob is published first, then the row commits it in
+        // one statement if the token is still current. A refused or failed commit removes the blob.
+        shared.blobs.publish(blob, &key).await.map_err(Status::from)?;
+        let t = match shared.store.commit_result(task_id, token, &key, size as i64, &sha).await {
+            Ok(t) => t,
             Err(e) => {
-                blob.discard().await;
-                Metrics::add(&shared.metrics.stale_refusals, 1);
+                if matches!(e, Error::FailedPrecondition(_)) {
+                    Metrics::add(&shared.metrics.stale_refusals, 1);
+                }
+                shared.blobs.delete(&key).await;
                 return Err(e.into());
             }
         };
-        shared.blobs.publish(blob, &key).await.map_err(Status::from)?;
-        let t = shared.store.commit_result(tx, task_id, token, &key, size as i64, &sha).await.map_err(|e| {
-            if matches!(e, Error::FailedPrecondition(_)) {
-                Metrics::add(&shared.metrics.stale_refusals, 1);
-            }
-            Status::from(e)
-        })?;
         Metrics::add(&shared.metrics.tasks_succeeded, 1);
         shared.task_event(&t, None).await;
-        shared.maybe_finish_job(job_id).await;
+        shared.schedule_finish_check(job_id);
         Ok(Response::new(UploadResultResponse {
             result: Some(ResultInfo {
                 job_id: job_id.to_string(),

@@ -1,9 +1,9 @@
 //! State shared by the gRPC services of one coordinator replica. Nothing here must survive a restart:
 //! the job store is PostgreSQL, events go through Redis when replicas share one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use farm_proto::pb::{coordinator_message, job_event, CancelTasks, CoordinatorMessage, JobStateChanged, Lease,
@@ -54,7 +54,12 @@ pub struct Shared {
     /// How often an idle dispatch loop looks for work without a wake-up.
     pub idle_poll: Duration,
     pub metrics: Metrics,
+    /// Jobs with a finish check scheduled on this replica (see [`Shared::schedule_finish_check`]).
+    pub finish_pending: Mutex<HashSet<Uuid>>,
 }
+
+/// How long a finish check after a commit waits, gathering the commits of the same job meanwhile.
+pub const FINISH_CHECK_DELAY: Duration = Duration::from_millis(20);
 
 impl Shared {
     /// Publishes a task state change.
@@ -71,16 +76,36 @@ impl Shared {
     /// After a task reached a final state: closes the job when nothing is left and says so.
     pub async fn maybe_finish_job(&self, job_id: Uuid) {
         match self.store.finish_job_if_done(job_id).await {
-            Ok(Some(state)) => {
-                let counts = crate::queries::get_job(&self.store.pool, None, job_id).await.ok();
-                let counts = counts.and_then(|j| j.counts).unwrap_or_else(TaskCounts::default);
-                self.events
-                    .publish(job_id, job_event::Event::Job(JobStateChanged { state: i32::from(state), counts: Some(counts) }))
-                    .await;
-            }
+            Ok(Some(state)) => self.announce_finished(job_id, state).await,
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, %job_id, "could not close job"),
         }
+    }
+
+    /// Publishes a job's final state with its counts.
+    pub async fn announce_finished(&self, job_id: Uuid, state: i16) {
+        let counts = crate::queries::get_job(&self.store.pool, None, job_id).await.ok();
+        let counts = counts.and_then(|j| j.counts).unwrap_or_else(TaskCounts::default);
+        self.events
+            .publish(job_id, job_event::Event::Job(JobStateChanged { state: i32::from(state), counts: Some(counts) }))
+            .await;
+    }
+
+    /// After a commit: runs [`Shared::maybe_finish_job`] for the job [`FINISH_CHECK_DELAY`] later,
+    /// once for all the commits of that job in between (at full speed a job commits hundreds of
+    /// results a second; checking after each one was a query per task). The check starts after the
+    /// pending mark is cleared, so it sees every commit that found the mark set. The lease sweep
+    /// closes a job whose check was lost with its replica.
+    pub fn schedule_finish_check(self: &Arc<Self>, job_id: Uuid) {
+        if !self.finish_pending.lock().unwrap().insert(job_id) {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FINISH_CHECK_DELAY).await;
+            shared.finish_pending.lock().unwrap().remove(&job_id);
+            shared.maybe_finish_job(job_id).await;
+        });
     }
 
     /// Routes a cancel to a worker session of this replica; false if the session is not here.

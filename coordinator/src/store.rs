@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -474,25 +474,10 @@ impl Store {
         row.map(|r| (r.get(0), r.get(1))).ok_or_else(stale_lease)
     }
 
-    /// Locks the task if `token` is still current; the caller publishes the blob, then calls
-    /// [`Store::commit_result`] on the same transaction.
-    pub async fn lock_lease(&self, task_id: Uuid, token: i64) -> Result<Transaction<'static, Postgres>> {
-        let mut tx = self.pool.begin().await?;
-        let ok = sqlx::query("select 1 from tasks where id = $1 and lease_token = $2 and state = 2 for update")
-            .bind(task_id)
-            .bind(token)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if ok.is_none() {
-            return Err(stale_lease());
-        }
-        Ok(tx)
-    }
-
-    /// Marks the task succeeded with its stored result, on the transaction from [`Store::lock_lease`].
+    /// Marks the task succeeded with its stored result if `token` is still its current lease (one
+    /// statement); FAILED_PRECONDITION otherwise.
     pub async fn commit_result(
         &self,
-        mut tx: Transaction<'static, Postgres>,
         task_id: Uuid,
         token: i64,
         key: &str,
@@ -519,10 +504,9 @@ impl Store {
         .bind(key)
         .bind(size)
         .bind(sha256)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Err(stale_lease()) };
-        tx.commit().await?;
         if let Some(worker) = row.get::<Option<Uuid>, _>(2) {
             *self.completed.lock().unwrap().entry(worker).or_default() += 1;
         }
@@ -545,6 +529,24 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Closes every open job with no queued or running task left (the backstop for finish checks
+    /// lost with a replica). Returns the jobs closed and their final states.
+    pub async fn finish_idle_jobs(&self) -> Result<Vec<(Uuid, i16)>> {
+        let rows = sqlx::query(
+            "update jobs j set finished_at = now(),
+                    state = case when j.cancelled_at is not null then 5
+                                 when exists (select 1 from tasks where job_id = j.id and state = 4) then 4
+                                 else 3 end
+             where j.finished_at is null and j.total > 0
+               and not exists (select 1 from tasks where job_id = j.id and state = 1)
+               and not exists (select 1 from tasks where job_id = j.id and state = 2)
+             returning j.id, j.state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Adds the tasks committed since the last call to `workers.completed` (one statement). On

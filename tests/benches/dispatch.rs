@@ -234,7 +234,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 3. Raw claim loop on the same database and job, as many connections as sessions.
-    let pool = PgPoolOptions::new().max_connections(workers as u32).connect(&db).await?;
+    // Like the coordinator's pool: no ping before each checkout.
+    let pool = PgPoolOptions::new()
+        .max_connections(workers as u32)
+        .test_before_acquire(false)
+        .connect(&db)
+        .await?;
     let raw_done = Arc::new(AtomicU64::new(0));
     let raw_stop = Arc::new(AtomicBool::new(false));
     let loops: Vec<_> = (0..workers)

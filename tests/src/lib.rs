@@ -420,7 +420,7 @@ impl Coordinator {
         &self.database_url
     }
 
-    /// Where this coordinator writes result blobs (`{results}/{job_id}/{index}.png`): a directory, or
+    /// Where this coordinator writes result blobs (`{results}/{job_id}/{index}.{lease_token}.png`): a directory, or
     /// the `s3://` URL it was given.
     pub fn results_dir(&self) -> &Path {
         &self.results_dir

@@ -298,14 +298,16 @@ async fn assert_each_task_succeeded_once(pool: &PgPool, job: Uuid, total: i64, r
     assert_eq!(not_once, 0, "tasks without exactly one succeeded attempt");
     let (pngs, _) = stored_blobs(results, job);
     assert_eq!(pngs as i64, total, "stored PNGs");
-    let rows: Vec<(i64, String, i64)> =
-        sqlx::query_as("select idx, result_sha256, result_size from tasks where job_id = $1 order by idx")
-            .bind(job)
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    for (idx, sha, size) in rows {
-        let bytes = std::fs::read(results.join(format!("{job}/{idx}.png"))).expect("the result blob");
+    let rows: Vec<(i64, String, i64, String)> = sqlx::query_as(
+        "select idx, result_sha256, result_size, result_key from tasks where job_id = $1 order by idx",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (idx, sha, size, key) in rows {
+        assert!(key.starts_with(&format!("{job}/{idx}.")), "result key {key} of task {idx}");
+        let bytes = std::fs::read(results.join(&key)).expect("the result blob");
         assert_eq!(bytes.len() as i64, size, "size of result {idx}");
         assert_eq!(hex::encode(Sha256::digest(&bytes)), sha, "sha256 of result {idx}");
     }
@@ -784,7 +786,7 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let index = assign.tasks[0].index;
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
-    let blob_path = coord.results_dir().join(format!("{id}/{index}.png"));
+    let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
     assert_status(
         upload(&ch, wa, &lease.task_id, lease.lease_token + 1000, b"forged").await,
         Code::FailedPrecondition,
@@ -798,6 +800,7 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
         "upload for another task id",
     );
     assert!(!blob_path.exists(), "a refused upload stored a blob");
+    assert_eq!(stored_blobs(coord.results_dir(), job), (0, 0), "a refused upload left a file behind");
     assert_eq!(
         count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await,
         0,
@@ -857,6 +860,76 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
 
 // ---------------------------------------------------------------------------------------------
 // Lost and silent workers
+
+/// A lease lost while its upload is in flight (the header passed the lease check, then the worker's
+/// session dropped and the task was requeued): the commit is refused with FAILED_PRECONDITION and the
+/// blob published under that lease's key is removed again; the task is then done by someone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
+    let db = fresh_database("acc_lost_mid_upload");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("carol", "client").unwrap();
+    let worker = bearer(&coord.token("carol", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let job = submit_ok(&ch, &client, header("lost mid-upload", 2), prompts(1)).await;
+
+    let mut session = Session::open(&ch, Some(&worker), "mid-upload", 1).await.unwrap();
+    session.credits(1).await;
+    let assign = session.next_assign(Duration::from_secs(10)).await;
+    let lease = assign.tasks[0].lease.clone().unwrap();
+    let data = b"\x89PNG\r\n\x1a\nbytes of a lost lease".to_vec();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(UploadResultRequest {
+        msg: Some(upload_result_request::Msg::Header(UploadHeader {
+            lease: Some(lease.clone()),
+            content_type: "image/png".into(),
+            size_bytes: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(&data)),
+            metadata_json: "{}".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut uploads = WorkerServiceClient::new(ch.clone());
+    let worker_auth = worker.clone();
+    let upload = tokio::spawn(async move {
+        uploads
+            .upload_result(with_auth(Some(&worker_auth), ReceiverStream::new(rx)))
+            .await
+    });
+    // Let the header pass the lease check, then lose the lease: the session drops and is requeued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(session);
+    wait_for("the task to be queued again", Duration::from_secs(10), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 1", job).await == 1
+    })
+    .await;
+    tx.send(UploadResultRequest { msg: Some(upload_result_request::Msg::Data(data)) }).await.unwrap();
+    drop(tx);
+    assert_status(
+        upload.await.unwrap(),
+        Code::FailedPrecondition,
+        "lease is not current",
+        "an upload whose lease was lost while it was sent",
+    );
+    assert_eq!(stored_blobs(coord.results_dir(), job), (0, 0), "the refused upload's blob was removed");
+    assert_eq!(count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await, 0);
+
+    // The task is still there for another worker, and its result commits under the new lease.
+    let mut other = Session::open(&ch, Some(&worker), "next", 1).await.unwrap();
+    other.credits(1).await;
+    let next = other.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap();
+    assert_ne!(next.lease_token, lease.lease_token);
+    let good = b"\x89PNG\r\n\x1a\nthe result".to_vec();
+    upload_ok(&ch, &worker, &next, &good).await;
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    assert_each_task_succeeded_once(&pool, job, 1, coord.results_dir()).await;
+}
+
+async fn upload_ok(ch: &Channel, auth: &str, lease: &farm_proto::pb::Lease, data: &[u8]) {
+    upload(ch, Some(auth), &lease.task_id, lease.lease_token, data).await.expect("a current lease uploads");
+}
 
 /// Running leases of a worker (by its name): (task id, index, lease token).
 async fn leases_of(pool: &PgPool, worker_name: &str) -> Vec<(Uuid, i64, i64)> {
@@ -993,18 +1066,17 @@ async fn silent_worker_loses_its_leases_after_the_ttl_and_its_late_upload_is_ref
     drop(rescuer);
     assert_each_task_succeeded_once(&pool, job, 4, coord.results_dir()).await;
     let snapshot = || async {
-        let rows: Vec<(i64, i16, String, String, i64)> = sqlx::query_as(
-            "select idx, state, result_sha256, result_worker, (extract(epoch from result_at) * 1000000)::bigint
+        let rows: Vec<(i64, i16, String, String, i64, String)> = sqlx::query_as(
+            "select idx, state, result_sha256, result_worker, (extract(epoch from result_at) * 1000000)::bigint,
+                    result_key
              from tasks where job_id = $1 order by idx",
         )
         .bind(job)
         .fetch_all(&pool)
         .await
         .unwrap();
-        let files: Vec<Vec<u8>> = rows
-            .iter()
-            .map(|r| std::fs::read(coord.results_dir().join(format!("{job}/{}.png", r.0))).unwrap())
-            .collect();
+        let files: Vec<Vec<u8>> =
+            rows.iter().map(|r| std::fs::read(coord.results_dir().join(&r.5)).unwrap()).collect();
         (rows, files)
     };
     let before = snapshot().await;

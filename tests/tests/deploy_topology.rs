@@ -129,7 +129,7 @@ fn fifty_prompts_through_two_replicas_land_in_the_object_store() {
     });
     assert_eq!(recorded.len(), PROMPTS, "every task succeeded with a recorded result");
 
-    // The bucket holds exactly the fifty results under PREFIX/JOB/INDEX.png: no temporary objects,
+    // The bucket holds exactly the fifty results under PREFIX/JOB/INDEX.TOKEN.png: no temporary objects,
     // nothing elsewhere. Each is a PNG whose size and SHA-256 match the coordinators' records.
     let store = s3_client(&moto, BUCKET);
     let stored: BTreeMap<String, Vec<u8>> = runtime.block_on(async {
@@ -142,12 +142,16 @@ fn fifty_prompts_through_two_replicas_land_in_the_object_store() {
         }
         out
     });
-    let expected_keys: Vec<String> = (0..PROMPTS).map(|i| format!("{PREFIX}/{job}/{i}.png")).collect();
-    let mut sorted_expected = expected_keys.clone();
-    sorted_expected.sort();
-    assert_eq!(stored.keys().cloned().collect::<Vec<_>>(), sorted_expected, "the bucket holds exactly the results");
+    // Keys are JOB/INDEX.LEASE_TOKEN.png: exactly the keys the rows committed, nothing else.
+    let mut expected_keys: Vec<String> = recorded.values().map(|(key, ..)| format!("{PREFIX}/{key}")).collect();
+    expected_keys.sort();
+    assert_eq!(stored.keys().cloned().collect::<Vec<_>>(), expected_keys, "the bucket holds exactly the results");
     for (idx, (key, size, sha, _)) in &recorded {
-        assert_eq!(key, &format!("{job}/{idx}.png"), "recorded key of task {idx}");
+        let token = key
+            .strip_prefix(&format!("{job}/{idx}."))
+            .and_then(|rest| rest.strip_suffix(".png"))
+            .unwrap_or_else(|| panic!("recorded key {key} of task {idx}"));
+        assert!(token.parse::<u64>().is_ok(), "recorded key {key} of task {idx} ends with its lease token");
         let bytes = &stored[&format!("{PREFIX}/{key}")];
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "task {idx}: not a PNG");
         let decoded = png::Decoder::new(std::io::Cursor::new(bytes.as_slice())).read_info().unwrap();
