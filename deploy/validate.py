@@ -8,12 +8,17 @@ Kubernetes schemas ship inside kubernetes-validate, so nothing is fetched at che
   * Kubernetes manifests: built-in kinds validate (strictly) against the pinned Kubernetes schema,
     the KEDA ScaledObject and the kustomization are checked structurally, and the objects and
     settings the deployment relies on are present (probes, GPU requests, grace periods, PVCs, ...);
+    the coordinators store results in S3: FARM_RESULTS (s3://) and AWS_REGION / AWS_ENDPOINT(_URL)
+    come from the ConfigMap, the access keys from the Secret (or, without keys, a workload identity
+    ServiceAccount), and no multi-replica coordinator mounts a results volume;
   * compose.yaml: the services, profiles, GPU reservations, volumes and ports; the coordinators
     store results in the objectstore service (s3:// results, AWS_* settings, the bucket created
     first); every variable it uses is documented in .env.example;
   * Dockerfiles: FROM (after ARGs) comes first, images are pinned (no `latest`, no untagged image),
     the runtime stage runs as a non-root USER, the worker stops with SIGTERM and sets LD_LIBRARY_PATH;
-  * systemd units: the keys the farm relies on; launch-workers.sh passes `bash -n`;
+  * systemd units: the keys the farm relies on, the S3 results alternative documented in the
+    coordinator unit; launch-workers.sh passes `bash -n`;
+  * every deploy file that README.md (`k8s/...`, `systemd/...`, ...) or a manifest names exists;
   * every farm_* metric named in deploy/ exists in the coordinator's render_metrics, and
     README.md explains every metric render_metrics emits;
   * when present on this machine, `kubectl kustomize` renders deploy/k8s (optional, offline).
@@ -89,6 +94,55 @@ def find(objects, kind, name):
     return None
 
 
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def check_coordinator_results(w, spec, pod, c, settings):
+    """Results in S3, wired like compose: the URL and endpoint from the ConfigMap, keys from the Secret."""
+    # FARM_RESULTS: an s3:// URL from the ConfigMap the container reads through envFrom, not a value
+    # of its own (an `env` entry would override envFrom).
+    from_cm = any(e.get("configMapRef", {}).get("name") == "farm-settings" for e in c.get("envFrom", []))
+    check(from_cm, w, "coordinator must read the ConfigMap farm-settings through envFrom")
+    env = {e.get("name"): e for e in c.get("env", [])}
+    for key in ("FARM_RESULTS", "AWS_REGION", "AWS_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP"):
+        check(key not in env, w, f"coordinator sets {key} itself; it belongs in the ConfigMap farm-settings")
+    results = str(settings.get("FARM_RESULTS", ""))
+    if check(results.startswith("s3://"), w, f"ConfigMap FARM_RESULTS must be an s3://BUCKET/PREFIX URL, not {results!r}"):
+        bucket, _, prefix = results[len("s3://"):].partition("/")
+        check(S3_BUCKET.match(bucket), w, f"ConfigMap FARM_RESULTS: {bucket!r} is not a valid bucket name")
+        parts = prefix.strip("/").split("/") if prefix.strip("/") else []
+        check(not any(part in ("", ".", "..") for part in parts), w, f"ConfigMap FARM_RESULTS: bad prefix {prefix!r}")
+    check("AWS_REGION" in settings, w, "ConfigMap farm-settings lacks AWS_REGION")
+    endpoints = [k for k in ("AWS_ENDPOINT", "AWS_ENDPOINT_URL") if k in settings]
+    check(len(endpoints) <= 1, w, "ConfigMap sets both AWS_ENDPOINT and AWS_ENDPOINT_URL; keep one")
+    for key in endpoints:
+        url = str(settings[key])
+        check(url.startswith(("http://", "https://")), w, f"ConfigMap {key} must be an http(s):// URL")
+        if url.startswith("http://"):
+            check(str(settings.get("AWS_ALLOW_HTTP", "")).lower() == "true", w,
+                  f"ConfigMap {key} is plain http://: AWS_ALLOW_HTTP must be \"true\" (the coordinator refuses otherwise)")
+    for key in AWS_KEYS + ("AWS_SESSION_TOKEN",):
+        check(key not in settings, w, f"ConfigMap farm-settings holds {key}: credentials belong in the Secret farm-secrets")
+    # Credentials: both keys from the Secret, or neither (then a workload identity ServiceAccount).
+    present = [k for k in AWS_KEYS if k in env]
+    if present:
+        for key in AWS_KEYS:
+            ref = env.get(key, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            check(ref.get("name") == "farm-secrets" and ref.get("key") == key and not ref.get("optional"), w,
+                  f"coordinator {key} must come from secretKeyRef farm-secrets/{key} (not optional)")
+    else:
+        check(pod.get("serviceAccountName"), w,
+              "coordinator has no AWS access keys from farm-secrets and no serviceAccountName for a workload identity")
+    check(not any("secretRef" in e for e in c.get("envFrom", [])), w,
+          "coordinator must take single keys from farm-secrets (secretKeyRef), not the whole Secret through envFrom")
+    # No results volume: with several replicas a ReadWriteOnce claim pins them to one node (or fails).
+    if spec.get("replicas", 1) >= 2:
+        for v in pod.get("volumes", []):
+            check("persistentVolumeClaim" not in v and "hostPath" not in v, w,
+                  f"coordinator volume {v.get('name')}: {spec['replicas']} replicas must not share a results volume (results are in S3)")
+
+
 def check_k8s(docs):
     k8s = DEPLOY / "k8s"
     objects = [(p, d) for p, ds in docs.items() if p.parent == k8s for d in ds]
@@ -129,8 +183,11 @@ def check_k8s(docs):
                   "FARM_LEASE_TTL_MS must be at least twice FARM_HEARTBEAT_MS (the coordinator refuses to start)")
     secret = find(objects, "Secret", "farm-secrets")
     if check(secret, w, "example Secret farm-secrets missing"):
-        for key in ("DATABASE_URL", "REDIS_URL", "FARM_WORKER_TOKEN"):
-            check(key in secret.get("stringData", {}), w, f"Secret example lacks {key}")
+        data = secret.get("stringData", {})
+        for key in ("DATABASE_URL", "REDIS_URL", "FARM_WORKER_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            check(key in data, w, f"Secret example lacks {key}")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            check("REPLACE" in str(data.get(key, "REPLACE")), w, f"Secret example: {key} must be an obvious placeholder (REPLACE...)")
 
     coord = find(objects, "Deployment", "farm-coordinator")
     if check(coord, w, "Deployment farm-coordinator missing"):
@@ -145,11 +202,7 @@ def check_k8s(docs):
             check(c.get(probe, {}).get("grpc", {}).get("port") == 50051, w, f"coordinator {probe} must be a grpc probe on 50051")
         ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
         check(ports.get("grpc") == 50051 and ports.get("metrics") == 9090, w, "coordinator ports grpc:50051 and metrics:9090")
-        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
-        vols = {v["name"]: v for v in tmpl["spec"].get("volumes", [])}
-        results_vol = [n for n, v in vols.items() if v.get("persistentVolumeClaim", {}).get("claimName") == "farm-results"]
-        check(results_vol and mounts.get(results_vol[0]) == (cm or {}).get("data", {}).get("FARM_RESULTS"), w,
-              "the farm-results PVC must be mounted in coordinators at FARM_RESULTS")
+        check_coordinator_results(w, spec, tmpl["spec"], c, (cm or {}).get("data", {}))
     pdb = find(objects, "PodDisruptionBudget", "farm-coordinator")
     check(pdb, w, "PodDisruptionBudget farm-coordinator missing")
     svc = find(objects, "Service", "farm-coordinator")
@@ -160,11 +213,13 @@ def check_k8s(docs):
     if check(job, w, "Job farm-migrate missing"):
         check(containers(job["spec"]["template"]["spec"])[0].get("args") == ["migrate"], w, "farm-migrate must run `migrate`")
 
-    pvcs = {name: find(objects, "PersistentVolumeClaim", name) for name in ("farm-results", "farm-models")}
-    if check(pvcs["farm-results"], w, "PVC farm-results missing"):
-        check(pvcs["farm-results"]["spec"]["accessModes"] == ["ReadWriteMany"], w, "farm-results must be ReadWriteMany")
-    if check(pvcs["farm-models"], w, "PVC farm-models missing"):
-        check(pvcs["farm-models"]["spec"]["accessModes"] == ["ReadOnlyMany"], w, "farm-models must be ReadOnlyMany")
+    models_pvc = find(objects, "PersistentVolumeClaim", "farm-models")
+    if check(models_pvc, w, "PVC farm-models missing"):
+        check(models_pvc["spec"]["accessModes"] == ["ReadOnlyMany"], w, "farm-models must be ReadOnlyMany")
+    for path, obj in objects:
+        if obj.get("kind") == "PersistentVolumeClaim" and obj is not models_pvc:
+            fail(f"{rel(path)} PersistentVolumeClaim/{obj.get('metadata', {}).get('name')}",
+                 "results are in S3; the only PVC is farm-models")
 
     worker = find(objects, "Deployment", "farm-worker")
     if check(worker, w, "Deployment farm-worker missing"):
@@ -377,6 +432,10 @@ def check_systemd():
     c = read_unit(coord)
     check("farm-coordinator serve" in c.get("Service", "ExecStart", fallback=""), rel(coord), "ExecStart must run `farm-coordinator serve`")
     check(c.get("Service", "EnvironmentFile", fallback="").lstrip("-").startswith("/etc/farm/"), rel(coord), "EnvironmentFile under /etc/farm")
+    # The S3 alternative to the local results directory, as environment-file lines in the comments.
+    comments = "\n".join(l.lstrip("#").strip() for l in coord.read_text(encoding="utf-8").splitlines() if l.startswith("#"))
+    for line in ("FARM_RESULTS=s3://", "AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=", "AWS_REGION=", "AWS_ENDPOINT_URL="):
+        check(re.search("^" + re.escape(line), comments, re.M), rel(coord), f"comments must show the S3 results setting {line}...")
     u = read_unit(worker)
     s = dict(u.items("Service")) if u.has_section("Service") else {}
     wr = rel(worker)
@@ -414,6 +473,22 @@ def check_metrics():
                     fail(rel(path), f"names metric {name}, which render_metrics does not emit")
 
 
+def check_references():
+    """Every deploy file that README.md or a Kubernetes manifest names exists (nothing points at a
+    removed manifest)."""
+    readme = DEPLOY / "README.md"
+    if not readme.is_file():
+        return
+    text = readme.read_text(encoding="utf-8")
+    for name in sorted(set(re.findall(r"\b((?:deploy/)?(?:k8s|systemd|docker)/[A-Za-z0-9_.@-]+\.(?:yaml|service|sh|Dockerfile))", text))):
+        path = ROOT / name if name.startswith("deploy/") else DEPLOY / name
+        check(path.is_file(), "deploy/README.md", f"names {name}, which does not exist")
+    # The manifests' comments name their neighbours (worker.yaml, configmap.yaml, ...).
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for name in sorted(set(re.findall(r"(?<![\w./-])([a-z0-9][a-z0-9.-]*\.yaml)\b", path.read_text(encoding="utf-8")))):
+            check((path.parent / name).is_file() or (DEPLOY / name).is_file(), rel(path), f"names {name}, which does not exist")
+
+
 def main():
     docs = load_all_yaml()
     check_k8s(docs)
@@ -421,6 +496,7 @@ def main():
     check_dockerfiles()
     check_systemd()
     check_metrics()
+    check_references()
     n_yaml = sum(len(v) for v in docs.values())
     for note in notes:
         print(f"deploy-check: {note}")
