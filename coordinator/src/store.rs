@@ -363,7 +363,12 @@ impl Store {
         let row = sqlx::query(
             "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled
              from tasks t join jobs j on j.id = t.job_id
-             where t.id = $1 and t.lease_token = $2 and t.state = 2 for update of t",
+             where t.id = $1 and t.lease_token = $2 and t.state = 2
+             -- The job row in share mode: a concurrent cancel or retry (which update it) is either
+             -- seen whole or waits for this report; reading a stale cancelled_at here marked a task
+             -- cancelled after a retry had already un-cancelled its job, and the job then closed
+             -- without it.
+             for update of t for share of j",
         )
         .bind(task_id)
         .bind(token)
