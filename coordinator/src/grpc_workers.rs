@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::blobs::BlobStore;
 use crate::error::Error;
 use crate::params::params_of;
-use crate::state::{Metrics, Shared};
+use crate::state::{IssuedLease, Metrics, Shared};
 use crate::store::{Claimed, Transition, WorkerSlot, TASK_CANCELLED, TASK_FAILED, TASK_RUNNING};
 
 /// Largest result accepted.
@@ -149,12 +149,16 @@ impl WorkerService for WorkerApi {
             return Err(Status::invalid_argument("the first upload message must be a header"));
         };
         let (task_id, token) = parse_lease(&header.lease)?;
-        let (job_id, idx) = match shared.store.check_lease(task_id, token).await {
-            Ok(v) => v,
-            Err(e) => {
-                Metrics::add(&shared.metrics.stale_refusals, 1);
-                return Err(e.into());
-            }
+        let issued = shared.issued.lock().unwrap().get(&task_id).copied().filter(|l| l.token == token);
+        let (job_id, idx) = match issued {
+            Some(l) => (l.job_id, l.idx),
+            None => match shared.store.check_lease(task_id, token).await {
+                Ok(v) => v,
+                Err(e) => {
+                    Metrics::add(&shared.metrics.stale_refusals, 1);
+                    return Err(e.into());
+                }
+            },
         };
         if header.size_bytes > MAX_RESULT_BYTES {
             return Err(Status::invalid_argument(format!("result exceeds the limit of {MAX_RESULT_BYTES} bytes")));
@@ -198,7 +202,12 @@ impl WorkerService for WorkerApi {
         // attempt's) can write the same key: the blob is published first, then the row commits it in
         // one statement if the token is still current. A refused or failed commit removes the blob.
         shared.blobs.publish(blob, &key).await.map_err(Status::from)?;
-        let t = match shared.store.commit_result(task_id, token, &key, size as i64, &sha).await {
+        let committed = shared.store.commit_result(task_id, token, &key, size as i64, &sha).await;
+        if !matches!(&committed, Err(e) if !matches!(e, Error::FailedPrecondition(_))) {
+            // Committed or refused for good: the lease is over either way.
+            forget_lease(shared, task_id, token);
+        }
+        let t = match committed {
             Ok(t) => t,
             Err(e) => {
                 if matches!(e, Error::FailedPrecondition(_)) {
@@ -222,6 +231,14 @@ impl WorkerService for WorkerApi {
                 worker_id: String::new(),
             }),
         }))
+    }
+}
+
+/// Drops a lease from [`Shared::issued`] if it is still the one recorded for its task.
+fn forget_lease(shared: &Shared, task_id: Uuid, token: i64) {
+    let mut issued = shared.issued.lock().unwrap();
+    if issued.get(&task_id).is_some_and(|l| l.token == token) {
+        issued.remove(&task_id);
     }
 }
 
@@ -266,6 +283,7 @@ async fn run_session(
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     shared.sessions.lock().unwrap().remove(&worker_id);
+    shared.issued.lock().unwrap().retain(|_, l| l.worker_id != worker_id);
     let _ = shared.store.flush_completed().await;
     // Requeue what the session held; retry while the database is away (the lease sweep is the backstop).
     for attempt in 0..5 {
@@ -328,6 +346,7 @@ async fn handle_message(
         worker_message::Msg::Failed(f) => {
             let (task_id, token) = parse_lease(&f.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
             Metrics::add(&shared.metrics.tasks_failed_reports, 1);
+            forget_lease(shared, task_id, token);
             match shared.store.report_failure(task_id, token, &slot.name, &f.error, f.retryable, &f.kind).await? {
                 Some(out) => {
                     shared.task_event(&out.transition, Some(worker_id)).await;
@@ -342,6 +361,7 @@ async fn handle_message(
         }
         worker_message::Msg::Released(r) => {
             let (task_id, token) = parse_lease(&r.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+            forget_lease(shared, task_id, token);
             if let Some(t) = shared.store.release(task_id, token).await? {
                 Metrics::add(&shared.metrics.requeues, 1);
                 shared.task_event(&t, Some(worker_id)).await;
@@ -381,6 +401,13 @@ async fn dispatch_loop(
             Ok(claimed) if !claimed.is_empty() => {
                 let n = claimed.len() as u32;
                 credits.fetch_sub(n, Ordering::SeqCst);
+                {
+                    let mut issued = shared.issued.lock().unwrap();
+                    for c in &claimed {
+                        let lease = IssuedLease { token: c.lease_token, job_id: c.job_id, idx: c.idx, worker_id: slot.worker_id };
+                        issued.insert(c.task_id, lease);
+                    }
+                }
                 Metrics::add(&shared.metrics.tasks_dispatched, u64::from(n));
                 Metrics::add(&shared.metrics.dispatch_claims, 1);
                 Metrics::add(&shared.metrics.dispatch_latency_us_sum, started.elapsed().as_micros() as u64);

@@ -87,6 +87,7 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         idle_poll: opts.idle_poll,
         metrics: Metrics::default(),
         finish_pending: Mutex::new(HashSet::new()),
+        issued: Mutex::new(HashMap::new()),
     }))
 }
 

@@ -46,6 +46,8 @@ pub struct Shared {
     pub limits: SubmitLimits,
     /// Worker sessions connected to this replica.
     pub sessions: Mutex<HashMap<Uuid, mpsc::Sender<CoordinatorMessage>>>,
+    /// Leases this replica handed out and has not seen end, by task id (see [`IssuedLease`]).
+    pub issued: Mutex<HashMap<Uuid, IssuedLease>>,
     /// Woken when work may be available (new job, requeue, retry).
     pub new_work: Notify,
     /// Name of this replica (host:port).
@@ -56,6 +58,18 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Jobs with a finish check scheduled on this replica (see [`Shared::schedule_finish_check`]).
     pub finish_pending: Mutex<HashSet<Uuid>>,
+}
+
+/// A lease as its claim returned it. An upload whose lease is found here skips the lease check
+/// query when it starts: the commit statement checks the token again under the row's lock, so a
+/// lease that ended meanwhile (expired, requeued, cancelled) is still refused there, only after its
+/// bytes were received. Entries go at the commit, a failure report or release, and the session's end.
+#[derive(Debug, Clone, Copy)]
+pub struct IssuedLease {
+    pub token: i64,
+    pub job_id: Uuid,
+    pub idx: i64,
+    pub worker_id: Uuid,
 }
 
 /// How long a finish check after a commit waits, gathering the commits of the same job meanwhile.
