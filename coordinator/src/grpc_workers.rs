@@ -198,28 +198,17 @@ impl WorkerService for WorkerApi {
             return Err(Status::data_loss("result size or sha256 does not match the header"));
         }
         let size = blob.size;
-        // The key carries the lease token, so no other upload (a stale lease's, or the next
-        // attempt's) can write the same key: the blob is published first, then the row commits it in
-        // one statement if the token is still current. A refused or failed commit removes the blob.
-        shared.blobs.publish(blob, &key).await.map_err(Status::from)?;
-        let committed = shared.store.commit_result(task_id, token, &key, size as i64, &sha).await;
-        if !matches!(&committed, Err(e) if !matches!(e, Error::FailedPrecondition(_))) {
-            // Committed or refused for good: the lease is over either way.
-            forget_lease(shared, task_id, token);
-        }
-        let t = match committed {
-            Ok(t) => t,
-            Err(e) => {
-                if matches!(e, Error::FailedPrecondition(_)) {
-                    Metrics::add(&shared.metrics.stale_refusals, 1);
-                }
-                shared.blobs.delete(&key).await;
-                return Err(e.into());
-            }
+        // Publish, commit and clean-up run to their end in their own task: a caller that goes away
+        // meanwhile must not leave a published blob behind without its commit or its removal.
+        let placing = {
+            let (shared, key, sha, tenant) = (shared.clone(), key.clone(), sha.clone(), principal.tenant.clone());
+            tokio::spawn(async move { place_result(&shared, blob, &key, task_id, token, &tenant, size, &sha).await })
         };
-        Metrics::add(&shared.metrics.tasks_succeeded, 1);
-        shared.task_event(&t, None).await;
-        shared.schedule_finish_check(job_id);
+        match placing.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(Status::internal(format!("result commit task: {e}"))),
+        }
         Ok(Response::new(UploadResultResponse {
             result: Some(ResultInfo {
                 job_id: job_id.to_string(),
@@ -231,6 +220,72 @@ impl WorkerService for WorkerApi {
                 worker_id: String::new(),
             }),
         }))
+    }
+}
+
+/// Publishes a checked result under its lease's key and commits it. The key carries the lease token,
+/// so no upload of another lease writes it: the blob can be published before the commit, and a
+/// definite refusal removes it again. When the refusal is because this very key was committed
+/// already (a retry whose first answer was lost), the blob is that result: it stays, and the retry
+/// gets the answer the first upload should have had. When the commit's outcome is unknown (the
+/// database went away mid-statement), the blob stays too: it may be committed.
+#[allow(clippy::too_many_arguments)]
+async fn place_result(
+    shared: &Arc<Shared>,
+    blob: crate::blobs::PendingBlob,
+    key: &str,
+    task_id: Uuid,
+    token: i64,
+    tenant: &str,
+    size: u64,
+    sha: &str,
+) -> Result<(), Status> {
+    shared.blobs.publish(blob, key).await.map_err(Status::from)?;
+    match shared.store.commit_result(task_id, token, tenant, key, size as i64, sha).await {
+        Ok(t) => {
+            forget_lease(shared, task_id, token);
+            Metrics::add(&shared.metrics.tasks_succeeded, 1);
+            shared.task_event(&t, None).await;
+            shared.schedule_finish_check(t.job_id);
+            Ok(())
+        }
+        Err(Error::FailedPrecondition(message)) => {
+            forget_lease(shared, task_id, token);
+            match shared.store.committed_result(task_id).await {
+                Ok(Some((committed_key, committed_sha))) if committed_key == key => {
+                    if committed_sha == sha {
+                        Ok(())
+                    } else {
+                        Err(Status::failed_precondition(message))
+                    }
+                }
+                Ok(_) => {
+                    Metrics::add(&shared.metrics.stale_refusals, 1);
+                    shared.blobs.delete(key).await;
+                    Err(Status::failed_precondition(message))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs a store call once more after a transient database error: a pooled connection broken by a
+/// database restart fails its next query, and workers do not resend failure or release reports
+/// (both calls check the lease token, so a second run after a first that did commit is a no-op).
+async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    match call().await {
+        Err(e) if e.is_transient() => {
+            tracing::debug!(error = %e, "store call failed; retrying once");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            call().await
+        }
+        other => other,
     }
 }
 
@@ -347,7 +402,11 @@ async fn handle_message(
             let (task_id, token) = parse_lease(&f.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
             Metrics::add(&shared.metrics.tasks_failed_reports, 1);
             forget_lease(shared, task_id, token);
-            match shared.store.report_failure(task_id, token, &slot.name, &f.error, f.retryable, &f.kind).await? {
+            let reported = retry_transient(|| {
+                shared.store.report_failure(task_id, token, &slot.name, &f.error, f.retryable, &f.kind)
+            })
+            .await?;
+            match reported {
                 Some(out) => {
                     shared.task_event(&out.transition, Some(worker_id)).await;
                     if matches!(out.transition.state, TASK_FAILED | TASK_CANCELLED) {
@@ -362,7 +421,7 @@ async fn handle_message(
         worker_message::Msg::Released(r) => {
             let (task_id, token) = parse_lease(&r.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
             forget_lease(shared, task_id, token);
-            if let Some(t) = shared.store.release(task_id, token).await? {
+            if let Some(t) = retry_transient(|| shared.store.release(task_id, token)).await? {
                 Metrics::add(&shared.metrics.requeues, 1);
                 shared.task_event(&t, Some(worker_id)).await;
                 shared.store.notify_new_work().await?;
@@ -404,7 +463,13 @@ async fn dispatch_loop(
                 {
                     let mut issued = shared.issued.lock().unwrap();
                     for c in &claimed {
-                        let lease = IssuedLease { token: c.lease_token, job_id: c.job_id, idx: c.idx, worker_id: slot.worker_id };
+                        let lease = IssuedLease {
+                            token: c.lease_token,
+                            issued_at: std::time::Instant::now(),
+                            job_id: c.job_id,
+                            idx: c.idx,
+                            worker_id: slot.worker_id,
+                        };
                         issued.insert(c.task_id, lease);
                     }
                 }

@@ -181,14 +181,6 @@ async fn sweep_loop(shared: Arc<Shared>) {
         if let Err(e) = shared.store.flush_completed().await {
             tracing::debug!(error = %e, "worker counters not written; kept for the next tick");
         }
-        match shared.store.finish_idle_jobs().await {
-            Ok(finished) => {
-                for (job_id, state) in finished {
-                    shared.announce_finished(job_id, state).await;
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "closing finished jobs failed"),
-        }
         match shared.store.sweep_expired().await {
             Ok(ts) if !ts.is_empty() => {
                 Metrics::add(&shared.metrics.lease_expiries, ts.len() as u64);
@@ -201,6 +193,17 @@ async fn sweep_loop(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "lease sweep failed"),
         }
+        match shared.store.finish_idle_jobs().await {
+            Ok(finished) => {
+                for (job_id, state) in finished {
+                    shared.announce_finished(job_id, state).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "closing finished jobs failed"),
+        }
+        // Leases this replica issued whose uploads went elsewhere or never came.
+        let horizon = shared.store.cfg.lease_ttl * 4;
+        shared.issued.lock().unwrap().retain(|_, l| l.issued_at.elapsed() < horizon);
     }
 }
 

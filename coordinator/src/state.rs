@@ -63,10 +63,13 @@ pub struct Shared {
 /// A lease as its claim returned it. An upload whose lease is found here skips the lease check
 /// query when it starts: the commit statement checks the token again under the row's lock, so a
 /// lease that ended meanwhile (expired, requeued, cancelled) is still refused there, only after its
-/// bytes were received. Entries go at the commit, a failure report or release, and the session's end.
+/// bytes were received. Entries go at the commit, a failure report or release, the session's end, and
+/// after four lease TTLs (the sweep).
 #[derive(Debug, Clone, Copy)]
 pub struct IssuedLease {
     pub token: i64,
+    /// Entries older than a few lease TTLs are dropped by the sweep.
+    pub issued_at: std::time::Instant,
     pub job_id: Uuid,
     pub idx: i64,
     pub worker_id: Uuid,

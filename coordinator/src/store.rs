@@ -410,14 +410,15 @@ impl Store {
         .bind(backoff_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        let attempt_worker: Option<Uuid> = sqlx::query_scalar(
             "update task_attempts set ended_at = now(), outcome = $2, error = $3
-             where lease_token = $1 and ended_at is null",
+             where lease_token = $1 and ended_at is null
+             returning worker_id",
         )
         .bind(token)
         .bind(outcome)
         .bind(error)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
         if charged {
             sqlx::query(
@@ -428,13 +429,12 @@ impl Store {
             .bind(worker_name)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "update workers set failed = failed + 1
-                 where id = (select worker_id from task_attempts where lease_token = $1 limit 1)",
-            )
-            .bind(token)
-            .execute(&mut *tx)
-            .await?;
+            if let Some(worker) = attempt_worker {
+                sqlx::query("update workers set failed = failed + 1 where id = $1")
+                    .bind(worker)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(Some(FailureOutcome {
@@ -485,6 +485,7 @@ impl Store {
         &self,
         task_id: Uuid,
         token: i64,
+        tenant: &str,
         key: &str,
         size: i64,
         sha256: &str,
@@ -497,6 +498,9 @@ impl Store {
                         result_at = clock_timestamp(), finished_at = clock_timestamp(), current_step = steps,
                         lease_owner = null, lease_expires_at = null
                  where id = $1 and lease_token = $2 and state = 2
+                   -- Only a worker of the lease holder's tenant commits (task ids and tokens are
+                   -- not secrets).
+                   and exists (select 1 from workers w where w.id = tasks.lease_owner and w.tenant_id = $6)
                  returning job_id, idx),
              a as (
                  update task_attempts set ended_at = now(), outcome = 'succeeded'
@@ -509,6 +513,7 @@ impl Store {
         .bind(key)
         .bind(size)
         .bind(sha256)
+        .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Err(stale_lease()) };
@@ -519,39 +524,98 @@ impl Store {
     }
 
     /// Marks the job finished when no task is queued or running any more. Returns its final state.
+    ///
+    /// The job row is locked first and the tasks are checked in a later statement, whose snapshot
+    /// then includes whatever a concurrent retry or cancel (which lock the job row) committed. A
+    /// single UPDATE that waited for that lock would re-check the row alone, its sub-selects still on
+    /// the snapshot from before, and could close a job whose tasks a retry had just queued again.
     pub async fn finish_job_if_done(&self, job_id: Uuid) -> Result<Option<i16>> {
+        // Cheap first look without a lock: most checks find work left.
+        if self.has_open_tasks(job_id).await? {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin().await?;
+        let open = sqlx::query("select 1 from jobs where id = $1 and finished_at is null for update")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if open.is_none() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let row = sqlx::query(
             "update jobs set finished_at = now(),
                     state = case when cancelled_at is not null then 5
                                  when exists (select 1 from tasks where job_id = $1 and state = 4) then 4
                                  else 3 end
-             where id = $1 and finished_at is null
-               and not exists (select 1 from tasks where job_id = $1 and state = 1)
-               and not exists (select 1 from tasks where job_id = $1 and state = 2)
+             where id = $1
+               and (select 1 from tasks where job_id = $1 and state = 1 limit 1) is null
+               and (select 1 from tasks where job_id = $1 and state = 2 limit 1) is null
              returning state",
         )
         .bind(job_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row.map(|r| r.get(0)))
     }
 
-    /// Closes every open job with no queued or running task left (the backstop for finish checks
-    /// lost with a replica). Returns the jobs closed and their final states.
+    /// Whether the job has a queued or running task (scalar sub-selects: each reads its partial
+    /// index and stops at the first row).
+    async fn has_open_tasks(&self, job_id: Uuid) -> Result<bool> {
+        let open: bool = sqlx::query_scalar(
+            "select (select 1 from tasks where job_id = $1 and state = 1 limit 1) is not null
+                 or (select 1 from tasks where job_id = $1 and state = 2 limit 1) is not null",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(open)
+    }
+
+    /// The key and SHA-256 of a task's committed result, if it has one.
+    pub async fn committed_result(&self, task_id: Uuid) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("select result_key, result_sha256 from tasks where id = $1 and state = 3")
+            .bind(task_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// The backstop of the lease sweep: cancels the queued tasks of cancelled jobs (a running task
+    /// of a cancelled job that was requeued, by a lost worker or an expired lease, would otherwise
+    /// stay queued forever, as claims skip cancelled jobs), then closes every open job with no
+    /// queued or running task left (finish checks lost with a replica). Returns the jobs closed and
+    /// their final states.
     pub async fn finish_idle_jobs(&self) -> Result<Vec<(Uuid, i16)>> {
-        let rows = sqlx::query(
-            "update jobs j set finished_at = now(),
-                    state = case when j.cancelled_at is not null then 5
-                                 when exists (select 1 from tasks where job_id = j.id and state = 4) then 4
-                                 else 3 end
+        let mut tx = self.pool.begin().await?;
+        // Job rows first (a retry that un-cancels holds them), then the tasks in a later statement.
+        let cancelled: Vec<Uuid> =
+            sqlx::query_scalar("select id from jobs where cancelled_at is not null and finished_at is null for update")
+                .fetch_all(&mut *tx)
+                .await?;
+        if !cancelled.is_empty() {
+            sqlx::query("update tasks set state = 5, finished_at = now() where state = 1 and job_id = any($1)")
+                .bind(&cancelled)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let idle: Vec<Uuid> = sqlx::query_scalar(
+            "select j.id from jobs j
              where j.finished_at is null and j.total > 0
-               and not exists (select 1 from tasks where job_id = j.id and state = 1)
-               and not exists (select 1 from tasks where job_id = j.id and state = 2)
-             returning j.id, j.state",
+               and (select 1 from tasks where job_id = j.id and state = 1 limit 1) is null
+               and (select 1 from tasks where job_id = j.id and state = 2 limit 1) is null",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        let mut finished = Vec::new();
+        for job_id in idle {
+            if let Some(state) = self.finish_job_if_done(job_id).await? {
+                finished.push((job_id, state));
+            }
+        }
+        Ok(finished)
     }
 
     /// Adds the tasks committed since the last call to `workers.completed` (one statement). On

@@ -927,6 +927,44 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
     assert_each_task_succeeded_once(&pool, job, 1, coord.results_dir()).await;
 }
 
+/// The same result uploaded twice at once under one lease (a worker retrying while its first upload
+/// is still in flight): the task is committed once, and whatever each upload is answered, the
+/// committed blob stays in place with the committed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_uploaded_twice_at_once_commits_once_and_keeps_its_blob() {
+    const TASKS: usize = 12;
+    let db = fresh_database("acc_double_upload");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("dave", "client").unwrap();
+    let worker = bearer(&coord.token("dave", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let job = submit_ok(&ch, &client, header("double upload", 2), prompts(TASKS)).await;
+    let mut session = Session::open(&ch, Some(&worker), "twice", 4).await.unwrap();
+    session.credits(TASKS as u32).await;
+    let mut leases = Vec::new();
+    while leases.len() < TASKS {
+        for task in session.next_assign(Duration::from_secs(10)).await.tasks {
+            leases.push(task.lease.unwrap());
+        }
+    }
+    for (i, lease) in leases.iter().enumerate() {
+        let data = [b"\x89PNG\r\n\x1a\n".as_slice(), format!("result {i}").as_bytes()].concat();
+        let (a, b) = tokio::join!(
+            upload(&ch, Some(&worker), &lease.task_id, lease.lease_token, &data),
+            upload(&ch, Some(&worker), &lease.task_id, lease.lease_token, &data),
+        );
+        for outcome in [a, b] {
+            if let Err(status) = outcome {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            }
+        }
+    }
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    assert_each_task_succeeded_once(&pool, job, TASKS as i64, coord.results_dir()).await;
+    assert_eq!(stored_blobs(coord.results_dir(), job), (TASKS, 0), "one blob per task, no leftovers");
+}
+
 async fn upload_ok(ch: &Channel, auth: &str, lease: &farm_proto::pb::Lease, data: &[u8]) {
     upload(ch, Some(auth), &lease.task_id, lease.lease_token, data).await.expect("a current lease uploads");
 }
