@@ -8,10 +8,11 @@
 //! The invariant for both: a blob becomes visible only through [`BlobStore::publish`], which the
 //! upload path calls after it has checked size and SHA-256 against the header, under a key that
 //! belongs to that upload's lease token alone; the task row then commits that key in one statement
-//! if the token is still current, and a refused commit deletes the blob again. A result is part of
-//! a job only through its row: a blob whose commit was refused is never listed or served, and no
-//! upload can replace the bytes another one committed. Whatever fails before publish leaves nothing
-//! behind; a coordinator crash between publish and commit can leave one unreferenced blob.
+//! if the token is still current, and a refused commit deletes the blob again (unless the row
+//! committed this very key: a retry of the same lease). A result is part of a job only through its
+//! row: a blob whose commit was refused is never listed or served, and no upload of another lease
+//! can write the key a row committed. Whatever fails before publish leaves nothing behind; a
+//! coordinator crash between publish and commit can leave one unreferenced blob.
 //!
 //! * Local directory: a result up to [`LOCAL_BUFFER_BYTES`] is held in memory and, at publish time,
 //!   written to a temporary file in the key's directory, fsynced and renamed into place in one
