@@ -130,6 +130,8 @@ impl Store {
                     order by t.idx limit 1
                 ) q
                 where j.finished_at is null and j.cancelled_at is null and j.model = $1
+                  -- A job none of whose tasks fits is not walked at all.
+                  and j.min_pixels <= $2
                   and not exists (select 1 from job_worker_failures f
                                   where f.job_id = j.id and f.worker_name = $3 and f.failures >= $4)
                 order by j.priority desc, j.last_claimed_at asc nulls first, j.created_at

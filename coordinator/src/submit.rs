@@ -225,7 +225,7 @@ pub async fn submit(
         });
     }
 
-    let (count, total_steps, max_pixels, mut errors, warnings) = {
+    let (count, total_steps, min_pixels, max_pixels, mut errors, warnings) = {
         let mut copy = Some(
             tx.copy_in_raw(
                 "copy tasks (id, job_id, idx, state, prompt, negative_prompt, seed, shape, steps, pixels) from stdin",
@@ -237,6 +237,7 @@ pub async fn submit(
         let mut count: u64 = 0;
         let mut total_steps: i64 = 0;
         let mut max_pixels: i64 = 0;
+        let mut min_pixels: i64 = i64::MAX;
         let mut buf = String::new();
         let mut rng = rand::rngs::StdRng::from_entropy();
         let job_str = job_id.to_string();
@@ -294,6 +295,7 @@ pub async fn submit(
                         let seed = spec.seed.unwrap_or_else(|| rng.gen());
                         let pixels = i64::from(p.width) * i64::from(p.height);
                         max_pixels = max_pixels.max(pixels);
+                        min_pixels = min_pixels.min(pixels);
                         total_steps += i64::from(p.steps);
                         buf.push_str(task_ids.next().hyphenated().encode_lower(&mut Uuid::encode_buffer()));
                         buf.push('\t');
@@ -360,7 +362,7 @@ pub async fn submit(
         } else if let Some(c) = copy.take() {
             c.abort("not stored").await.ok();
         }
-        (count, total_steps, max_pixels, errors, warnings)
+        (count, total_steps, min_pixels, max_pixels, errors, warnings)
     };
 
     if count == 0 && errors.is_empty() {
@@ -379,11 +381,12 @@ pub async fn submit(
             created: None,
         });
     }
-    sqlx::query("update jobs set total = $2, total_steps = $3, max_pixels = $4 where id = $1")
+    sqlx::query("update jobs set total = $2, total_steps = $3, max_pixels = $4, min_pixels = $5 where id = $1")
         .bind(job_id)
         .bind(count as i64)
         .bind(total_steps)
         .bind(max_pixels)
+        .bind(min_pixels)
         .execute(&mut *tx)
         .await?;
     sqlx::query("select pg_notify('farm_tasks', $1)").bind(&defaults.model).execute(&mut *tx).await?;

@@ -328,6 +328,16 @@ struct Session {
 
 impl Session {
     async fn open(ch: &Channel, auth: Option<&str>, name: &str, max_batch: u32) -> Result<Session, Status> {
+        Session::open_with_pixels(ch, auth, name, max_batch, 1024 * 1024).await
+    }
+
+    async fn open_with_pixels(
+        ch: &Channel,
+        auth: Option<&str>,
+        name: &str,
+        max_batch: u32,
+        max_pixels: u64,
+    ) -> Result<Session, Status> {
         let (out, rx) = mpsc::channel(1024);
         let hello = Hello {
             name: name.to_owned(),
@@ -336,7 +346,7 @@ impl Session {
                 model_name: MODEL.into(),
                 model_hash: "none".into(),
                 max_batch,
-                max_pixels: 1024 * 1024,
+                max_pixels,
                 ..Default::default()
             }),
             held_leases: vec![],
@@ -963,6 +973,43 @@ async fn a_lease_uploaded_twice_at_once_commits_once_and_keeps_its_blob() {
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
     assert_each_task_succeeded_once(&pool, job, TASKS as i64, coord.results_dir()).await;
     assert_eq!(stored_blobs(coord.results_dir(), job), (TASKS, 0), "one blob per task, no leftovers");
+}
+
+/// A worker whose pixel limit no task of a job fits is never given that job, and gets the jobs it
+/// fits (a larger worker takes the big one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_get_only_tasks_within_their_pixel_limit() {
+    let db = fresh_database("acc_pixels");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("erin", "client").unwrap();
+    let worker = bearer(&coord.token("erin", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let mut big_header = header("big images", 2);
+    if let Some(d) = big_header.defaults.as_mut() {
+        (d.width, d.height) = (512, 512);
+    }
+    let big = submit_ok(&ch, &client, big_header, prompts(3)).await;
+    let small = submit_ok(&ch, &client, header("small images", 2), prompts(2)).await;
+
+    let mut little = Session::open_with_pixels(&ch, Some(&worker), "little", 4, 256 * 256).await.unwrap();
+    little.credits(8).await;
+    let got = little.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(got.tasks.len(), 2);
+    assert!(got.tasks.iter().all(|t| t.job_id == small.to_string()), "the little worker gets the small job only");
+    // Nothing more comes to it while the big job waits.
+    let more = tokio::time::timeout(Duration::from_millis(1500), little.inbound.message()).await;
+    assert!(
+        !matches!(&more, Ok(Ok(Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Assign(_)) })))),
+        "a task of the big job went to a worker it does not fit: {more:?}"
+    );
+    assert_eq!(count(&pool, "select count(*) from tasks where job_id = $1 and state = 1", big).await, 3);
+
+    let mut large = Session::open(&ch, Some(&worker), "large", 4).await.unwrap();
+    large.credits(4).await;
+    let got = large.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(got.tasks.len(), 3);
+    assert!(got.tasks.iter().all(|t| t.job_id == big.to_string()));
 }
 
 async fn upload_ok(ch: &Channel, auth: &str, lease: &farm_proto::pb::Lease, data: &[u8]) {
