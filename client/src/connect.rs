@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use farm_proto::error_chain;
 use farm_proto::pb::job_service_client::JobServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -181,18 +182,6 @@ pub async fn speaks_tls(endpoint: &str) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
-}
-
-/// An error and its sources, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Wraps an existing channel (tests and benchmarks build their own).

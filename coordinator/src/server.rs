@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use farm_proto::error_chain;
 use farm_proto::pb::job_service_server::JobServiceServer;
 use farm_proto::pb::worker_service_server::WorkerServiceServer;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -114,18 +115,6 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<ServerTlsConfig> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// An error and its sources, `a: b: c` (tonic's transport errors keep the detail in the sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Serves until `shutdown` resolves; with `tls` (see [`load_tls`]) the gRPC port accepts TLS only.

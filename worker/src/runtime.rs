@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use farm_proto::error_chain;
 use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, upload_result_request, worker_message, CoordinatorMessage, Credits, Goodbye, Heartbeat,
@@ -78,21 +79,6 @@ pub fn coordinator_endpoint(url: &str, ca_cert_pem: Option<&str>) -> Result<Endp
             .or_else(|_| endpoint.tls_config(tls.with_webpki_roots()))
             .map_err(|e| format!("TLS settings for {url}: {}", error_chain(&e))),
     }
-}
-
-/// An error and its sources, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// A status's message and its sources (tonic keeps the cause of a connection failure, a TLS
