@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use farm_worker::model::dit::{DitConfig, NextDit};
+use farm_worker::model::dit::{DitConfig, Kernels, NextDit};
 use farm_worker::model::loading::{self, LoadOptions};
 use farm_worker::model::sampler::{self, Conditioning, SampleParams, SamplerKind, StepControl};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -103,10 +103,30 @@ fn config_matches_golden_sidecar() {
     assert_eq!(shapes, file);
 }
 
+/// Every way the blocks can run (see `Kernels`): the default fused path, the unfused baseline, and
+/// GQA through SDPA's `enable_gqa` (the golden configuration has 2 query heads per KV head).
+fn kernel_variants() -> Vec<(&'static str, Kernels)> {
+    vec![
+        ("fused", Kernels::default()),
+        ("unfused", Kernels::UNFUSED),
+        ("fused, native GQA", Kernels { fused: true, native_gqa: true }),
+    ]
+}
+
 #[test]
 fn forward_fp32_matches_every_golden_intermediate() {
+    assert_eq!(Kernels::default(), Kernels { fused: true, native_gqa: false });
+    for (label, kernels) in kernel_variants() {
+        eprintln!("kernels: {label}");
+        forward_fp32_matches_every_golden_intermediate_with(kernels);
+    }
+}
+
+fn forward_fp32_matches_every_golden_intermediate_with(kernels: Kernels) {
     let g = goldens();
-    let (_vs, model) = build(&g, Kind::Float);
+    let (_vs, mut model) = build(&g, Kind::Float);
+    model.set_kernels(kernels);
+    assert_eq!(model.kernels(), kernels);
     let io = &g.io;
     let (v, trace) = model
         .forward_traced(&io["in.x"], &io["in.t"], &io["in.cap_feats"], &io["in.cap_mask"], &io["in.clip_text_pooled"])
@@ -157,8 +177,16 @@ fn forward_fp32_matches_every_golden_intermediate() {
 /// norm, gate, RoPE pairing or mask moves the output by 0.3-1.0·A.
 #[test]
 fn forward_bf16_close_to_fp32_golden() {
+    for (label, kernels) in kernel_variants() {
+        eprintln!("kernels: {label}");
+        forward_bf16_close_to_fp32_golden_with(kernels);
+    }
+}
+
+fn forward_bf16_close_to_fp32_golden_with(kernels: Kernels) {
     let g = goldens();
-    let (vs, model) = build(&g, Kind::BFloat16);
+    let (vs, mut model) = build(&g, Kind::BFloat16);
+    model.set_kernels(kernels);
     assert!(vs.variables().values().all(|v| v.kind() == Kind::BFloat16));
     let io = &g.io;
     let v = model

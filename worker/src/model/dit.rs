@@ -364,14 +364,27 @@ impl TimestepEmbedder {
     }
 }
 
-/// RoPE factors of a batch of tokens: `cos`, `sin`, each `[B, S, head_dim/2]` in f32.
+/// RoPE factors of a batch of tokens: `cos`, `sin`, each `[B, S, head_dim/2]` in f32, and the same
+/// factors laid out for a rotation in one pass over interleaved pairs (see [`apply_rope`]).
 #[derive(Debug)]
 pub struct RopeFreqs {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// `[B, S, 1, head_dim]`: `cos` with every factor repeated for both members of its pair.
+    pair_cos: Tensor,
+    /// `[B, S, 1, head_dim]`: `(-sin, +sin)` per pair.
+    pair_sin: Tensor,
 }
 
 impl RopeFreqs {
+    pub fn new(cos: Tensor, sin: Tensor) -> Self {
+        let size = cos.size();
+        let (b, s) = (size[0], size[1]);
+        let pair_cos = Tensor::stack(&[&cos, &cos], -1).view([b, s, 1, -1]);
+        let pair_sin = Tensor::stack(&[&(-&sin), &sin], -1).view([b, s, 1, -1]);
+        Self { cos, sin, pair_cos, pair_sin }
+    }
+
     /// The `[B, S, head_dim/2, 2]` (cos, sin) layout of the goldens.
     pub fn stacked(&self) -> Tensor {
         Tensor::stack(&[&self.cos, &self.sin], -1)
@@ -380,7 +393,7 @@ impl RopeFreqs {
     /// Zeroes the factors of rows where `keep` (`[B, S]`, bool) is false.
     fn masked(&self, keep: &Tensor) -> Self {
         let k = keep.to_kind(Kind::Float).unsqueeze(-1);
-        Self { cos: &self.cos * &k, sin: &self.sin * &k }
+        Self::new(&self.cos * &k, &self.sin * &k)
     }
 }
 
@@ -429,12 +442,22 @@ impl RopeEmbedder {
             cos.push(tc.index_select(0, &col).view([b, s, -1]));
             sin.push(ts.index_select(0, &col).view([b, s, -1]));
         }
-        Ok(RopeFreqs { cos: Tensor::cat(&cos, -1), sin: Tensor::cat(&sin, -1) })
+        Ok(RopeFreqs::new(Tensor::cat(&cos, -1), Tensor::cat(&sin, -1)))
     }
 }
 
-/// Rotates interleaved pairs `(x[2i], x[2i+1])` of `x` `[B, S, H, D]` by the per-token factors, in f32.
+/// Rotates interleaved pairs `(x[2i], x[2i+1])` of `x` `[B, S, H, D]` by the per-token factors, in f32:
+/// `(x0·c − x1·s, x1·c + x0·s)`, computed as `x·pair_cos + swap(x)·pair_sin` (four kernels: the f32
+/// copy, the pair swap, a multiply and a fused multiply-add, plus the cast back).
 fn apply_rope(x: &Tensor, f: &RopeFreqs) -> Tensor {
+    let size = x.size();
+    let xf = x.to_kind(Kind::Float);
+    let swapped = xf.view([size[0], size[1], size[2], size[3] / 2, 2]).flip([-1]).view(size.as_slice());
+    (xf * &f.pair_cos).addcmul_(&swapped, &f.pair_sin).to_kind(x.kind())
+}
+
+/// The reference formulation of [`apply_rope`] (complex multiply written out on the pair members).
+pub fn apply_rope_reference(x: &Tensor, f: &RopeFreqs) -> Tensor {
     let size = x.size();
     let xf = x.to_kind(Kind::Float).reshape([size[0], size[1], size[2], size[3] / 2, 2]);
     let (x0, x1) = (xf.select(-1, 0), xf.select(-1, 1));
@@ -442,6 +465,31 @@ fn apply_rope(x: &Tensor, f: &RopeFreqs) -> Tensor {
     let r0 = &x0 * &c - &x1 * &s;
     let r1 = x0 * s + x1 * c;
     Tensor::stack(&[r0, r1], -1).reshape(size.as_slice()).to_kind(x.kind())
+}
+
+/// How the blocks run their element-wise work and feed attention. Every choice computes the same
+/// function; they differ in kernel count and rounding (all within the parity bounds of the tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// q and k heads normalised and rotated in one pass ([`apply_rope`]) and the gated residuals as
+    /// one multiply-add; `false` normalises q and k separately, rotates them with the complex
+    /// multiply written out ([`apply_rope_reference`]) and adds the gated residuals op by op (the
+    /// baseline the benchmark compares against).
+    pub fused: bool,
+    /// GQA through SDPA's `enable_gqa` (the kernel reads each KV head for its `n_rep` query heads)
+    /// instead of materialising the repeated keys and values. Not every CUDA backend accepts it.
+    pub native_gqa: bool,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Self { fused: true, native_gqa: false }
+    }
+}
+
+impl Kernels {
+    /// The unfused baseline.
+    pub const UNFUSED: Kernels = Kernels { fused: false, native_gqa: false };
 }
 
 /// `attention`: fused qkv (rows `[Q | K | V]`), per-head RMSNorm on q and k, RoPE, GQA SDPA, `out`.
@@ -454,6 +502,7 @@ pub struct JointAttention {
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
+    pub kernels: Kernels,
 }
 
 impl JointAttention {
@@ -467,6 +516,7 @@ impl JointAttention {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
+            kernels: Kernels::default(),
         }
     }
 
@@ -475,16 +525,28 @@ impl JointAttention {
         let (b, s) = (x.size()[0], x.size()[1]);
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x);
-        let parts = qkv.split_with_sizes([h * hd, kvh * hd, kvh * hd], -1);
-        let q = self.q_norm.forward(&parts[0].view([b, s, h, hd]));
-        let k = self.k_norm.forward(&parts[1].view([b, s, kvh, hd]));
-        let v = parts[2].view([b, s, kvh, hd]);
-        let q = apply_rope(&q, freqs).transpose(1, 2);
-        let k = apply_rope(&k, freqs).transpose(1, 2);
-        let v = v.transpose(1, 2);
-        // KV head j serves query heads j*n_rep .. j*n_rep+n_rep-1 (repeat-interleave).
+        let v = qkv.narrow(-1, (h + kvh) * hd, kvh * hd).view([b, s, kvh, hd]).transpose(1, 2);
+        let (q, k) = if self.kernels.fused {
+            // q and k heads are normalised and rotated together: one norm over the `h + kvh` heads
+            // (q_norm and k_norm share eps), the per-head weights as one `[h + kvh, hd]` multiply
+            // (the reference order: normalise, round, multiply), one RoPE pass.
+            let qk = qkv.narrow(-1, 0, (h + kvh) * hd).view([b, s, h + kvh, hd]);
+            let normed = qk.rms_norm([hd], None::<&Tensor>, self.q_norm.eps);
+            let weights =
+                Tensor::cat(&[self.q_norm.weight.expand([h, hd], false), self.k_norm.weight.expand([kvh, hd], false)], 0);
+            let qk = apply_rope(&(normed * weights), freqs);
+            (qk.narrow(2, 0, h).transpose(1, 2), qk.narrow(2, h, kvh).transpose(1, 2))
+        } else {
+            let parts = qkv.split_with_sizes([h * hd, kvh * hd, kvh * hd], -1);
+            let q = self.q_norm.forward(&parts[0].view([b, s, h, hd]));
+            let k = self.k_norm.forward(&parts[1].view([b, s, kvh, hd]));
+            (apply_rope_reference(&q, freqs).transpose(1, 2), apply_rope_reference(&k, freqs).transpose(1, 2))
+        };
+        // KV head j serves query heads j*n_rep .. j*n_rep+n_rep-1 (repeat-interleave, which is also
+        // what `enable_gqa` does).
         let n_rep = h / kvh;
-        let (k, v) = if n_rep > 1 {
+        let native_gqa = n_rep > 1 && self.kernels.native_gqa;
+        let (k, v) = if n_rep > 1 && !native_gqa {
             let expand = |t: Tensor| t.unsqueeze(2).expand([b, kvh, n_rep, s, hd], false).reshape([b, h, s, hd]);
             (expand(k), expand(v))
         } else {
@@ -498,7 +560,7 @@ impl JointAttention {
             0.0,
             false,
             Some(1.0 / (hd as f64).sqrt()),
-            false,
+            native_gqa,
         );
         self.out.forward(&o.transpose(1, 2).reshape([b, s, h * hd]))
     }
@@ -523,7 +585,11 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.w2.forward(&(self.w1.forward(x).silu() * self.w3.forward(x)))
+        // In place: the `[B, S, ffn_hidden]` activations are the largest tensors of a block.
+        let mut gate = self.w1.forward(x);
+        let _ = gate.silu_();
+        gate *= self.w3.forward(x);
+        self.w2.forward(&gate)
     }
 }
 
@@ -564,9 +630,17 @@ impl JointTransformerBlock {
                 let mods = m.forward(&c.silu()).unsqueeze(1).chunk(4, -1);
                 let (scale_msa, gate_msa, scale_mlp, gate_mlp) = (&mods[0], &mods[1], &mods[2], &mods[3]);
                 let a = self.attention.forward(&(self.attention_norm1.forward(x) * (scale_msa + 1.0)), key_mask, freqs);
-                let x = x + gate_msa.tanh() * self.attention_norm2.forward(&a);
+                // `x + tanh(gate)·norm(branch)`: one multiply-add kernel (one rounding) when fused.
+                let gated = |x: &Tensor, gate: &Tensor, branch: &Tensor| {
+                    if self.attention.kernels.fused {
+                        x.addcmul(&gate.tanh(), branch)
+                    } else {
+                        x + gate.tanh() * branch
+                    }
+                };
+                let x = gated(x, gate_msa, &self.attention_norm2.forward(&a));
                 let f = self.feed_forward.forward(&(self.ffn_norm1.forward(&x) * (scale_mlp + 1.0)));
-                &x + gate_mlp.tanh() * self.ffn_norm2.forward(&f)
+                gated(&x, gate_mlp, &self.ffn_norm2.forward(&f))
             }
             (None, _) => {
                 let a = self.attention.forward(&self.attention_norm1.forward(x), key_mask, freqs);
@@ -682,6 +756,17 @@ impl NextDit {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Switches how every block runs (see [`Kernels`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        for blk in self.context_refiner.iter_mut().chain(self.noise_refiner.iter_mut()).chain(self.layers.iter_mut()) {
+            blk.attention.kernels = kernels;
+        }
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.layers.first().or(self.noise_refiner.first()).map(|b| b.attention.kernels).unwrap_or_default()
     }
 
     pub fn device(&self) -> Device {

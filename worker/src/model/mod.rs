@@ -5,6 +5,7 @@
 //!   from the network behind a `Denoiser` trait.
 //! * [`gemma3`], [`jina`]: the two text encoders; [`tokenizer`]: their tokenizers.
 //! * [`vae`]: the FLUX VAE decoder.
+//! * [`sdpa`]: the order of libtorch's fused attention kernels (cuDNN first on Hopper, or the default).
 //! * [`loading`]: strict checkpoint loading (key sets compared both ways, shapes, dtypes).
 //! * [`pipeline`]: text to RGB images, the whole chain, with per-step callbacks and cancellation.
 
@@ -14,5 +15,6 @@ pub mod jina;
 pub mod loading;
 pub mod pipeline;
 pub mod sampler;
+pub mod sdpa;
 pub mod tokenizer;
 pub mod vae;
