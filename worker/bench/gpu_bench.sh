@@ -5,9 +5,12 @@
 #   cargo build -p farm-worker --bin newbie-bench --release     # here, with .farm-env.sh sourced
 #   worker/bench/gpu_bench.sh [OUTDIR]                          # there
 #
-# Runs, each printing one JSON object: 1024x1024 bf16 with CFG at batch 1, 2 and 4 (256 caption
-# tokens, uncond as long: no padding), batch 1 with a padded 8-token uncond caption (masked attention
-# kernel), and the side-by-side with the PyTorch eager script on the same GPU (bf16, batch of 2 rows).
+# Runs, each printing one JSON object, most important first: the block-kernel and attention-backend
+# variants side by side in one process (1024x1024 bf16, cond + uncond rows); 1024x1024 bf16 with
+# CFG at batch 1 with libtorch's attention order and with cuDNN first, fp16 at batch 1, batch 2 and 4
+# (256 caption tokens, uncond as long: no padding), batch 1 with a padded 8-token uncond caption
+# (masked attention kernel), and the side-by-side with the PyTorch eager script on the same GPU
+# (bf16, batch of 2 rows).
 set -u
 BIN=${BIN:-target/release/newbie-bench}
 OUTDIR=${1:-${OUT:-/tmp/newbie-bench}}
@@ -26,8 +29,13 @@ run() {
   echo "rc=$rc"
 }
 
-COMMON=(--preset newbie-exp0.1 --random-weights --device cuda --precision bf16 --width 1024 --height 1024 --cfg --cap-len 256)
+BASE=(--preset newbie-exp0.1 --random-weights --device cuda --width 1024 --height 1024 --cfg --cap-len 256)
+COMMON=("${BASE[@]}" --precision bf16)
+run variants --variants unfused,fused,fused+gqa,fused+cudnn,fused+gqa+cudnn,fused+efficient,fused+flash \
+  "${COMMON[@]}" --batch 1 --iters 6 --warmup 2 --matmul-iters 5
 run b1 "${COMMON[@]}" --batch 1 --steps 8 --warmup 3
+run b1_cudnn "${COMMON[@]}" --batch 1 --steps 8 --warmup 3 --attention-backend cudnn
+run b1_fp16_cudnn "${BASE[@]}" --precision fp16 --batch 1 --steps 8 --warmup 3 --attention-backend cudnn
 run b2 "${COMMON[@]}" --batch 2 --steps 6 --warmup 2 --matmul-iters 5
 run b4 "${COMMON[@]}" --batch 4 --steps 4 --warmup 2 --matmul-iters 5
 run b1_padded_uncond "${COMMON[@]}" --batch 1 --steps 8 --warmup 2 --uncond-len 8 --matmul-iters 5

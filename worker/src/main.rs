@@ -62,6 +62,11 @@ struct Args {
     /// Keep the text encoders on the CPU between prompts (for 16 GB cards).
     #[arg(long)]
     offload_text_encoders: bool,
+    /// Attention kernel tried first on CUDA: default (libtorch's order: flash, efficient, math,
+    /// cudnn), cudnn, flash, efficient or math. Inputs the chosen kernel cannot take run on the next
+    /// one in libtorch's order. See worker/bench/README.md for measurements.
+    #[arg(long, env = "FARM_ATTENTION_BACKEND", default_value = "default")]
+    attention_backend: farm_worker::model::sdpa::Preference,
     /// Renderer behind the worker.
     #[arg(long, value_enum, default_value = "model")]
     renderer: RendererArg,
@@ -210,6 +215,8 @@ fn main() -> anyhow::Result<()> {
                 Precision::Fp32 => tch::Kind::Float,
                 _ => tch::Kind::BFloat16,
             };
+            farm_worker::model::sdpa::prefer(a.attention_backend).map_err(anyhow::Error::msg)?;
+            tracing::info!(attention_backend = %a.attention_backend, "attention backend order set");
             let started = Instant::now();
             let pipeline = Pipeline::load(&PipelineOptions {
                 preset,

@@ -5,6 +5,12 @@
 //! 2·batch rows) and prints seconds per step, images/s extrapolated to 28 steps, peak device memory,
 //! achieved TFLOP/s from an analytic FLOP count, and a raw matmul rate measured in the same process.
 //!
+//! Variants mode (`--variants LIST`): one model, one CFG-shaped batch (cond and uncond rows), and
+//! forward passes timed round-robin over the listed ways of running the blocks (see `Variant`), so
+//! that every variant sees the same machine state; prints each median, its ratio to the first
+//! variant, its TFLOP/s and fraction of the matmul rate, and its largest output difference from the
+//! first variant.
+//!
 //! Compare mode (`--compare-pytorch SCRIPT`): runs the same forward pass (same weights, same inputs,
 //! written to a temporary folder) in this crate and in the PyTorch eager script, prints both times,
 //! their ratio and the largest output difference.
@@ -23,7 +29,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use farm_worker::model::dit::{DitConfig, NextDit};
+use farm_worker::model::dit::{DitConfig, Kernels, NextDit};
+use farm_worker::model::sdpa;
 use farm_worker::model::loading;
 use farm_worker::model::sampler::{self, Conditioning, SampleItem, SampleParams, SamplerKind, StepControl};
 use serde_json::json;
@@ -90,9 +97,51 @@ struct Args {
     /// Python interpreter for --compare-pytorch.
     #[arg(long, default_value = "python3")]
     python: String,
-    /// Timed forward passes in compare mode.
+    /// Timed forward passes in compare and variants mode (per variant).
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Attention backend tried first on CUDA: default (libtorch's order), cudnn, flash, efficient, math.
+    #[arg(long, default_value = "default")]
+    attention_backend: sdpa::Preference,
+    /// Block kernels: fused (default), unfused (the baseline), fused+gqa (GQA inside SDPA).
+    #[arg(long, default_value = "fused")]
+    kernels: String,
+    /// Variants mode: comma-separated variants, each `fused` or `unfused`, optionally `+gqa` and
+    /// `+BACKEND` (e.g. `unfused,fused,fused+cudnn,fused+gqa+cudnn`); the first is the baseline.
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
+}
+
+/// One way of running the forward pass: the block kernels and the attention backend order.
+#[derive(Debug, Clone)]
+struct Variant {
+    name: String,
+    kernels: Kernels,
+    attention: sdpa::Preference,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut kernels = Kernels::default();
+        let mut attention = sdpa::Preference::Default;
+        for part in s.split('+').map(str::trim) {
+            match part {
+                "fused" => kernels.fused = true,
+                "unfused" => kernels.fused = false,
+                "gqa" => kernels.native_gqa = true,
+                other => attention = other.parse().map_err(|e: String| anyhow!("variant {s:?}: {e}"))?,
+            }
+        }
+        Ok(Self { name: s.trim().to_string(), kernels, attention })
+    }
+}
+
+impl Variant {
+    fn apply(&self, model: &mut NextDit) -> Result<()> {
+        model.set_kernels(self.kernels);
+        sdpa::prefer(self.attention).map_err(anyhow::Error::msg)
+    }
 }
 
 /// Parses the device; for CUDA, makes sure libtorch's CUDA backend is loaded: the linker drops
@@ -217,6 +266,9 @@ fn build_model(args: &Args, cfg: &DitConfig, device: Device, kind: Kind) -> Resu
         }
         _ => NextDit::randomize(&vs, 1234),
     }
+    let mut model = model;
+    let variant: Variant = format!("{}+{}", args.kernels, args.attention_backend).parse()?;
+    variant.apply(&mut model)?;
     Ok((vs, model))
 }
 
@@ -348,6 +400,109 @@ fn denoise_bench(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Variants mode (see the module docs).
+fn variants_bench(args: &Args) -> Result<()> {
+    let variants: Vec<Variant> = args.variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
+    let device = parse_device(&args.device)?;
+    let kind = parse_kind(&args.precision)?;
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let cfg = config_of(args)?;
+    let (lh, lw) = latent_dims(args, &cfg)?;
+    let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+    let uncond_len = args.uncond_len.unwrap_or(args.cap_len).min(args.cap_len);
+    let (_vs, mut model) = build_model(args, &cfg, device, kind)?;
+
+    // Rows 2i and 2i+1: the cond and uncond of image i (the uncond caption right-padded).
+    let rows = 2 * args.batch;
+    tch::manual_seed(7);
+    let x = Tensor::randn([rows, cfg.in_channels, lh, lw], (Kind::Float, device));
+    let t = Tensor::full([rows], 0.3, (Kind::Float, device));
+    let cap = Tensor::randn([rows, args.cap_len, cfg.cap_feat_dim], (Kind::Float, device));
+    let mask: Vec<i64> = (0..rows)
+        .flat_map(|r| (0..args.cap_len).map(move |i| (r % 2 == 0 || i < uncond_len) as i64))
+        .collect();
+    let mask = Tensor::from_slice(&mask).view([rows, args.cap_len]).to_device(device);
+    let pooled = Tensor::randn([rows, cfg.clip_text_dim], (Kind::Float, device));
+    let flops = args.batch as f64 * (forward_flops(&cfg, args.cap_len, n_img) + forward_flops(&cfg, uncond_len, n_img));
+
+    let mut outputs: Vec<Option<Tensor>> = variants.iter().map(|_| None).collect();
+    for (i, v) in variants.iter().enumerate() {
+        v.apply(&mut model)?;
+        for _ in 0..args.warmup.max(1) {
+            outputs[i] = Some(model.forward(&x, &t, &cap, &mask, &pooled)?);
+        }
+    }
+    sync(device);
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(args.iters); variants.len()];
+    for _ in 0..args.iters {
+        for (i, v) in variants.iter().enumerate() {
+            v.apply(&mut model)?;
+            let start = Instant::now();
+            let _ = model.forward(&x, &t, &cap, &mask, &pooled)?;
+            sync(device);
+            times[i].push(start.elapsed().as_secs_f64());
+        }
+    }
+    sdpa::prefer(args.attention_backend).map_err(anyhow::Error::msg)?;
+    let mm_n = args.matmul_size.unwrap_or(if device == Device::Cpu { 1024 } else { 8192 });
+    let mm = matmul_tflops(device, kind, mm_n, args.matmul_iters);
+    let base_out = outputs[0].take().expect("warm-up ran").to_device(Device::Cpu);
+    let out_absmax = base_out.abs().max().double_value(&[]);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let base_median = median(&mut times[0]);
+    let mut report = Vec::new();
+    for (i, v) in variants.iter().enumerate() {
+        let med = if i == 0 { base_median } else { median(&mut times[i]) };
+        let diff = match outputs[i].take() {
+            Some(o) => (o.to_device(Device::Cpu) - &base_out).abs().max().double_value(&[]),
+            None => 0.0,
+        };
+        report.push(json!({
+            "variant": v.name,
+            "ms_median": med * 1e3,
+            "ratio_to_first": med / base_median,
+            "achieved_tflops": flops / med / 1e12,
+            "fraction_of_matmul_rate": flops / med / 1e12 / mm,
+            "max_abs_diff_to_first": diff,
+        }));
+    }
+    let preset = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or(args.preset.clone());
+    let summary = json!({
+        "preset": preset, "device": args.device, "precision": args.precision,
+        "rows": rows, "image_tokens": n_img, "cap_len": args.cap_len, "uncond_len": uncond_len,
+        "iters": args.iters, "tflop_per_forward": flops / 1e12,
+        "matmul_size": mm_n, "matmul_tflops": mm, "output_absmax": out_absmax,
+        "variants": report,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "forward pass variants: {} on {} in {}, {rows} rows ({} image tokens, captions {}/{}), {} rounds, raw matmul {mm:.1} TFLOP/s",
+            preset, args.device, args.precision, n_img, args.cap_len, uncond_len, args.iters
+        );
+        println!("  {:<28} {:>10} {:>8} {:>9} {:>9} {:>12}", "variant", "ms", "ratio", "TFLOP/s", "fraction", "max |diff|");
+        for r in &report {
+            println!(
+                "  {:<28} {:>10.3} {:>8.3} {:>9.1} {:>9.3} {:>12.3e}",
+                r["variant"].as_str().unwrap_or(""),
+                r["ms_median"].as_f64().unwrap_or(0.0),
+                r["ratio_to_first"].as_f64().unwrap_or(0.0),
+                r["achieved_tflops"].as_f64().unwrap_or(0.0),
+                r["fraction_of_matmul_rate"].as_f64().unwrap_or(0.0),
+                r["max_abs_diff_to_first"].as_f64().unwrap_or(0.0),
+            );
+        }
+        println!("  (output absmax {out_absmax:.3}; ratio below 1 = faster than the first variant)");
+    }
+    Ok(())
+}
+
 /// A private temporary folder, removed on drop.
 struct ScratchDir(PathBuf);
 
@@ -474,6 +629,7 @@ fn main() -> Result<()> {
     let _guard = tch::no_grad_guard();
     match &args.compare_pytorch {
         Some(script) => compare_pytorch(&args, script),
+        None if !args.variants.is_empty() => variants_bench(&args),
         None => denoise_bench(&args),
     }
 }
