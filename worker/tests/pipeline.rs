@@ -366,7 +366,7 @@ fn published_layout_loads_and_renders() {
     let imgs = render_all(&mut p, &reqs, &s);
     assert!(imgs.iter().all(|i| i.pixels.len() == 64 * 48 * 3 && distinct_values(i) > 8));
 
-    // Offloaded text encoders (re-read per encode) give the same pixels.
+    // Offloaded text encoders (kept in host memory, moved for each encode) give the same pixels.
     let mut q = Pipeline::load(&PipelineOptions { offload_text_encoders: true, ..opts.clone() }).unwrap();
     assert_eq!(q.weights_hash(), hash);
     assert_eq!(render_all(&mut q, &reqs, &s), imgs);

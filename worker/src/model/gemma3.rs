@@ -556,6 +556,9 @@ pub struct Gemma3TextModel {
     config: Gemma3Config,
     device: Device,
     kind: Kind,
+    /// The variable store the weights live in, when this model owns it (loaded or given with
+    /// [`Self::own_variables`]): what [`Self::to_device`] moves.
+    vars: Option<nn::VarStore>,
 }
 
 impl Gemma3TextModel {
@@ -583,6 +586,7 @@ impl Gemma3TextModel {
             config: cfg.clone(),
             device: vs.device(),
             kind: vs.kind(),
+            vars: None,
         })
     }
 
@@ -604,7 +608,25 @@ impl Gemma3TextModel {
         let model = Self::new(&vs.root(), cfg)?;
         load_checkpoint(&mut vs, weights, &load_options())?;
         vs.freeze();
-        Ok(model)
+        Ok(model.own_variables(vs))
+    }
+
+    /// Takes ownership of the variable store the model was built in, so that it can be moved.
+    pub fn own_variables(mut self, vs: nn::VarStore) -> Self {
+        self.device = vs.device();
+        self.vars = Some(vs);
+        self
+    }
+
+    /// Moves the weights to `device` (host copies pinned when leaving a GPU); used to keep the
+    /// text encoders in host memory between encodes. Needs the model's own variable store.
+    pub fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
+        let vars = self.vars.as_ref().ok_or_else(|| {
+            WeightsError::Unsupported("moving a model that does not own its variable store (built with new)".into())
+        })?;
+        super::loading::move_variables(vars, device)?;
+        self.device = device;
+        Ok(())
     }
 
     /// Loads a checkpoint folder: `config.json` (text or multimodal config) and its safetensors.

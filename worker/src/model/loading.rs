@@ -20,7 +20,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, TchError, Tensor};
 
 /// Where one file tensor goes in the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -661,4 +661,25 @@ mod tests {
             KeyTarget::Part { key: "layers.3.attention.qkv.weight".into(), index: 2, count: 3 }
         );
     }
+}
+
+/// Moves every variable of `vs` to `device` in place. Modules built from `vs` hold handles to the same
+/// tensors, so they follow the move; only their own record of the device needs updating. Host copies
+/// of CUDA tensors are pinned, so moving them back is a direct DMA. On an error (out of memory) the
+/// variables moved so far stay moved: callers move everything back to the CPU.
+pub fn move_variables(vs: &VarStore, device: Device) -> Result<(), TchError> {
+    let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+    for v in vars.named_variables.values_mut() {
+        let src = v.device();
+        if src == device {
+            continue;
+        }
+        let moved = v.f_to_device(device)?;
+        let moved = match (src, device) {
+            (Device::Cuda(_), Device::Cpu) => moved.f_pin_memory(src)?,
+            _ => moved,
+        };
+        v.f_set_data(&moved)?;
+    }
+    Ok(())
 }

@@ -51,11 +51,12 @@
 //!
 //! # Offloading
 //!
-//! With [`PipelineOptions::offload_text_encoders`], the text encoders are not kept in device memory:
-//! when a batch needs encodings the cache does not hold, each encoder is brought onto the device,
-//! runs, and is released again (the DiT and the VAE stay resident). The text encoders'
-//! modules have no device-move operation yet, so they are re-read from their files (normally from
-//! the page cache) for each such batch.
+//! With [`PipelineOptions::offload_text_encoders`], the text encoders are loaded into host memory
+//! and kept there: when a batch needs encodings the cache does not hold, each encoder's weights are
+//! copied onto the device, it runs, and its weights go back to (pinned) host memory, so the device
+//! holds one encoder at a time and only while it encodes (the DiT and the VAE stay resident). The
+//! freed device memory returns to libtorch's caching allocator, where the DiT's activations reuse
+//! it. On a CPU device there is nothing to move.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -325,30 +326,61 @@ fn encode_pooled(model: &JinaTextModel, tok: &dyn TextTokenizer, text: &str) -> 
     Ok(model.forward(&ids))
 }
 
-type Loader<T> = Box<dyn Fn() -> Result<T, PipelineError> + Send>;
-
-/// An encoder kept on the device, or built on the device only while it is needed.
-enum Slot<T> {
-    Resident(T),
-    OnDemand(Loader<T>),
+/// A text encoder whose weights can move between host and device memory.
+trait Movable {
+    fn move_to(&mut self, device: Device) -> Result<(), PipelineError>;
 }
 
-impl<T> Slot<T> {
-    fn new(offload: bool, loader: Loader<T>) -> Result<Self, PipelineError> {
+impl Movable for Gemma3TextModel {
+    fn move_to(&mut self, device: Device) -> Result<(), PipelineError> {
+        self.to_device(device).map_err(|e| PipelineError::runtime(format!("moving the text encoder to {device:?}: {e}")))
+    }
+}
+
+impl Movable for JinaTextModel {
+    fn move_to(&mut self, device: Device) -> Result<(), PipelineError> {
+        self.to_device(device)
+            .map_err(|e| PipelineError::runtime(format!("moving the Jina CLIP text encoder to {device:?}: {e}")))
+    }
+}
+
+/// An encoder kept on the device, or kept in host memory and moved onto the device only while it
+/// encodes.
+enum Slot<T> {
+    Resident(T),
+    Offloaded { model: std::sync::Mutex<T>, device: Device },
+}
+
+/// Moves an offloaded encoder back to host memory when its use ends, also when the use panics.
+struct BackToHost<'a, T: Movable>(std::sync::MutexGuard<'a, T>);
+
+impl<T: Movable> Drop for BackToHost<'_, T> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.move_to(Device::Cpu) {
+            tracing::error!(error = %e, "could not move a text encoder back to host memory");
+        }
+    }
+}
+
+impl<T: Movable> Slot<T> {
+    /// Builds the encoder with `load` on `device`, or on the CPU when it is offloaded (on a CPU
+    /// device an offloaded encoder's moves are no-ops).
+    fn new(offload: bool, device: Device, load: impl FnOnce(Device) -> Result<T, PipelineError>) -> Result<Self, PipelineError> {
         if offload {
-            Ok(Slot::OnDemand(loader))
+            Ok(Slot::Offloaded { model: std::sync::Mutex::new(load(Device::Cpu)?), device })
         } else {
-            Ok(Slot::Resident(loader()?))
+            Ok(Slot::Resident(load(device)?))
         }
     }
 
-    /// Runs `f` with the encoder, building it first if it is not resident (and dropping it after).
+    /// Runs `f` with the encoder on the device (moving it there first and back after if offloaded).
     fn with<R>(&self, f: impl FnOnce(&T) -> Result<R, PipelineError>) -> Result<R, PipelineError> {
         match self {
             Slot::Resident(m) => f(m),
-            Slot::OnDemand(load) => {
-                let m = load()?;
-                f(&m)
+            Slot::Offloaded { model, device } => {
+                let mut guard = BackToHost(model.lock().unwrap_or_else(|p| p.into_inner()));
+                guard.0.move_to(*device)?;
+                f(&guard.0)
             }
         }
     }
@@ -558,28 +590,22 @@ impl Pipeline {
             |p| VaeDecoder::new(p, &vae_cfg),
             |_| {},
         )?;
-        let caption = {
-            let cfg = caption_cfg.clone();
-            Slot::new(
-                offload,
-                Box::new(move || {
-                    let build = |p: &nn::Path| Gemma3TextModel::new(p, &cfg);
-                    random_module("text encoder", device, kind, seed.wrapping_add(1), on_cpu, build, |_| {})
-                        .map(|(m, _)| m)
-                }),
-            )?
-        };
-        let pooled = {
-            let cfg = pooled_cfg.clone();
-            Slot::new(
-                offload,
-                Box::new(move || {
-                    let build = |p: &nn::Path| JinaTextModel::new(p, &cfg);
-                    random_module("Jina CLIP text encoder", device, kind, seed.wrapping_add(2), on_cpu, build, |_| {})
-                        .map(|(m, _)| m)
-                }),
-            )?
-        };
+        // Random encoders are drawn where they would run (so offloading does not change their
+        // weights), then moved to `dev` (the CPU when offloaded).
+        let caption = Slot::new(offload, device, |dev| {
+            let build = |p: &nn::Path| Gemma3TextModel::new(p, &caption_cfg);
+            let (m, vars) = random_module("text encoder", device, kind, seed.wrapping_add(1), on_cpu, build, |_| {})?;
+            let mut m = m.own_variables(vars);
+            m.move_to(dev)?;
+            Ok(m)
+        })?;
+        let pooled = Slot::new(offload, device, |dev| {
+            let build = |p: &nn::Path| JinaTextModel::new(p, &pooled_cfg);
+            let (m, vars) = random_module("Jina CLIP text encoder", device, kind, seed.wrapping_add(2), on_cpu, build, |_| {})?;
+            let mut m = m.own_variables(vars);
+            m.move_to(dev)?;
+            Ok(m)
+        })?;
         let text = TextEncoders {
             caption_tok: Box::new(ByteTokenizer::gemma(caption_cfg.vocab_size as usize)),
             pooled_tok: Box::new(ByteTokenizer::xlm_roberta(pooled_cfg.hf_model_config_kwargs.vocab_size as usize)),
@@ -681,26 +707,14 @@ impl Pipeline {
             .map_err(|e| PipelineError::Load(format!("Gemma tokenizer: {e}")))?;
         let pooled_tok = HfTokenizer::xlm_roberta(&pooled_tok_path)
             .map_err(|e| PipelineError::Load(format!("Jina CLIP tokenizer: {e}")))?;
-        let caption = {
-            let (d, cfg) = (text_dir.clone(), caption_cfg.clone());
-            Slot::new(
-                offload,
-                Box::new(move || {
-                    Gemma3TextModel::load(&d, &cfg, device, kind)
-                        .map_err(|e| PipelineError::load(format!("text encoder ({}): {e}", d.display())))
-                }),
-            )?
-        };
-        let pooled = {
-            let (d, cfg) = (pooled_dir.clone(), pooled_cfg.clone());
-            Slot::new(
-                offload,
-                Box::new(move || {
-                    JinaTextModel::load(&d, &cfg, device, kind)
-                        .map_err(|e| PipelineError::load(format!("Jina CLIP text encoder ({}): {e}", d.display())))
-                }),
-            )?
-        };
+        let caption = Slot::new(offload, device, |dev| {
+            Gemma3TextModel::load(&text_dir, &caption_cfg, dev, kind)
+                .map_err(|e| PipelineError::load(format!("text encoder ({}): {e}", text_dir.display())))
+        })?;
+        let pooled = Slot::new(offload, device, |dev| {
+            JinaTextModel::load(&pooled_dir, &pooled_cfg, dev, kind)
+                .map_err(|e| PipelineError::load(format!("Jina CLIP text encoder ({}): {e}", pooled_dir.display())))
+        })?;
         let text = TextEncoders { caption_tok: Box::new(caption_tok), pooled_tok: Box::new(pooled_tok), caption, pooled };
         Ok(Pipeline {
             preset: Preset::NewbieExp01,
