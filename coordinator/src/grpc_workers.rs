@@ -377,7 +377,15 @@ async fn handle_message(
             credits.fetch_add(c.add, Ordering::SeqCst);
             credit_added.notify_one();
         }
-        worker_message::Msg::Heartbeat(_) => shared.store.heartbeat(worker_id).await?,
+        worker_message::Msg::Heartbeat(h) => {
+            let leases = h
+                .leases
+                .into_iter()
+                .map(|l| parse_lease(&Some(l)))
+                .collect::<Result<Vec<_>, Status>>()
+                .map_err(|s| Error::InvalidArgument(format!("heartbeat: {}", s.message())))?;
+            shared.store.heartbeat(worker_id, &leases).await?
+        }
         worker_message::Msg::Progress(p) => {
             let (task_id, token) = parse_lease(&p.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
             if let Some((job_id, idx)) = shared.store.progress(task_id, token, p.step as i32).await? {

@@ -261,15 +261,23 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Renews every lease of the session.
-    pub async fn heartbeat(&self, worker_id: Uuid) -> Result<()> {
+    /// Renews the leases the worker lists (task id and current token) that its session holds.
+    /// A lease it no longer lists (a task it lost track of) is not renewed: it expires after the
+    /// TTL and the sweep requeues it, though the session stays up. A lease assigned after the
+    /// worker built its list is still fresh and gets listed by the next heartbeat (the TTL is at
+    /// least two heartbeat intervals).
+    pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) -> Result<()> {
+        let (ids, tokens): (Vec<Uuid>, Vec<i64>) = leases.iter().copied().unzip();
         sqlx::query(
-            "with t as (update tasks set lease_expires_at = now() + $2 * interval '1 millisecond'
-                        where lease_owner = $1 and state = 2)
+            "with t as (update tasks t set lease_expires_at = now() + $2 * interval '1 millisecond'
+                        from unnest($3::uuid[], $4::bigint[]) as l(id, token)
+                        where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2)
              update workers set last_heartbeat = now() where id = $1",
         )
         .bind(worker_id)
         .bind(self.ttl_ms())
+        .bind(&ids)
+        .bind(&tokens)
         .execute(&self.pool)
         .await?;
         Ok(())

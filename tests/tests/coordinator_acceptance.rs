@@ -16,7 +16,7 @@ use farm_proto::pb::job_service_client::JobServiceClient;
 use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
-    CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Hello,
+    CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello,
     JobEvent, JobState, ListJobsRequest, ListResultsRequest, PromptChunk, PromptSpec, RenderParams,
     RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
@@ -381,6 +381,16 @@ impl Session {
         self.out
             .send(WorkerMessage {
                 msg: Some(worker_message::Msg::Credits(Credits { add })),
+            })
+            .await
+            .expect("the session is open");
+    }
+
+    /// A heartbeat listing `leases`.
+    async fn heartbeat(&self, leases: Vec<farm_proto::pb::Lease>) {
+        self.out
+            .send(WorkerMessage {
+                msg: Some(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes: 0 })),
             })
             .await
             .expect("the session is open");
@@ -935,6 +945,60 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
     upload_ok(&ch, &worker, &next, &good).await;
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
     assert_each_task_succeeded_once(&pool, job, 1, coord.results_dir()).await;
+}
+
+/// Heartbeats renew only the leases they list: a task the worker stops listing (one it lost track
+/// of) expires after the TTL and is requeued while the session stays up and keeps its other lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others() {
+    let db = fresh_database("acc_heartbeat_lists");
+    let coord = coordinator(&db, &["--lease-ttl-ms", "1500", "--heartbeat-ms", "500"]);
+    let pool = pool(&db).await;
+    let client = coord.token("dave", "client").unwrap();
+    let worker = bearer(&coord.token("dave", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(2)).await;
+
+    let mut session = Session::open(&ch, Some(&worker), "lister", 2).await.unwrap();
+    session.credits(2).await;
+    let mut leases = Vec::new();
+    while leases.len() < 2 {
+        let assign = session.next_assign(Duration::from_secs(10)).await;
+        leases.extend(assign.tasks.into_iter().map(|t| t.lease.expect("an assignment carries its lease")));
+    }
+    let (kept, dropped) = (leases[0].clone(), leases[1].clone());
+    let assigned = Instant::now();
+    let expired = || async { attempt_outcome(&pool, dropped.lease_token as i64).await == "expired" };
+    while !expired().await {
+        assert!(assigned.elapsed() < Duration::from_secs(10), "the unlisted lease did not expire");
+        session.heartbeat(vec![kept.clone()]).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = assigned.elapsed();
+    assert!(after >= Duration::from_millis(1400), "the unlisted lease expired {after:?} after its assignment (TTL 1.5 s)");
+    // The listed lease was renewed all along and is still the session's.
+    assert_eq!(attempt_outcome(&pool, kept.lease_token as i64).await, "running");
+    let held = leases_of(&pool, "lister").await;
+    assert_eq!(held.iter().map(|h| h.2).collect::<Vec<_>>(), vec![kept.lease_token as i64]);
+
+    // Listing the expired lease again does not bring it back; the kept one still commits.
+    session.heartbeat(vec![kept.clone(), dropped.clone()]).await;
+    upload_ok(&ch, &worker, &kept, b"\x89PNG\r\n\x1a\nkept").await;
+    let again = {
+        session.credits(1).await;
+        session.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap()
+    };
+    assert_eq!(again.task_id, dropped.task_id, "the requeued task is assigned again");
+    assert_ne!(again.lease_token, dropped.lease_token);
+    assert_status(
+        upload(&ch, Some(&worker), &dropped.task_id, dropped.lease_token, b"stale").await,
+        Code::FailedPrecondition,
+        "lease is not current",
+        "upload under the expired lease",
+    );
+    upload_ok(&ch, &worker, &again, b"\x89PNG\r\n\x1a\nagain").await;
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    assert_each_task_succeeded_once(&pool, job, 2, coord.results_dir()).await;
 }
 
 /// The same result uploaded twice at once under one lease (a worker retrying while its first upload
