@@ -11,6 +11,10 @@
 # (256 caption tokens, uncond as long: no padding), batch 1 with a padded 8-token uncond caption
 # (masked attention kernel), and the side-by-side with the PyTorch eager script on the same GPU
 # (bf16, batch of 2 rows).
+#
+# PRESET, DEVICE, SIZE (pixels), CAP (caption tokens) and MATMUL (side of the raw matmul) override
+# the full-size settings; the worker's test suite runs this script with PRESET=tiny DEVICE=cpu
+# SIZE=64 CAP=8 MATMUL=128 so that it cannot rot between GPU runs.
 set -u
 BIN=${BIN:-target/release/newbie-bench}
 OUTDIR=${1:-${OUT:-/tmp/newbie-bench}}
@@ -18,7 +22,13 @@ mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+PRESET=${PRESET:-newbie-exp0.1}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-1024}
+CAP=${CAP:-256}
+if [ "$DEVICE" != cpu ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+fi
 
 run() {
   local name=$1; shift
@@ -27,17 +37,23 @@ run() {
   local rc=$?
   cat "$OUTDIR/$name.json"; tail -5 "$OUTDIR/$name.err"
   echo "rc=$rc"
+  [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
 }
+FAILED=""
 
-BASE=(--preset newbie-exp0.1 --random-weights --device cuda --width 1024 --height 1024 --cfg --cap-len 256)
+BASE=(--preset "$PRESET" --random-weights --device "$DEVICE" --width "$SIZE" --height "$SIZE" --cfg --cap-len "$CAP" ${MATMUL:+--matmul-size "$MATMUL"})
 COMMON=("${BASE[@]}" --precision bf16)
 run variants --variants unfused,fused,fused+gqa,fused+cudnn,fused+gqa+cudnn,fused+efficient,fused+flash \
-  "${COMMON[@]}" --batch 1 --iters 6 --warmup 2 --matmul-iters 5
+  "${COMMON[@]}" --batch 1 --iters 6 --warmup 2 --matmul-iters 5 --breakdown
 run b1 "${COMMON[@]}" --batch 1 --steps 8 --warmup 3
 run b1_cudnn "${COMMON[@]}" --batch 1 --steps 8 --warmup 3 --attention-backend cudnn
 run b1_fp16_cudnn "${BASE[@]}" --precision fp16 --batch 1 --steps 8 --warmup 3 --attention-backend cudnn
 run b2 "${COMMON[@]}" --batch 2 --steps 6 --warmup 2 --matmul-iters 5
 run b4 "${COMMON[@]}" --batch 4 --steps 4 --warmup 2 --matmul-iters 5
-run b1_padded_uncond "${COMMON[@]}" --batch 1 --steps 8 --warmup 2 --uncond-len 8 --matmul-iters 5
-run compare_cuda_bf16 --compare-pytorch worker/bench/pytorch_dit.py --python "$PY" --preset newbie-exp0.1 --random-weights \
-  --device cuda --precision bf16 --width 1024 --height 1024 --cap-len 256 --uncond-len 128 --iters 5 --warmup 2
+run b1_padded_uncond "${COMMON[@]}" --batch 1 --steps 8 --warmup 2 --uncond-len $((CAP > 8 ? 8 : CAP / 2)) --matmul-iters 5
+run compare_bf16 --compare-pytorch worker/bench/pytorch_dit.py --python "$PY" --preset "$PRESET" --random-weights \
+  --device "$DEVICE" --precision bf16 --width "$SIZE" --height "$SIZE" --cap-len "$CAP" --uncond-len $((CAP / 2)) --iters 5 --warmup 2
+if [ -n "$FAILED" ]; then
+  echo "failed runs:$FAILED"
+  exit 1
+fi

@@ -110,6 +110,11 @@ struct Args {
     /// `+BACKEND` (e.g. `unfused,fused,fused+cudnn,fused+gqa+cudnn`); the first is the baseline.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
+    /// Variants mode: also time one main block's matmuls and its attention call (per backend, with
+    /// materialised and native GQA) at the run's shapes, and split the forward pass into matmuls,
+    /// attention and the rest.
+    #[arg(long)]
+    breakdown: bool,
 }
 
 /// One way of running the forward pass: the block kernels and the attention backend order.
@@ -448,6 +453,15 @@ fn variants_bench(args: &Args) -> Result<()> {
     sdpa::prefer(args.attention_backend).map_err(anyhow::Error::msg)?;
     let mm_n = args.matmul_size.unwrap_or(if device == Device::Cpu { 1024 } else { 8192 });
     let mm = matmul_tflops(device, kind, mm_n, args.matmul_iters);
+    let breakdown = if args.breakdown {
+        let mut first = times[0].clone();
+        first.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let first = first[first.len() / 2];
+        let shape = BlockShape { rows, cap_len: args.cap_len, uncond_len, n_img };
+        Some(block_breakdown(&cfg, &shape, &variants[0], kind, device, args.iters.max(3), first)?)
+    } else {
+        None
+    };
     let base_out = outputs[0].take().expect("warm-up ran").to_device(Device::Cpu);
     let out_absmax = base_out.abs().max().double_value(&[]);
     let median = |v: &mut Vec<f64>| {
@@ -478,6 +492,7 @@ fn variants_bench(args: &Args) -> Result<()> {
         "iters": args.iters, "tflop_per_forward": flops / 1e12,
         "matmul_size": mm_n, "matmul_tflops": mm, "output_absmax": out_absmax,
         "variants": report,
+        "breakdown": breakdown,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -499,8 +514,174 @@ fn variants_bench(args: &Args) -> Result<()> {
             );
         }
         println!("  (output absmax {out_absmax:.3}; ratio below 1 = faster than the first variant)");
+        if let Some(b) = &breakdown {
+            println!("  breakdown of the first variant's forward pass ({:.3} ms):", b["forward_ms"].as_f64().unwrap_or(0.0));
+            println!("    {:<56} {:>9} {:>9} {:>7} {:>10}", "component (one main block)", "ms/call", "TFLOP/s", "calls", "ms/main");
+            for c in b["components"].as_array().into_iter().flatten() {
+                println!(
+                    "    {:<56} {:>9.3} {:>9.1} {:>7} {:>10.2}",
+                    c["name"].as_str().unwrap_or(""),
+                    c["ms_per_call"].as_f64().unwrap_or(0.0),
+                    c["tflops"].as_f64().unwrap_or(0.0),
+                    c["calls_per_forward"].as_i64().unwrap_or(0),
+                    c["ms_per_forward"].as_f64().unwrap_or(0.0),
+                );
+            }
+            println!(
+                "    all blocks: matmuls {:.2} ms + attention ({}) {:.2} ms; the rest (norms, RoPE, modulation, copies, embedders, final layer, gaps) {:.2} ms",
+                b["matmul_ms"].as_f64().unwrap_or(0.0),
+                b["attention_used"].as_str().unwrap_or(""),
+                b["attention_ms"].as_f64().unwrap_or(0.0),
+                b["rest_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     Ok(())
+}
+
+/// Times `f` (after one untimed call) and returns the median seconds per call.
+fn time_call(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    sync(device);
+    let mut t: Vec<f64> = (0..iters)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            sync(device);
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[t.len() / 2]
+}
+
+fn attention_label(pref: &str, native_gqa: bool) -> String {
+    format!("attention {pref}{}", if native_gqa { " + native GQA" } else { "" })
+}
+
+/// The batch a breakdown is measured for.
+struct BlockShape {
+    rows: i64,
+    cap_len: i64,
+    uncond_len: i64,
+    n_img: i64,
+}
+
+/// One main block's matmuls and attention at the run's shapes (the rows of each caption length
+/// as one batch, as the forward pass groups them), against the measured forward pass of `first`;
+/// the attention time counted is that of `first`'s backend and GQA choice.
+fn block_breakdown(
+    cfg: &DitConfig,
+    shape: &BlockShape,
+    first: &Variant,
+    kind: Kind,
+    device: Device,
+    iters: usize,
+    forward_s: f64,
+) -> Result<serde_json::Value> {
+    let BlockShape { rows, cap_len, uncond_len, n_img } = *shape;
+    let (d, h, kvh, hd, f) = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.ffn_hidden());
+    // Groups of rows by sequence length: all rows at once when cond and uncond captions are equal.
+    let groups: Vec<(i64, i64)> =
+        if cap_len == uncond_len { vec![(rows, cap_len + n_img)] } else { vec![(rows / 2, cap_len + n_img), (rows / 2, uncond_len + n_img)] };
+    let tokens: i64 = groups.iter().map(|(r, s)| r * s).sum();
+    let n_layers = cfg.n_layers;
+    let mut components = Vec::new();
+    let mut matmul_s = 0.0;
+    for (name, k, n, calls) in [
+        ("qkv projection", d, (h + 2 * kvh) * hd, 1),
+        ("attention output projection", h * hd, d, 1),
+        ("FFN w1 and w3 (each)", d, f, 2),
+        ("FFN w2", f, d, 1),
+    ] {
+        let x = Tensor::randn([tokens, k], (kind, device));
+        let w = Tensor::randn([n, k], (kind, device)) / (k as f64).sqrt();
+        let s = time_call(device, iters, || {
+            let _ = x.linear(&w, None::<&Tensor>);
+        });
+        let per_forward = s * (calls * n_layers) as f64;
+        matmul_s += per_forward;
+        components.push(json!({
+            "name": format!("{name} [{tokens}x{k}]x[{k}x{n}]"),
+            "ms_per_call": s * 1e3,
+            "tflops": 2.0 * (tokens * k * n) as f64 / s / 1e12,
+            "calls_per_forward": calls * n_layers,
+            "ms_per_forward": per_forward * 1e3,
+        }));
+    }
+    let mut attention: Vec<(String, f64)> = Vec::new();
+    let n_rep = h / kvh;
+    for pref in ["default", "cudnn", "flash", "efficient"] {
+        for native_gqa in [false, true] {
+            let p: sdpa::Preference = pref.parse().map_err(anyhow::Error::msg)?;
+            sdpa::prefer(p).map_err(anyhow::Error::msg)?;
+            let inputs: Vec<(Tensor, Tensor, Tensor)> = groups
+                .iter()
+                .map(|&(r, s)| {
+                    let kv_heads = if native_gqa { kvh } else { h };
+                    (
+                        Tensor::randn([r, h, s, hd], (kind, device)),
+                        Tensor::randn([r, kv_heads, s, hd], (kind, device)),
+                        Tensor::randn([r, kv_heads, s, hd], (kind, device)),
+                    )
+                })
+                .collect();
+            let run = || {
+                for (q, k, v) in &inputs {
+                    let _ = Tensor::scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        None::<&Tensor>,
+                        0.0,
+                        false,
+                        Some(1.0 / (hd as f64).sqrt()),
+                        native_gqa && n_rep > 1,
+                    );
+                }
+            };
+            let s = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| time_call(device, iters, run))) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            let flops: f64 = groups.iter().map(|&(r, s)| 4.0 * (r * s * s * h * hd) as f64).sum();
+            let name = attention_label(pref, native_gqa);
+            components.push(json!({
+                "name": name,
+                "ms_per_call": s * 1e3,
+                "tflops": flops / s / 1e12,
+                "calls_per_forward": n_layers,
+                "ms_per_forward": s * n_layers as f64 * 1e3,
+            }));
+            attention.push((name, s * n_layers as f64));
+        }
+    }
+    sdpa::prefer(sdpa::Preference::Default).map_err(anyhow::Error::msg)?;
+    // The refiner blocks, from the main block's figures: matmul time scales with tokens, attention
+    // time with the sum over rows of the squared sequence length.
+    let n_ref = cfg.n_refiner_layers;
+    let half = rows / 2;
+    let caption_tokens = if cap_len == uncond_len { rows * cap_len } else { half * (cap_len + uncond_len) };
+    let caption_sq = if cap_len == uncond_len { rows * cap_len * cap_len } else { half * (cap_len * cap_len + uncond_len * uncond_len) };
+    let main_sq: i64 = groups.iter().map(|(r, s)| r * s * s).sum();
+    let matmul_scale = (n_layers * tokens + n_ref * (rows * n_img + caption_tokens)) as f64 / (n_layers * tokens) as f64;
+    let attention_scale = (n_layers * main_sq + n_ref * (rows * n_img * n_img + caption_sq)) as f64 / (n_layers * main_sq) as f64;
+    let matmul_s = matmul_s * matmul_scale;
+    let wanted = attention_label(&first.attention.to_string(), first.kernels.native_gqa);
+    let (used, attention_s) = attention
+        .iter()
+        .find(|(n, _)| *n == wanted)
+        .cloned()
+        .unwrap_or_else(|| (format!("{wanted}: failed"), 0.0));
+    Ok(json!({
+        "forward_ms": forward_s * 1e3,
+        "components": components,
+        "matmul_ms": matmul_s * 1e3,
+        "attention_used": used,
+        "attention_ms": attention_s * attention_scale * 1e3,
+        "rest_ms": (forward_s - matmul_s - attention_s * attention_scale) * 1e3,
+        "note": "matmul_ms and attention_ms cover every block: the main block's figures, refiners scaled by tokens (matmuls) and squared sequence lengths (attention); the rest is norms, RoPE, modulation, copies, embedders, the final layer and gaps",
+    }))
 }
 
 /// A private temporary folder, removed on drop.
