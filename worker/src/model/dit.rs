@@ -447,13 +447,14 @@ impl RopeEmbedder {
 }
 
 /// Rotates interleaved pairs `(x[2i], x[2i+1])` of `x` `[B, S, H, D]` by the per-token factors, in f32:
-/// `(x0·c − x1·s, x1·c + x0·s)`, computed as `x·pair_cos + swap(x)·pair_sin` (four kernels: the f32
-/// copy, the pair swap, a multiply and a fused multiply-add, plus the cast back).
+/// `(x0·c − x1·s, x1·c + x0·s)`, computed as `x·pair_cos + swap(x)·pair_sin` in four kernels: the
+/// pair swap (in `x`'s dtype), a multiply and a fused multiply-add whose 16-bit operands are
+/// widened to f32 inside the kernels (the f32 tables make the results f32; the values are the same
+/// as from an explicit f32 copy, without writing one), and the cast back.
 fn apply_rope(x: &Tensor, f: &RopeFreqs) -> Tensor {
     let size = x.size();
-    let xf = x.to_kind(Kind::Float);
-    let swapped = xf.view([size[0], size[1], size[2], size[3] / 2, 2]).flip([-1]).view(size.as_slice());
-    (xf * &f.pair_cos).addcmul_(&swapped, &f.pair_sin).to_kind(x.kind())
+    let swapped = x.view([size[0], size[1], size[2], size[3] / 2, 2]).flip([-1]).view(size.as_slice());
+    (x * &f.pair_cos).addcmul_(&swapped, &f.pair_sin).to_kind(x.kind())
 }
 
 /// The reference formulation of [`apply_rope`] (complex multiply written out on the pair members).
