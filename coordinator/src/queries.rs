@@ -1,5 +1,7 @@
 //! Read-side queries: job status, listings, task history, results and workers, as `farm.v1` messages.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use farm_proto::pb::{
     Attempt, Job, JobState, ListJobsRequest, ListJobsResponse, ResultInfo, Task, TaskCounts, TaskRef, WorkerInfo,
@@ -319,12 +321,16 @@ pub async fn result_of(pool: &PgPool, tenant: &str, job_id: Uuid, index: u64) ->
     ))
 }
 
+/// How many of the most recent task attempts `ListWorkers` reads to compute each worker's images per
+/// second over the last minute: a bounded backward scan of the primary key instead of a scan of the
+/// whole (ever-growing) attempts table per worker. Exact while the farm finishes fewer than this many
+/// attempts in the horizon plus the longest render.
+pub const RECENT_ATTEMPTS_SCANNED: i64 = 200_000;
+
 pub async fn list_workers(pool: &PgPool, include_disconnected: bool) -> Result<Vec<WorkerInfo>> {
     let rows = sqlx::query(
         "select w.id, w.name, w.capabilities::text as caps, w.connected_at, w.last_heartbeat, w.disconnected_at,
-                w.completed, w.failed, w.coordinator,
-                (select count(*) from task_attempts a where a.worker_id = w.id and a.outcome = 'succeeded'
-                   and a.ended_at > now() - interval '60 seconds')::bigint as recent
+                w.completed, w.failed, w.coordinator
          from workers w
          where $1 or w.disconnected_at is null
          order by w.name, w.connected_at desc
@@ -333,23 +339,34 @@ pub async fn list_workers(pool: &PgPool, include_disconnected: bool) -> Result<V
     .bind(include_disconnected)
     .fetch_all(pool)
     .await?;
-    let tasks = sqlx::query("select lease_owner, job_id, idx, id from tasks where state = 2 and lease_owner is not null")
+    let recent: HashMap<Uuid, i64> = sqlx::query(
+        "select worker_id, count(*)::bigint
+         from (select worker_id, outcome, ended_at from task_attempts order by id desc limit $1) a
+         where a.outcome = 'succeeded' and a.ended_at > now() - interval '60 seconds'
+         group by worker_id",
+    )
+    .bind(RECENT_ATTEMPTS_SCANNED)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let mut current: HashMap<Uuid, Vec<TaskRef>> = HashMap::new();
+    for t in sqlx::query("select lease_owner, job_id, idx, id from tasks where state = 2 and lease_owner is not null")
         .fetch_all(pool)
-        .await?;
-    let mut out = Vec::new();
+        .await?
+    {
+        current.entry(t.get::<Uuid, _>(0)).or_default().push(TaskRef {
+            job_id: t.get::<Uuid, _>(1).to_string(),
+            index: t.get::<i64, _>(2) as u64,
+            task_id: t.get::<Uuid, _>(3).to_string(),
+        });
+    }
+    let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let id: Uuid = r.get("id");
         let caps: farm_proto::pb::WorkerCapabilities =
             crate::grpc_workers::caps_from_json(&r.get::<String, _>("caps"));
-        let current = tasks
-            .iter()
-            .filter(|t| t.get::<Uuid, _>(0) == id)
-            .map(|t| TaskRef {
-                job_id: t.get::<Uuid, _>(1).to_string(),
-                index: t.get::<i64, _>(2) as u64,
-                task_id: t.get::<Uuid, _>(3).to_string(),
-            })
-            .collect();
         out.push(WorkerInfo {
             worker_id: id.to_string(),
             name: r.get("name"),
@@ -357,8 +374,8 @@ pub async fn list_workers(pool: &PgPool, include_disconnected: bool) -> Result<V
             connected: r.get::<Option<DateTime<Utc>>, _>("disconnected_at").is_none(),
             connected_at_ms: ms(Some(r.get("connected_at"))),
             last_heartbeat_ms: ms(Some(r.get("last_heartbeat"))),
-            current_tasks: current,
-            images_per_second: r.get::<i64, _>("recent") as f64 / 60.0,
+            current_tasks: current.remove(&id).unwrap_or_default(),
+            images_per_second: recent.get(&id).copied().unwrap_or(0) as f64 / 60.0,
             completed: r.get::<i64, _>("completed") as u64,
             failed: r.get::<i64, _>("failed") as u64,
             coordinator: r.get("coordinator"),

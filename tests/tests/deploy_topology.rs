@@ -164,13 +164,22 @@ fn fifty_prompts_through_two_replicas_land_in_the_object_store() {
         m
     });
     eprintln!("results by worker: {by_worker:?}");
+    // `farm workers` through the other replica: every worker idle, and its images per second over
+    // the last minute counts exactly the results it committed (all within the minute).
+    let cli_b = Cli::new(&coord_b.url(), &coord_b.token("compose", "client").unwrap());
+    let listed = cli_b.run(&["--json", "workers"]).expect_success().json();
+    for w in listed["workers"].as_array().unwrap() {
+        let name = w["name"].as_str().unwrap();
+        assert_eq!(w["current_tasks"].as_array().map(Vec::len), Some(0), "{name} holds no task after the job: {w}");
+        let per_minute = (w["images_per_second"].as_f64().unwrap() * 60.0).round() as usize;
+        assert_eq!(per_minute, by_worker.get(name).copied().unwrap_or(0), "{name}: images in the last minute: {w}");
+    }
     // Both replicas wrote to the bucket: workers upload to the replica they are connected to.
     let committed: Vec<u64> = metrics.iter().map(|port| committed_by(*port)).collect();
     assert_eq!(committed.iter().sum::<u64>(), PROMPTS as u64, "results committed per replica: {committed:?}");
     assert!(committed.iter().all(|n| *n > 0), "each replica committed results: {committed:?}");
 
     // `farm results` through the other replica downloads the same bytes from the bucket.
-    let cli_b = Cli::new(&coord_b.url(), &coord_b.token("compose", "client").unwrap());
     let out_dir = dir.path().join("out");
     let r = cli_b.run(&["--json", "results", &job, "-o", out_dir.to_str().unwrap()]).expect_success().json();
     assert_eq!(r["downloaded"], PROMPTS, "{r}");
