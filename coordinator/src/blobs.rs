@@ -38,6 +38,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::fs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 
@@ -48,6 +49,10 @@ pub const S3_BUFFER_BYTES: usize = 8 << 20;
 /// chunks arrived cost a blocking-pool round trip per create, write, flush, fsync and rename, and
 /// those thread hand-offs were most of the coordinator's time per upload.
 pub const LOCAL_BUFFER_BYTES: usize = 8 << 20;
+/// Most bytes all buffered local results together hold in memory; a result that would go over it is
+/// written through a temporary file as it arrives instead, so memory stays bounded however many
+/// uploads run at once.
+pub const LOCAL_MEMORY_BYTES: usize = 256 << 20;
 /// Part size of multipart uploads (S3's minimum for every part but the last is 5 MiB).
 const S3_PART_BYTES: usize = 5 << 20;
 /// Parts of one multipart upload in flight at once.
@@ -67,6 +72,8 @@ enum Backend {
         root: PathBuf,
         /// Results larger than this are written through a temporary file as they arrive.
         buffer_bytes: usize,
+        /// The in-memory budget shared by all buffered results, in KiB permits.
+        memory: Arc<Semaphore>,
     },
     S3(S3Bucket),
 }
@@ -97,6 +104,9 @@ enum Pending {
         tmp: PathBuf,
         buffer: Vec<u8>,
         buffer_bytes: usize,
+        /// The store's memory budget, and the KiB of it this buffer holds.
+        memory: Arc<Semaphore>,
+        reserved: Option<OwnedSemaphorePermit>,
         /// The temporary file once the result outgrew the buffer.
         file: Option<fs::File>,
         /// Whether `tmp` was created (then it must be removed unless renamed into place).
@@ -115,6 +125,26 @@ enum Pending {
     },
 }
 
+/// Makes `reserved` cover `bytes` of `memory` (in KiB permits), taking more without waiting.
+/// Returns false when the budget has no room.
+fn reserve(memory: &Arc<Semaphore>, reserved: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+    let need = bytes.div_ceil(1024) as u32;
+    let held = reserved.as_ref().map_or(0, |p| p.num_permits() as u32);
+    if need <= held {
+        return true;
+    }
+    match memory.clone().try_acquire_many_owned(need - held) {
+        Ok(more) => {
+            match reserved {
+                Some(p) => p.merge(more),
+                None => *reserved = Some(more),
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 fn storage(e: object_store::Error) -> Error {
     Error::Storage(std::io::Error::other(e))
 }
@@ -130,8 +160,11 @@ impl PendingBlob {
         self.hasher.update(data);
         self.size += data.len() as u64;
         match self.state.as_mut().expect("blob not published") {
-            Pending::Local { tmp, buffer, buffer_bytes, file, spilled } => {
-                if !*spilled && buffer.len() + data.len() <= *buffer_bytes {
+            Pending::Local { tmp, buffer, buffer_bytes, memory, reserved, file, spilled } => {
+                let fits = !*spilled
+                    && buffer.len() + data.len() <= *buffer_bytes
+                    && reserve(memory, reserved, buffer.len() + data.len());
+                if fits {
                     buffer.extend_from_slice(data);
                 } else {
                     if !*spilled {
@@ -140,6 +173,7 @@ impl PendingBlob {
                         let mut f = fs::File::create(&*tmp).await?;
                         f.write_all(buffer).await?;
                         *buffer = Vec::new();
+                        *reserved = None;
                         *file = Some(f);
                     }
                     file.as_mut().expect("open").write_all(data).await?;
@@ -272,7 +306,13 @@ impl BlobStore {
     pub async fn local(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).await?;
-        Ok(BlobStore { backend: Backend::Local { root, buffer_bytes: LOCAL_BUFFER_BYTES } })
+        Ok(BlobStore {
+            backend: Backend::Local {
+                root,
+                buffer_bytes: LOCAL_BUFFER_BYTES,
+                memory: Arc::new(Semaphore::new(LOCAL_MEMORY_BYTES / 1024)),
+            },
+        })
     }
 
     /// Any object store (S3 in production) with keys below `prefix`.
@@ -293,6 +333,16 @@ impl BlobStore {
         match &mut self.backend {
             Backend::Local { buffer_bytes, .. } => *buffer_bytes = bytes,
             Backend::S3(s3) => s3.buffer_bytes = bytes,
+        }
+        self
+    }
+
+    /// Changes the memory all buffered results of a local store may hold together (see
+    /// [`LOCAL_MEMORY_BYTES`]); no effect on S3, where each upload holds at most one buffer or one
+    /// multipart upload's parts in flight.
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        if let Backend::Local { memory, .. } = &mut self.backend {
+            *memory = Arc::new(Semaphore::new(bytes / 1024));
         }
         self
     }
@@ -373,11 +423,19 @@ impl BlobStore {
     /// Starts writing a blob that will be published under `key`.
     pub async fn create(&self, key: &str) -> Result<PendingBlob> {
         let state = match &self.backend {
-            Backend::Local { root, buffer_bytes } => {
+            Backend::Local { root, buffer_bytes, memory } => {
                 let final_path = self.path(root, key)?;
                 let dir = final_path.parent().expect("key has a directory");
                 let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-                Pending::Local { tmp, buffer: Vec::new(), buffer_bytes: *buffer_bytes, file: None, spilled: false }
+                Pending::Local {
+                    tmp,
+                    buffer: Vec::new(),
+                    buffer_bytes: *buffer_bytes,
+                    memory: memory.clone(),
+                    reserved: None,
+                    file: None,
+                    spilled: false,
+                }
             }
             Backend::S3(s3) => {
                 BlobStore::object_path(s3, key)?;
@@ -400,7 +458,7 @@ impl BlobStore {
     pub async fn publish(&self, mut blob: PendingBlob, key: &str) -> Result<()> {
         let state = blob.state.take().expect("blob not published");
         match (&self.backend, state) {
-            (Backend::Local { root, .. }, Pending::Local { tmp, buffer, file, spilled, .. }) => {
+            (Backend::Local { root, .. }, Pending::Local { tmp, buffer, reserved, file, spilled, .. }) => {
                 drop(file);
                 let final_path = match self.path(root, key) {
                     Ok(p) => p,
@@ -414,6 +472,8 @@ impl BlobStore {
                 // One blocking call: (write and fsync the buffered bytes,) rename into place; the
                 // temporary file is removed on any failure.
                 let placed = tokio::task::spawn_blocking(move || {
+                    // The buffer counts against the memory budget until it is written.
+                    let _reserved = reserved;
                     let placed = (|| {
                         if !spilled {
                             std::fs::create_dir_all(tmp.parent().expect("key has a directory"))?;
@@ -524,6 +584,57 @@ mod tests {
             out.extend_from_slice(&chunk);
         }
         Ok(out)
+    }
+
+    /// Temporary files in the folder of `key`.
+    fn tmp_files(root: &Path, key: &str) -> usize {
+        let dir = root.join(key).parent().unwrap().to_path_buf();
+        std::fs::read_dir(dir)
+            .map(|d| d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-")).count())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn buffered_local_results_stay_within_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path()).await.unwrap().with_memory_budget(1 << 20);
+        let job = uuid::Uuid::new_v4();
+        let keys: Vec<String> = (0..3).map(|i| BlobStore::key_for(&job, i, 1)).collect();
+        let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 700 << 10]).collect();
+        let write = |key: String, data: Vec<u8>| {
+            let store = &store;
+            async move {
+                let mut b = store.create(&key).await.unwrap();
+                for chunk in data.chunks(64 << 10) {
+                    b.write(chunk).await.unwrap();
+                }
+                b
+            }
+        };
+        // 700 KiB fits the 1 MiB budget and stays in memory; a second one at the same time does not
+        // fit and goes through a temporary file.
+        let first = write(keys[0].clone(), data[0].clone()).await;
+        assert_eq!(tmp_files(dir.path(), &keys[0]), 0, "the first result is buffered");
+        let second = write(keys[1].clone(), data[1].clone()).await;
+        assert_eq!(tmp_files(dir.path(), &keys[1]), 1, "the second result spilled to a temporary file");
+        store.publish(first, &keys[0]).await.unwrap();
+        // Publishing the first released its share: the third is buffered again.
+        let third = write(keys[2].clone(), data[2].clone()).await;
+        assert_eq!(tmp_files(dir.path(), &keys[2]), 1, "only the second result's temporary file");
+        let mut second = second;
+        second.finish().await.unwrap();
+        store.publish(second, &keys[1]).await.unwrap();
+        store.publish(third, &keys[2]).await.unwrap();
+        for (key, bytes) in keys.iter().zip(&data) {
+            assert_eq!(&read_all(&store, key).await.unwrap(), bytes, "{key}");
+        }
+        assert_eq!(tmp_files(dir.path(), &keys[0]), 0, "no temporary file is left");
+        // Dropping a buffered result unpublished also returns its share.
+        let dropped = write(keys[0].clone(), data[0].clone()).await;
+        drop(dropped);
+        let again = write(keys[1].clone(), data[1].clone()).await;
+        assert_eq!(tmp_files(dir.path(), &keys[1]), 0, "buffered once the dropped result's share is back");
+        drop(again);
     }
 
     #[tokio::test]

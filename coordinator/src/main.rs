@@ -74,6 +74,11 @@ struct ServeArgs {
     /// multipart upload to PREFIX/.tmp/ and are copied into place.
     #[arg(long, env = "FARM_RESULTS", default_value = "./results")]
     results: String,
+    /// Memory all results being uploaded may hold together (MiB), local directory storage: results
+    /// up to 8 MiB are buffered and written in one go; once this is used up, further ones are
+    /// written through a temporary file as they arrive.
+    #[arg(long, env = "FARM_RESULTS_MEMORY_MIB", default_value_t = 256)]
+    results_memory_mib: usize,
     /// Address of the Prometheus /metrics endpoint (off when not set).
     #[arg(long, env = "FARM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -131,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
                 database_url: a.database_url,
                 redis_url: a.redis_url,
                 results: a.results,
+                results_memory_bytes: a.results_memory_mib << 20,
                 lease_ttl: Duration::from_millis(a.lease_ttl_ms),
                 heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
                 idle_poll: Duration::from_millis(a.idle_poll_ms),

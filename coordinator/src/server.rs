@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub database_url: String,
     pub redis_url: Option<String>,
     pub results: String,
+    /// Memory budget of buffered results (local storage).
+    pub results_memory_bytes: usize,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub idle_poll: Duration,
@@ -72,7 +74,7 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         Some(url) => Events::redis(url).await?,
         None => Events::local(),
     };
-    let blobs = BlobStore::open(&opts.results).await?;
+    let blobs = BlobStore::open(&opts.results).await?.with_memory_budget(opts.results_memory_bytes);
     tracing::info!(results = %blobs.describe(), "result storage opened");
     let store = Store::new(pool.clone(), StoreConfig { lease_ttl: opts.lease_ttl, ..Default::default() });
     Ok(Arc::new(Shared {
