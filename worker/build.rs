@@ -1,10 +1,11 @@
-//! Compiles `csrc/sdpa_priority.cpp` against the libtorch that `torch-sys` found (its build script
+//! Compiles `csrc/sdpa_priority.cpp` and `csrc/cuda_memory.cpp` against the libtorch that `torch-sys` found (its build script
 //! publishes the library folder as `DEP_TCH_LIBTORCH_LIB`; the headers sit next to it).
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/sdpa_priority.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys publishes DEP_TCH_LIBTORCH_LIB (libtorch's lib folder)"),
@@ -21,5 +22,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/sdpa_priority.cpp")
-        .compile("farm_sdpa");
+        .file("csrc/cuda_memory.cpp")
+        .compile("farm_libtorch_shim");
 }

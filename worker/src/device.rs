@@ -52,3 +52,64 @@ pub fn load_cuda_backend() -> bool {
         !handle.is_null()
     })
 }
+
+extern "C" {
+    fn farm_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
+    fn farm_cuda_reset_peak(device: i32) -> i32;
+}
+
+/// libtorch's CUDA caching allocator figures for one device, in bytes: memory held by tensors
+/// (`allocated`) and memory the allocator holds from the driver (`reserved`, allocated plus its
+/// cache), each now and at its peak since the last [`reset_peak_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatorMemory {
+    pub allocated: u64,
+    pub allocated_peak: u64,
+    pub reserved: u64,
+    pub reserved_peak: u64,
+}
+
+/// The allocator figures of `device`; `None` for the CPU, or when libtorch has no initialised CUDA
+/// allocator (no CUDA backend loaded, nothing allocated yet).
+pub fn allocator_memory(device: Device) -> Option<AllocatorMemory> {
+    let Device::Cuda(index) = device else { return None };
+    let mut out = [0i64; 4];
+    // SAFETY: `out` has the four slots the function writes.
+    let rc = unsafe { farm_cuda_memory_stats(index as i32, out.as_mut_ptr()) };
+    (rc == 0).then(|| AllocatorMemory {
+        allocated: out[0].max(0) as u64,
+        allocated_peak: out[1].max(0) as u64,
+        reserved: out[2].max(0) as u64,
+        reserved_peak: out[3].max(0) as u64,
+    })
+}
+
+/// Starts a new peak window for [`allocator_memory`]; false when there is no CUDA allocator.
+pub fn reset_peak_memory(device: Device) -> bool {
+    let Device::Cuda(index) = device else { return false };
+    // SAFETY: plain call with a device index; failures are reported through the return code.
+    unsafe { farm_cuda_reset_peak(index as i32) == 0 }
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    use super::*;
+
+    #[test]
+    fn allocator_figures_are_absent_without_cuda_and_never_abort() {
+        assert_eq!(allocator_memory(Device::Cpu), None);
+        assert!(!reset_peak_memory(Device::Cpu));
+        if !tch::Cuda::is_available() {
+            // The shim itself runs and reports "no CUDA allocator" instead of throwing across FFI.
+            assert_eq!(allocator_memory(Device::Cuda(0)), None);
+            assert!(!reset_peak_memory(Device::Cuda(0)));
+        } else {
+            let before = allocator_memory(Device::Cuda(0));
+            let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, Device::Cuda(0)));
+            let after = allocator_memory(Device::Cuda(0)).expect("the CUDA allocator is initialised");
+            assert!(after.allocated >= before.map_or(0, |b| b.allocated) + (4 << 20));
+            assert!(after.allocated_peak >= after.allocated && after.reserved >= after.allocated);
+            drop(t);
+        }
+    }
+}

@@ -339,6 +339,8 @@ fn denoise_bench(args: &Args) -> Result<()> {
         })?;
     }
     sync(device);
+    let allocator_before = farm_worker::device::allocator_memory(device);
+    farm_worker::device::reset_peak_memory(device);
     let mut step_s = Vec::with_capacity(args.steps);
     let start = Instant::now();
     let mut last = start;
@@ -350,6 +352,7 @@ fn denoise_bench(args: &Args) -> Result<()> {
         StepControl::Continue
     })?;
     let total = start.elapsed().as_secs_f64();
+    let allocator = farm_worker::device::allocator_memory(device);
     if let Some(m) = device_memory_used(device) {
         peak = peak.max(m);
     }
@@ -387,7 +390,10 @@ fn denoise_bench(args: &Args) -> Result<()> {
         "device_memory_before_bytes": mem_before,
         "device_memory_after_weights_bytes": mem_weights,
         "device_memory_peak_bytes": (peak > 0).then_some(peak),
-        "memory_note": "whole-device memory in use from the CUDA driver (cuMemGetInfo) or nvidia-smi, sampled after each step: includes the CUDA context and the caching allocator's reserve",
+        "allocator_allocated_before_steps_bytes": allocator_before.map(|m| m.allocated),
+        "allocator_peak_allocated_bytes": allocator.map(|m| m.allocated_peak),
+        "allocator_peak_reserved_bytes": allocator.map(|m| m.reserved_peak),
+        "memory_note": "allocator_*: libtorch's CUDA caching allocator over the timed steps (tensors, and tensors plus its cache); device_memory_*: whole-device memory in use from the CUDA driver (cuMemGetInfo) or nvidia-smi, sampled after each step: includes the CUDA context and the caching allocator's reserve",
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -401,6 +407,12 @@ fn denoise_bench(args: &Args) -> Result<()> {
         println!("  achieved          {achieved:.1} TFLOP/s ({:.2} TFLOP per step, analytic)", rows_flops / 1e12);
         println!("  raw matmul        {mm:.1} TFLOP/s ({mm_n}^3, {}) -> fraction {:.3}", args.precision, achieved / mm);
         println!("  device memory     before {}, with weights {}, peak {}", gib(mem_before), gib(mem_weights), gib((peak > 0).then_some(peak)));
+        println!(
+            "  allocator         tensors {} before the steps, peak {}; reserved peak {}",
+            gib(allocator_before.map(|m| m.allocated)),
+            gib(allocator.map(|m| m.allocated_peak)),
+            gib(allocator.map(|m| m.reserved_peak))
+        );
     }
     Ok(())
 }

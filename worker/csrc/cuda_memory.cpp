@@ -1,0 +1,44 @@
+// Statistics of libtorch's CUDA caching allocator (what torch.cuda.max_memory_allocated reports),
+// through the device-generic allocator interface in libc10, so that nothing here links against the
+// CUDA libraries: on a machine or build without CUDA the calls just report failure.
+#include <c10/core/CachingDeviceAllocator.h>
+
+#include <cstdint>
+
+extern "C" {
+
+// Writes allocated bytes (current, peak) and reserved bytes (current, peak) of CUDA device
+// `device` to out[0..4]. Returns 0, or -1 when there is no initialised CUDA allocator.
+int farm_cuda_memory_stats(int device, int64_t* out) {
+  try {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (allocator == nullptr || !allocator->initialized()) {
+      return -1;
+    }
+    auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].current;
+    out[1] = stats.allocated_bytes[all].peak;
+    out[2] = stats.reserved_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].peak;
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Starts a new peak window on CUDA device `device`. Returns 0, or -1 as above.
+int farm_cuda_reset_peak(int device) {
+  try {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (allocator == nullptr || !allocator->initialized()) {
+      return -1;
+    }
+    allocator->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"
