@@ -88,17 +88,7 @@ pub fn ensure_installed() -> Result<(PathBuf, bool)> {
         "xtask: pip install moto[server]=={MOTO_VERSION} into {}",
         venv.display()
     );
-    let mut pip = Command::new(python(&venv));
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-    ])
-    .arg(format!("moto[server]=={MOTO_VERSION}"));
+    let pip = process::pip_install(&python(&venv), &format!("moto[server]=={MOTO_VERSION}"), false);
     process::run_captured(pip).context("installing moto")?;
     let probe = Command::new(python(&venv))
         .args(["-c", "import moto.server, moto; print(moto.__version__)"])

@@ -427,6 +427,18 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> Resu
     }
 }
 
+/// `PYTHON -m pip install REQUIREMENT` without prompts or pip's self-update check; the progress bar
+/// only when `progress` is set (off in logs and CI).
+pub fn pip_install(python: &Path, requirement: &str, progress: bool) -> Command {
+    let mut pip = Command::new(python);
+    pip.args(["-m", "pip", "install", "--no-input", "--disable-pip-version-check"]);
+    if !progress {
+        pip.args(["--progress-bar", "off"]);
+    }
+    pip.arg(requirement);
+    pip
+}
+
 /// Runs a short foreground command to completion, capturing its output; a non-zero exit is an error
 /// that carries the output.
 pub fn run_captured(mut command: Command) -> Result<Output> {

@@ -99,18 +99,11 @@ fn ensure_torch_venv(apt: &mut Apt) -> Result<(TorchEnv, bool)> {
         "setup: pip install torch=={TORCH_VERSION} into {} (about 4.6 GB, a few minutes)",
         venv.display()
     );
-    let mut pip = Command::new(torch::python(&venv));
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-    ]);
-    if std::env::var_os("CI").is_some() {
-        pip.args(["--progress-bar", "off"]);
-    }
-    pip.arg(format!("torch=={TORCH_VERSION}"));
+    let pip = xtask::process::pip_install(
+        &torch::python(&venv),
+        &format!("torch=={TORCH_VERSION}"),
+        std::env::var_os("CI").is_none(),
+    );
     run_checked(pip)?;
 
     let found = TorchEnv::probe(&venv)?;
