@@ -37,7 +37,7 @@ pub fn check_size(width: u32, height: u32) -> Result<(), LimitError> {
     if width == 0 || height == 0 {
         return Err(LimitError(format!("size {width}x{height}: width and height must be positive")));
     }
-    if width % SIZE_MULTIPLE != 0 || height % SIZE_MULTIPLE != 0 {
+    if !width.is_multiple_of(SIZE_MULTIPLE) || !height.is_multiple_of(SIZE_MULTIPLE) {
         return Err(LimitError(format!(
             "size {width}x{height}: width and height must be multiples of {SIZE_MULTIPLE} px"
         )));

@@ -431,13 +431,14 @@ impl Controller {
                 self.report_failure(&t, "cancelled before it started", false, "cancelled").await;
             }
         }
-        let mut c = self.cancelled.lock().unwrap();
-        for t in &self.running {
-            if ids.contains(&task_id(t)) {
-                c.insert(task_id(t));
+        {
+            let mut c = self.cancelled.lock().unwrap();
+            for t in &self.running {
+                if ids.contains(&task_id(t)) {
+                    c.insert(task_id(t));
+                }
             }
         }
-        drop(c);
         self.top_up().await;
     }
 

@@ -540,6 +540,27 @@ pub fn load_dit(vs: &mut VarStore, path: &Path) -> Result<LoadReport, LoadError>
     load_strict(vs, &files, &opts)
 }
 
+/// Moves every variable of `vs` to `device` in place. Modules built from `vs` hold handles to the same
+/// tensors, so they follow the move; only their own record of the device needs updating. Host copies
+/// of CUDA tensors are pinned, so moving them back is a direct DMA. On an error (out of memory) the
+/// variables moved so far stay moved: callers move everything back to the CPU.
+pub fn move_variables(vs: &VarStore, device: Device) -> Result<(), TchError> {
+    let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+    for v in vars.named_variables.values_mut() {
+        let src = v.device();
+        if src == device {
+            continue;
+        }
+        let moved = v.f_to_device(device)?;
+        let moved = match (src, device) {
+            (Device::Cuda(_), Device::Cpu) => moved.f_pin_memory(src)?,
+            _ => moved,
+        };
+        v.f_set_data(&moved)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,23 +684,3 @@ mod tests {
     }
 }
 
-/// Moves every variable of `vs` to `device` in place. Modules built from `vs` hold handles to the same
-/// tensors, so they follow the move; only their own record of the device needs updating. Host copies
-/// of CUDA tensors are pinned, so moving them back is a direct DMA. On an error (out of memory) the
-/// variables moved so far stay moved: callers move everything back to the CPU.
-pub fn move_variables(vs: &VarStore, device: Device) -> Result<(), TchError> {
-    let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
-    for v in vars.named_variables.values_mut() {
-        let src = v.device();
-        if src == device {
-            continue;
-        }
-        let moved = v.f_to_device(device)?;
-        let moved = match (src, device) {
-            (Device::Cuda(_), Device::Cpu) => moved.f_pin_memory(src)?,
-            _ => moved,
-        };
-        v.f_set_data(&moved)?;
-    }
-    Ok(())
-}
