@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
                 database_url: a.database_url,
                 redis_url: a.redis_url,
                 results: a.results,
-                results_memory_bytes: a.results_memory_mib << 20,
+                results_memory_bytes: a.results_memory_mib.saturating_mul(1 << 20),
                 lease_ttl: Duration::from_millis(a.lease_ttl_ms),
                 heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
                 idle_poll: Duration::from_millis(a.idle_poll_ms),
