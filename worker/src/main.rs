@@ -101,6 +101,10 @@ struct VerifyArgs {
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Attention kernel tried first on CUDA (as `farm-worker --attention-backend`), so that the check
+    /// covers the kernel the node renders with.
+    #[arg(long, env = "FARM_ATTENTION_BACKEND", default_value = "default")]
+    attention_backend: farm_worker::model::sdpa::Preference,
 }
 
 fn precision_kind(p: PrecisionArg) -> tch::Kind {
@@ -128,6 +132,7 @@ fn verify_device(device: &str, precision: PrecisionArg) -> anyhow::Result<tch::D
 
 fn verify_command() -> anyhow::Result<()> {
     let v = VerifyArgs::parse_from(std::env::args().skip(1));
+    farm_worker::model::sdpa::prefer(v.attention_backend).map_err(anyhow::Error::msg)?;
     let device = verify_device(&v.device, v.precision)?;
     let report = match farm_worker::verify::verify_dir(&v.goldens, device, precision_kind(v.precision)) {
         Ok(r) => r,
@@ -184,6 +189,9 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     coordinator_endpoint(&a.coordinator, ca_cert_pem.as_deref()).map_err(anyhow::Error::msg)?;
+    // Set before the self-check, so that it checks the attention kernel the renders will use.
+    farm_worker::model::sdpa::prefer(a.attention_backend).map_err(anyhow::Error::msg)?;
+    tracing::info!(attention_backend = %a.attention_backend, "attention backend order set");
     let verified = match &a.verify_on_start {
         Some(dir) => Some(start_check(dir, &a.device, a.precision)?),
         None => None,
@@ -215,8 +223,6 @@ fn main() -> anyhow::Result<()> {
                 Precision::Fp32 => tch::Kind::Float,
                 _ => tch::Kind::BFloat16,
             };
-            farm_worker::model::sdpa::prefer(a.attention_backend).map_err(anyhow::Error::msg)?;
-            tracing::info!(attention_backend = %a.attention_backend, "attention backend order set");
             let started = Instant::now();
             let pipeline = Pipeline::load(&PipelineOptions {
                 preset,
