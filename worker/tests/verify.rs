@@ -170,7 +170,7 @@ fn command_passes_on_goldens_and_fails_on_perturbed_copy() {
     let out = farm_worker()
         .args(["verify", "--goldens"])
         .arg(goldens())
-        .args(["--device", "cpu", "--precision", "fp32"])
+        .args(["--device", "cpu", "--precision", "fp32", "--attention-backend", "cudnn"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -201,6 +201,10 @@ fn command_passes_on_goldens_and_fails_on_perturbed_copy() {
 
     let empty = tempfile::tempdir().unwrap();
     let out = farm_worker().args(["verify", "--goldens"]).arg(empty.path()).output().unwrap();
+    let bad_backend =
+        farm_worker().args(["verify", "--attention-backend", "fa3", "--goldens"]).arg(goldens()).output().unwrap();
+    assert_eq!(bad_backend.status.code(), Some(2), "an unknown attention backend is a usage error");
+    assert!(String::from_utf8_lossy(&bad_backend.stderr).contains("cudnn"), "the error lists the choices");
     assert_eq!(out.status.code(), Some(2));
 }
 
