@@ -62,10 +62,12 @@ struct Args {
     /// Keep the text encoders on the CPU between prompts (for 16 GB cards).
     #[arg(long)]
     offload_text_encoders: bool,
-    /// Attention kernel tried first on CUDA: default (libtorch's order: flash, efficient, math,
-    /// cudnn), cudnn, flash, efficient or math. Inputs the chosen kernel cannot take run on the next
-    /// one in libtorch's order. See worker/bench/README.md for measurements.
-    #[arg(long, env = "FARM_ATTENTION_BACKEND", default_value = "default")]
+    /// Attention kernel tried first on CUDA: auto (measured after the model loads: libtorch's order
+    /// against cuDNN first on one 1024x1024 forward pass, the faster one kept if its output agrees),
+    /// default (libtorch's order: flash, efficient, math, cudnn), cudnn, flash, efficient or math.
+    /// Inputs the chosen kernel cannot take run on the next one in libtorch's order. See
+    /// worker/bench/README.md for measurements.
+    #[arg(long, env = "FARM_ATTENTION_BACKEND", default_value = "auto")]
     attention_backend: farm_worker::model::sdpa::Preference,
     /// Renderer behind the worker.
     #[arg(long, value_enum, default_value = "model")]
@@ -236,6 +238,22 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
             tracing::info!(model = %pipeline.model_name(), hash = %pipeline.weights_hash(), load_ms = started.elapsed().as_millis() as u64,
                            "model loaded and resident");
+            if a.attention_backend == farm_worker::model::sdpa::Preference::Auto && device != tch::Device::Cpu {
+                let started = Instant::now();
+                match pipeline.tune_attention(1024, 256) {
+                    Ok((chosen, trials)) => {
+                        for t in &trials {
+                            tracing::info!(candidate = %t.preference, ms = t.median_s.map(|s| s * 1e3), deviation = t.deviation,
+                                           agrees = t.agrees, "attention kernel trial");
+                        }
+                        tracing::info!(attention_backend = %chosen, ms = started.elapsed().as_millis() as u64, "attention kernel chosen");
+                    }
+                    Err(e) => {
+                        farm_worker::model::sdpa::prefer(farm_worker::model::sdpa::Preference::Default).map_err(anyhow::Error::msg)?;
+                        tracing::warn!(error = %e, "measuring the attention kernels failed; libtorch's default order is kept");
+                    }
+                }
+            }
             Box::new(ModelRenderer { pipeline, precision, device_label: a.device.clone() })
         }
     };

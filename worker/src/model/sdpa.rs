@@ -11,6 +11,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
 
 extern "C" {
     fn farm_sdpa_set_priority(order: *const i64, n: usize) -> i32;
@@ -44,19 +47,21 @@ impl Backend {
 pub const DEFAULT_ORDER: [Backend; 5] =
     [Backend::Flash, Backend::Efficient, Backend::Math, Backend::Cudnn, Backend::Overrideable];
 
-/// The `--attention-backend` choice: libtorch's default order, or one backend tried first.
+/// The `--attention-backend` choice: libtorch's default order, one backend tried first, or `Auto`:
+/// measured on the machine ([`choose_fastest`]); libtorch's default order until then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preference {
     #[default]
     Default,
     First(Backend),
+    Auto,
 }
 
 impl Preference {
     /// The full order this preference sets.
     pub fn order(self) -> Vec<Backend> {
         match self {
-            Preference::Default => DEFAULT_ORDER.to_vec(),
+            Preference::Default | Preference::Auto => DEFAULT_ORDER.to_vec(),
             Preference::First(b) => std::iter::once(b).chain(DEFAULT_ORDER.into_iter().filter(|x| *x != b)).collect(),
         }
     }
@@ -66,12 +71,13 @@ impl FromStr for Preference {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
-            "default" | "auto" => Preference::Default,
+            "default" => Preference::Default,
+            "auto" => Preference::Auto,
             "cudnn" => Preference::First(Backend::Cudnn),
             "flash" => Preference::First(Backend::Flash),
             "efficient" => Preference::First(Backend::Efficient),
             "math" => Preference::First(Backend::Math),
-            _ => return Err(format!("unknown attention backend {s:?} (default, cudnn, flash, efficient, math)")),
+            _ => return Err(format!("unknown attention backend {s:?} (auto, default, cudnn, flash, efficient, math)")),
         })
     }
 }
@@ -80,6 +86,7 @@ impl fmt::Display for Preference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Preference::Default => "default",
+            Preference::Auto => "auto",
             Preference::First(Backend::Cudnn) => "cudnn",
             Preference::First(Backend::Flash) => "flash",
             Preference::First(Backend::Efficient) => "efficient",
@@ -109,21 +116,133 @@ pub fn priority_order() -> Vec<Backend> {
     buf[..n.min(buf.len())].iter().filter_map(|&c| Backend::from_code(c)).collect()
 }
 
+/// One candidate's result in [`choose_fastest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    pub preference: Preference,
+    /// Median seconds per call; `None` when the call failed.
+    pub median_s: Option<f64>,
+    /// Largest difference from the first candidate's output, relative to its largest magnitude.
+    pub deviation: f64,
+    /// Fast enough to count: it ran and agreed with the first candidate within the tolerance.
+    pub agrees: bool,
+}
+
+/// Runs `call` under each candidate order (`rounds` timed calls each after one untimed one, the
+/// candidates taking turns so that all see the same machine state), and leaves libtorch set to the
+/// fastest candidate whose output agrees with the first candidate's within `tolerance` (relative to
+/// its largest magnitude). The first candidate is the reference and the fallback (libtorch's
+/// default order if the reference itself fails): a candidate that fails (an error or a panic inside
+/// libtorch) or disagrees is never chosen. `call` must include
+/// whatever synchronisation makes its wall time the device time.
+pub fn choose_fastest(
+    candidates: &[Preference],
+    rounds: usize,
+    tolerance: f64,
+    mut call: impl FnMut() -> Result<Tensor, String>,
+) -> Result<(Preference, Vec<Trial>), String> {
+    let first = *candidates.first().ok_or("no candidate attention backends")?;
+    let mut run = |p: Preference| -> Option<(Tensor, f64)> {
+        prefer(p).ok()?;
+        let start = Instant::now();
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut call)).ok()?.ok()?;
+        Some((out, start.elapsed().as_secs_f64()))
+    };
+    let mut outputs: Vec<Option<Tensor>> = candidates.iter().map(|&p| run(p).map(|(o, _)| o)).collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, &p) in candidates.iter().enumerate() {
+            if outputs[i].is_none() {
+                continue;
+            }
+            match run(p) {
+                Some((_, t)) => times[i].push(t),
+                None => outputs[i] = None,
+            }
+        }
+    }
+    let reference = outputs[0].take().map(|o| o.to_kind(Kind::Double));
+    let scale = reference.as_ref().map_or(1.0, |r| r.abs().max().double_value(&[]).max(f64::MIN_POSITIVE));
+    let mut trials = Vec::with_capacity(candidates.len());
+    for (i, &p) in candidates.iter().enumerate() {
+        let median_s = (!times[i].is_empty()).then(|| {
+            let mut t = times[i].clone();
+            t.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+            t[t.len() / 2]
+        });
+        let deviation = match (i, &reference, outputs[i].take()) {
+            (0, Some(_), _) => 0.0,
+            (_, Some(r), Some(o)) => (o.to_kind(Kind::Double) - r).abs().max().double_value(&[]) / scale,
+            _ => f64::INFINITY,
+        };
+        let agrees = median_s.is_some() && deviation.is_finite() && deviation <= tolerance;
+        trials.push(Trial { preference: p, median_s, deviation, agrees });
+    }
+    let chosen = trials
+        .iter()
+        .filter(|t| t.agrees)
+        .min_by(|a, b| a.median_s.partial_cmp(&b.median_s).expect("finite times"))
+        .map_or(if reference.is_some() { first } else { Preference::Default }, |t| t.preference);
+    prefer(chosen)?;
+    Ok((chosen, trials))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn preferences_parse_and_print() {
-        for s in ["default", "cudnn", "flash", "efficient", "math"] {
+        for s in ["auto", "default", "cudnn", "flash", "efficient", "math"] {
             assert_eq!(s.parse::<Preference>().unwrap().to_string(), s);
         }
         assert!("fa3".parse::<Preference>().unwrap_err().contains("cudnn"));
     }
 
+    /// A stand-in for a forward pass: its speed and output depend on the backend tried first.
+    fn fake_call(fast: Backend, wrong: Option<Backend>, fails: Option<Backend>) -> impl FnMut() -> Result<Tensor, String> {
+        move || {
+            let first = priority_order()[0];
+            if Some(first) == fails {
+                panic!("kernel error");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(if first == fast { 2 } else { 20 }));
+            let out = Tensor::from_slice(&[1.0f32, -2.0, 4.0]);
+            Ok(if Some(first) == wrong { out * 1.5 } else { out })
+        }
+    }
+
+    #[test]
+    fn choose_fastest_picks_the_fastest_agreeing_backend_and_falls_back_to_the_first() {
+        let _order = ORDER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let cudnn = Preference::First(Backend::Cudnn);
+        let math = Preference::First(Backend::Math);
+        let both = [Preference::Default, cudnn, math];
+        // cuDNN first is the fast one and right: it is chosen and set.
+        let (chosen, trials) = choose_fastest(&both, 3, 1e-3, fake_call(Backend::Cudnn, None, None)).unwrap();
+        assert_eq!(chosen, cudnn);
+        assert_eq!(priority_order()[0], Backend::Cudnn);
+        assert!(trials.iter().all(|t| t.agrees && t.median_s.is_some()), "{trials:?}");
+        // Fast but wrong is never chosen; failing is never chosen.
+        let (chosen, trials) =
+            choose_fastest(&both, 3, 1e-3, fake_call(Backend::Cudnn, Some(Backend::Cudnn), Some(Backend::Math))).unwrap();
+        assert_eq!(chosen, Preference::Default, "{trials:?}");
+        assert!((trials[1].deviation - 0.5).abs() < 1e-9, "output off by half its magnitude: {trials:?}");
+        assert!(!trials[1].agrees && !trials[2].agrees && trials[2].median_s.is_none(), "{trials:?}");
+        assert_eq!(priority_order(), DEFAULT_ORDER.to_vec());
+        // The reference itself failing leaves the default order.
+        let (chosen, _) =
+            choose_fastest(&[cudnn, Preference::Default], 2, 1e-3, fake_call(Backend::Flash, None, Some(Backend::Cudnn))).unwrap();
+        assert_eq!(chosen, Preference::Default, "nothing to compare with: libtorch's default order");
+        prefer(Preference::Default).unwrap();
+    }
+
+    /// Both tests change libtorch's process-wide order.
+    static ORDER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn the_order_reaches_libtorch_and_back() {
-        // The one test in this binary that touches the global order; it restores the default.
+        let _order = ORDER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         assert_eq!(priority_order(), DEFAULT_ORDER.to_vec(), "libtorch's default order changed");
         prefer(Preference::First(Backend::Cudnn)).unwrap();
         assert_eq!(
