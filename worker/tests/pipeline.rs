@@ -494,7 +494,7 @@ fn attention_measurement_compares_both_orders_and_sets_the_choice() {
     use farm_worker::model::sdpa::{self, Backend, Preference};
     let _serial = serial();
     let p = tiny(Kind::Float);
-    let (chosen, trials) = p.measure_attention(64, 8).unwrap();
+    let (chosen, trials) = p.measure_attention(128, 16).unwrap();
     assert_eq!(trials.iter().map(|t| t.preference).collect::<Vec<_>>(), [Preference::Default, Preference::First(Backend::Cudnn)]);
     for t in &trials {
         assert!(t.agrees && t.deviation == 0.0 && t.median_s.is_some_and(|s| s > 0.0), "{t:?}");
@@ -502,7 +502,7 @@ fn attention_measurement_compares_both_orders_and_sets_the_choice() {
     assert!(chosen == Preference::Default || chosen == Preference::First(Backend::Cudnn));
     assert_eq!(sdpa::priority_order(), chosen.order(), "libtorch is left at the chosen order");
     // On the CPU the tuning itself measures nothing and keeps libtorch's order.
-    let (kept, none) = p.tune_attention(64, 8).unwrap();
+    let (kept, none) = p.tune_attention(128, 16).unwrap();
     assert_eq!((kept, none.len()), (Preference::Default, 0));
     assert_eq!(sdpa::priority_order(), sdpa::DEFAULT_ORDER.to_vec());
 }

@@ -749,6 +749,9 @@ impl Pipeline {
     pub fn measure_attention(&self, side: i64, cap_len: i64) -> Result<(sdpa::Preference, Vec<sdpa::Trial>), PipelineError> {
         let device = self.device;
         let cfg = &self.dit_config;
+        // Within the positions the model's RoPE tables cover (the tiny preset's are small).
+        let side = side.min(cfg.axes_lens[1].min(cfg.axes_lens[2]) * cfg.patch_size * 8);
+        let cap_len = cap_len.clamp(1, cfg.axes_lens[0] - 1);
         let unit = 8 * cfg.patch_size;
         let latent = (side / unit).max(1) * unit / 8;
         // Smooth deterministic inputs (the global random generator is left alone).
