@@ -98,13 +98,18 @@ impl fmt::Display for Preference {
 
 /// Sets libtorch's order for `pref`.
 pub fn prefer(pref: Preference) -> Result<(), String> {
-    let codes: Vec<i64> = pref.order().into_iter().map(|b| b as i64).collect();
+    set_order(&pref.order())
+}
+
+/// Sets libtorch's order; it must name every backend exactly once.
+pub fn set_order(order: &[Backend]) -> Result<(), String> {
+    let codes: Vec<i64> = order.iter().map(|&b| b as i64).collect();
     // SAFETY: the pointer and length describe `codes`, which outlives the call; the function copies them.
     let rc = unsafe { farm_sdpa_set_priority(codes.as_ptr(), codes.len()) };
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("libtorch refused the attention backend order {:?}", pref.order()))
+        Err(format!("not an attention backend order (every backend exactly once): {order:?}"))
     }
 }
 
@@ -214,7 +219,7 @@ mod tests {
 
     #[test]
     fn choose_fastest_picks_the_fastest_agreeing_backend_and_falls_back_to_the_first() {
-        let _order = ORDER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = OrderGuard::take();
         let cudnn = Preference::First(Backend::Cudnn);
         let math = Preference::First(Backend::Math);
         let both = [Preference::Default, cudnn, math];
@@ -237,13 +242,46 @@ mod tests {
         prefer(Preference::Default).unwrap();
     }
 
-    /// Both tests change libtorch's process-wide order.
+    /// These tests change libtorch's process-wide order.
     static ORDER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Holds the order lock and puts libtorch's default order back when the test ends, also when it fails.
+    struct OrderGuard(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+    impl OrderGuard {
+        fn take() -> Self {
+            let g = OrderGuard(ORDER_LOCK.lock().unwrap_or_else(|p| p.into_inner()));
+            prefer(Preference::Default).unwrap();
+            g
+        }
+    }
+
+    impl Drop for OrderGuard {
+        fn drop(&mut self) {
+            let _ = prefer(Preference::Default);
+        }
+    }
+
+    #[test]
+    fn malformed_orders_are_refused_and_change_nothing() {
+        let _order = OrderGuard::take();
+        prefer(Preference::First(Backend::Cudnn)).unwrap();
+        let before = priority_order();
+        for bad in [
+            vec![Backend::Cudnn, Backend::Flash],
+            vec![Backend::Cudnn, Backend::Cudnn, Backend::Flash, Backend::Efficient, Backend::Math],
+            vec![Backend::Math, Backend::Flash, Backend::Efficient, Backend::Cudnn, Backend::Overrideable, Backend::Math],
+        ] {
+            assert!(set_order(&bad).unwrap_err().contains("exactly once"), "{bad:?} accepted");
+            assert_eq!(priority_order(), before, "a refused order changed libtorch's");
+        }
+    }
 
     #[test]
     fn the_order_reaches_libtorch_and_back() {
-        let _order = ORDER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        assert_eq!(priority_order(), DEFAULT_ORDER.to_vec(), "libtorch's default order changed");
+        let _order = OrderGuard::take();
+        prefer(Preference::Default).unwrap();
+        assert_eq!(priority_order(), DEFAULT_ORDER.to_vec());
         prefer(Preference::First(Backend::Cudnn)).unwrap();
         assert_eq!(
             priority_order(),
