@@ -194,7 +194,7 @@ fn main() -> anyhow::Result<()> {
     // Set before the self-check, so that it checks the attention kernel the renders will use.
     farm_worker::model::sdpa::prefer(a.attention_backend).map_err(anyhow::Error::msg)?;
     tracing::info!(attention_backend = %a.attention_backend, "attention backend order set");
-    let verified = match &a.verify_on_start {
+    let mut verified = match &a.verify_on_start {
         Some(dir) => Some(start_check(dir, &a.device, a.precision)?),
         None => None,
     };
@@ -247,6 +247,10 @@ fn main() -> anyhow::Result<()> {
                                            agrees = t.agrees, "attention kernel trial");
                         }
                         tracing::info!(attention_backend = %chosen, ms = started.elapsed().as_millis() as u64, "attention kernel chosen");
+                        // The self-check ran under libtorch's order; check again under the one chosen.
+                        if let (Some(dir), true) = (&a.verify_on_start, chosen != farm_worker::model::sdpa::Preference::Default) {
+                            verified = Some(start_check(dir, &a.device, a.precision)?);
+                        }
                     }
                     Err(e) => {
                         farm_worker::model::sdpa::prefer(farm_worker::model::sdpa::Preference::Default).map_err(anyhow::Error::msg)?;
