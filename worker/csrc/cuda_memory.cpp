@@ -1,6 +1,10 @@
-// Statistics of libtorch's CUDA caching allocator (what torch.cuda.max_memory_allocated reports),
-// through the device-generic allocator interface in libc10, so that nothing here links against the
-// CUDA libraries: on a machine or build without CUDA the calls just report failure.
+// Device memory helpers that tch does not expose, written so that nothing here links against the
+// CUDA libraries (on a machine or build without CUDA the calls just report failure):
+// * statistics of libtorch's CUDA caching allocator (what torch.cuda.max_memory_allocated reports),
+//   through the device-generic allocator interface in libc10;
+// * a pinned (page-locked) copy of a host tensor, through Tensor::pin_memory() without the
+//   deprecated device argument that tch's binding always passes.
+#include <ATen/core/Tensor.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstdint>
@@ -38,6 +42,19 @@ int farm_cuda_reset_peak(int device) {
     return 0;
   } catch (...) {
     return -1;
+  }
+}
+
+// A new tensor holding a pinned copy of host tensor `t` (to be freed like any tch tensor), or null
+// when pinning is not possible (no CUDA runtime loaded, or the tensor is not on the CPU).
+at::Tensor* farm_pin_memory(const at::Tensor* t) {
+  try {
+    if (t == nullptr || !t->device().is_cpu()) {
+      return nullptr;
+    }
+    return new at::Tensor(t->pin_memory());
+  } catch (...) {
+    return nullptr;
   }
 }
 

@@ -559,6 +559,8 @@ pub struct Gemma3TextModel {
     /// The variable store the weights live in, when this model owns it (loaded or given with
     /// [`Self::own_variables`]): what [`Self::to_device`] moves.
     vars: Option<nn::VarStore>,
+    /// Host copies of the weights, taken at the first [`Self::to_device`].
+    host: Option<super::loading::HostWeights>,
 }
 
 impl Gemma3TextModel {
@@ -587,6 +589,7 @@ impl Gemma3TextModel {
             device: vs.device(),
             kind: vs.kind(),
             vars: None,
+            host: None,
         })
     }
 
@@ -618,13 +621,20 @@ impl Gemma3TextModel {
         self
     }
 
-    /// Moves the weights to `device` (host copies pinned when leaving a GPU); used to keep the
-    /// text encoders in host memory between encodes. Needs the model's own variable store.
+    /// Moves the weights to `device`; used to keep the text encoders in host memory between
+    /// encodes. The first call takes host copies of the weights (pinned where a CUDA runtime is
+    /// loaded); later moves to the device copy from them and moves back copy nothing (see
+    /// [`super::loading::HostWeights`]). Needs the model's own variable store.
     pub fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
-        let vars = self.vars.as_ref().ok_or_else(|| {
-            WeightsError::Unsupported("moving a model that does not own its variable store (built with new)".into())
-        })?;
-        super::loading::move_variables(vars, device)?;
+        if self.host.is_none() {
+            let vars = self.vars.as_ref().ok_or_else(|| {
+                WeightsError::Unsupported("moving a model that does not own its variable store (built with new)".into())
+            })?;
+            self.host = Some(super::loading::HostWeights::new(vars)?);
+            self.device = Device::Cpu;
+        }
+        let host = self.host.as_ref().expect("taken above");
+        host.to_device(device)?;
         self.device = device;
         Ok(())
     }

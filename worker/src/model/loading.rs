@@ -540,25 +540,60 @@ pub fn load_dit(vs: &mut VarStore, path: &Path) -> Result<LoadReport, LoadError>
     load_strict(vs, &files, &opts)
 }
 
-/// Moves every variable of `vs` to `device` in place. Modules built from `vs` hold handles to the same
-/// tensors, so they follow the move; only their own record of the device needs updating. Host copies
-/// of CUDA tensors are pinned, so moving them back is a direct DMA. On an error (out of memory) the
-/// variables moved so far stay moved: callers move everything back to the CPU.
-pub fn move_variables(vs: &VarStore, device: Device) -> Result<(), TchError> {
-    let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
-    for v in vars.named_variables.values_mut() {
-        let src = v.device();
-        if src == device {
-            continue;
+extern "C" {
+    fn farm_pin_memory(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+}
+
+/// A pinned (page-locked) copy of host tensor `t`, or `None` when pinning is not possible (no CUDA
+/// runtime loaded).
+pub fn pinned_copy(t: &Tensor) -> Option<Tensor> {
+    // SAFETY: `t` is a live tensor for the duration of the call; a non-null result is a new
+    // `at::Tensor` allocated for us, which the returned `Tensor` owns and frees.
+    let p = unsafe { farm_pin_memory(t.as_ptr()) };
+    (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) })
+}
+
+/// Host copies of a variable store's weights (pinned when a CUDA runtime is loaded) that its
+/// variables can be switched to without a copy, or replaced with device copies of (one
+/// host-to-device copy each). Modules built from the store hold handles to the same tensors, so
+/// they follow. The weights are frozen, so the host copies stay valid: moving back to the host
+/// copies nothing.
+#[derive(Debug)]
+pub struct HostWeights {
+    vars: Vec<Tensor>,
+    host: Vec<Tensor>,
+}
+
+impl HostWeights {
+    /// Takes the host copies and points the variables at them (freeing whatever the variables held
+    /// before, e.g. their device copies or unpinned host storage).
+    pub fn new(vs: &VarStore) -> Result<Self, TchError> {
+        let vars: Vec<Tensor> = vs.variables().into_values().collect();
+        let mut host = Vec::with_capacity(vars.len());
+        // One variable at a time, so that at most one extra copy exists at any moment.
+        for v in &vars {
+            let on_host = if v.device() == Device::Cpu { v.shallow_clone() } else { v.f_to_device(Device::Cpu)? };
+            let h = pinned_copy(&on_host).unwrap_or(on_host);
+            v.shallow_clone().f_set_data(&h)?;
+            host.push(h);
         }
-        let moved = v.f_to_device(device)?;
-        let moved = match (src, device) {
-            (Device::Cuda(_), Device::Cpu) => moved.f_pin_memory(src)?,
-            _ => moved,
-        };
-        v.f_set_data(&moved)?;
+        Ok(Self { vars, host })
     }
-    Ok(())
+
+    /// Points every variable at its host copy (`Device::Cpu`) or at a fresh copy on `device`. On an
+    /// error (out of device memory) the variables moved so far stay moved; callers go back to the
+    /// CPU, which cannot fail.
+    pub fn to_device(&self, device: Device) -> Result<(), TchError> {
+        for (v, h) in self.vars.iter().zip(&self.host) {
+            let mut v = v.shallow_clone();
+            if device == Device::Cpu {
+                v.f_set_data(h)?;
+            } else if v.device() != device {
+                v.f_set_data(&h.f_to_device(device)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
