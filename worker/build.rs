@@ -6,11 +6,17 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/sdpa_priority.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    for var in ["LIBTORCH_CXX11_ABI", "LIBTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_USE_PYTORCH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys publishes DEP_TCH_LIBTORCH_LIB (libtorch's lib folder)"),
     );
-    let root = lib.parent().expect("libtorch's lib folder has a parent").to_path_buf();
+    // The headers: LIBTORCH_INCLUDE's include folder when set (as torch-sys reads it), else next to lib.
+    let root = match std::env::var("LIBTORCH_INCLUDE") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => lib.parent().expect("libtorch's lib folder has a parent").to_path_buf(),
+    };
     let include = root.join("include");
     cc::Build::new()
         .cpp(true)

@@ -12,6 +12,7 @@
 # (masked attention kernel), and the side-by-side with the PyTorch eager script on the same GPU
 # (bf16, batch of 2 rows).
 #
+# Each run is stopped after RUN_TIMEOUT seconds (default 150); typical full-size runs take 15-40 s.
 # PRESET, DEVICE, SIZE (pixels), CAP (caption tokens) and MATMUL (side of the raw matmul) override
 # the full-size settings; the worker's test suite runs this script with PRESET=tiny DEVICE=cpu
 # SIZE=64 CAP=8 MATMUL=128 so that it cannot rot between GPU runs.
@@ -33,7 +34,7 @@ fi
 run() {
   local name=$1; shift
   echo "== $name: $*"
-  timeout 300 "$BIN" "$@" --json > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.err"
+  timeout "${RUN_TIMEOUT:-150}" "$BIN" "$@" --json > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.err"
   local rc=$?
   cat "$OUTDIR/$name.json"; tail -5 "$OUTDIR/$name.err"
   echo "rc=$rc"

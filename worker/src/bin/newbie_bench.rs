@@ -444,46 +444,82 @@ fn variants_bench(args: &Args) -> Result<()> {
     let pooled = Tensor::randn([rows, cfg.clip_text_dim], (Kind::Float, device));
     let flops = args.batch as f64 * (forward_flops(&cfg, args.cap_len, n_img) + forward_flops(&cfg, uncond_len, n_img));
 
+    // A variant whose forward pass fails (a kernel refusing the inputs raises inside libtorch) is
+    // reported with its error and left out of the later rounds; the others still run.
+    let mut errors: Vec<Option<String>> = variants.iter().map(|_| None).collect();
+    let forward = |model: &mut NextDit, v: &Variant| -> Result<Tensor, String> {
+        v.apply(model).map_err(|e| e.to_string())?;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let out = model.forward(&x, &t, &cap, &mask, &pooled);
+            sync(device);
+            out
+        }));
+        match run {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())),
+        }
+    };
     let mut outputs: Vec<Option<Tensor>> = variants.iter().map(|_| None).collect();
     for (i, v) in variants.iter().enumerate() {
-        v.apply(&mut model)?;
         for _ in 0..args.warmup.max(1) {
-            outputs[i] = Some(model.forward(&x, &t, &cap, &mask, &pooled)?);
+            match forward(&mut model, v) {
+                Ok(out) => outputs[i] = Some(out),
+                Err(e) => {
+                    eprintln!("variant {}: {}", v.name, e.lines().next().unwrap_or(""));
+                    errors[i] = Some(e);
+                    outputs[i] = None;
+                    break;
+                }
+            }
         }
     }
-    sync(device);
     let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(args.iters); variants.len()];
     for _ in 0..args.iters {
         for (i, v) in variants.iter().enumerate() {
-            v.apply(&mut model)?;
+            if errors[i].is_some() {
+                continue;
+            }
             let start = Instant::now();
-            let _ = model.forward(&x, &t, &cap, &mask, &pooled)?;
-            sync(device);
-            times[i].push(start.elapsed().as_secs_f64());
+            match forward(&mut model, v) {
+                Ok(_) => times[i].push(start.elapsed().as_secs_f64()),
+                Err(e) => errors[i] = Some(e),
+            }
         }
     }
     sdpa::prefer(args.attention_backend).map_err(anyhow::Error::msg)?;
     let mm_n = args.matmul_size.unwrap_or(if device == Device::Cpu { 1024 } else { 8192 });
     let mm = matmul_tflops(device, kind, mm_n, args.matmul_iters);
+    let median = |v: &[f64]| -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let Some(base_median) = median(&times[0]).filter(|_| errors[0].is_none()) else {
+        bail!("the first variant ({}) failed: {}", variants[0].name, errors[0].as_deref().unwrap_or("no timing"));
+    };
     let breakdown = if args.breakdown {
-        let mut first = times[0].clone();
-        first.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let first = first[first.len() / 2];
         let shape = BlockShape { rows, cap_len: args.cap_len, uncond_len, n_img };
-        Some(block_breakdown(&cfg, &shape, &variants[0], kind, device, args.iters.max(3), first)?)
+        Some(block_breakdown(&cfg, &shape, &variants[0], kind, device, args.iters.max(3), base_median)?)
     } else {
         None
     };
-    let base_out = outputs[0].take().expect("warm-up ran").to_device(Device::Cpu);
+    let base_out = outputs[0].take().expect("the first variant ran").to_device(Device::Cpu);
     let out_absmax = base_out.abs().max().double_value(&[]);
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    let base_median = median(&mut times[0]);
     let mut report = Vec::new();
     for (i, v) in variants.iter().enumerate() {
-        let med = if i == 0 { base_median } else { median(&mut times[i]) };
+        if let Some(e) = &errors[i] {
+            report.push(json!({ "variant": v.name, "error": e.lines().next().unwrap_or("") }));
+            continue;
+        }
+        let Some(med) = median(&times[i]) else {
+            report.push(json!({ "variant": v.name, "error": "no timed run" }));
+            continue;
+        };
         let diff = match outputs[i].take() {
             Some(o) => (o.to_device(Device::Cpu) - &base_out).abs().max().double_value(&[]),
             None => 0.0,
@@ -515,6 +551,10 @@ fn variants_bench(args: &Args) -> Result<()> {
         );
         println!("  {:<28} {:>10} {:>8} {:>9} {:>9} {:>12}", "variant", "ms", "ratio", "TFLOP/s", "fraction", "max |diff|");
         for r in &report {
+            if let Some(e) = r["error"].as_str() {
+                println!("  {:<28} failed: {e}", r["variant"].as_str().unwrap_or(""));
+                continue;
+            }
             println!(
                 "  {:<28} {:>10.3} {:>8.3} {:>9.1} {:>9.3} {:>12.3e}",
                 r["variant"].as_str().unwrap_or(""),

@@ -453,7 +453,7 @@ impl RopeEmbedder {
 /// as from an explicit f32 copy, without writing one), and the cast back.
 fn apply_rope(x: &Tensor, f: &RopeFreqs) -> Tensor {
     let size = x.size();
-    let swapped = x.view([size[0], size[1], size[2], size[3] / 2, 2]).flip([-1]).view(size.as_slice());
+    let swapped = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]).flip([-1]).view(size.as_slice());
     (x * &f.pair_cos).addcmul_(&swapped, &f.pair_sin).to_kind(x.kind())
 }
 
