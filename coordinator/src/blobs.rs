@@ -161,10 +161,17 @@ impl PendingBlob {
         self.size += data.len() as u64;
         match self.state.as_mut().expect("blob not published") {
             Pending::Local { tmp, buffer, buffer_bytes, memory, reserved, file, spilled } => {
-                let fits = !*spilled
-                    && buffer.len() + data.len() <= *buffer_bytes
-                    && reserve(memory, reserved, buffer.len() + data.len());
+                let needed = buffer.len() + data.len();
+                // What the buffer will hold after growing as a Vec does (doubling, capped at the
+                // buffer limit) is what counts against the budget.
+                let capacity = if needed <= buffer.capacity() {
+                    buffer.capacity()
+                } else {
+                    needed.max(2 * buffer.capacity()).min(*buffer_bytes).max(needed)
+                };
+                let fits = !*spilled && needed <= *buffer_bytes && reserve(memory, reserved, capacity);
                 if fits {
+                    buffer.reserve_exact(capacity - buffer.len());
                     buffer.extend_from_slice(data);
                 } else {
                     if !*spilled {

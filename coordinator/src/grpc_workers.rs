@@ -378,12 +378,14 @@ async fn handle_message(
             credit_added.notify_one();
         }
         worker_message::Msg::Heartbeat(h) => {
-            let leases = h
-                .leases
-                .into_iter()
-                .map(|l| parse_lease(&Some(l)))
-                .collect::<Result<Vec<_>, Status>>()
-                .map_err(|s| Error::InvalidArgument(format!("heartbeat: {}", s.message())))?;
+            // A malformed entry renews nothing but does not cost the worker its other leases.
+            let mut leases = Vec::with_capacity(h.leases.len());
+            for l in h.leases {
+                match parse_lease(&Some(l)) {
+                    Ok(lease) => leases.push(lease),
+                    Err(s) => tracing::warn!(%worker_id, error = %s.message(), "heartbeat entry ignored"),
+                }
+            }
             shared.store.heartbeat(worker_id, &leases).await?
         }
         worker_message::Msg::Progress(p) => {
