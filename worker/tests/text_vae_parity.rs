@@ -346,6 +346,22 @@ fn gemma3_hidden_states_match_golden_fp32() {
     check_gemma(&model, &read_io("gemma3"));
 }
 
+/// Offloading switches a loaded encoder's weights to host copies (`loading::HostWeights`); the
+/// model must compute the same after it, and a model without its own variable store cannot move.
+#[test]
+fn gemma3_moved_to_host_copies_still_matches_golden() {
+    let mut model = gemma_load(&golden("gemma3_weights.safetensors"), Kind::Float);
+    model.to_device(Device::Cpu).expect("a loaded model owns its variables and can move");
+    model.to_device(Device::Cpu).expect("moving again reuses the host copies");
+    assert_eq!(model.device(), Device::Cpu);
+    check_gemma(&model, &read_io("gemma3"));
+    let mut unowned = Gemma3TextModel::random(&gemma_config(), Device::Cpu, Kind::Float, 1).unwrap();
+    match unowned.to_device(Device::Cpu) {
+        Err(e) => assert!(e.to_string().contains("does not own its variable store"), "{e}"),
+        Ok(()) => panic!("a model built without its variable store moved"),
+    }
+}
+
 /// The same weights under every supported key layout: no prefix (Gemma3TextModel), the newer
 /// transformers prefix, and the original prefix next to vision-tower tensors that must be skipped.
 #[test]
