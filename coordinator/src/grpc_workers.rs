@@ -37,7 +37,7 @@ pub fn caps_to_json(c: &WorkerCapabilities) -> serde_json::Value {
         "device": c.device, "device_name": c.device_name, "vram_total_bytes": c.vram_total_bytes,
         "vram_free_bytes": c.vram_free_bytes, "model_name": c.model_name, "model_hash": c.model_hash,
         "precision": c.precision, "max_batch": c.max_batch, "max_pixels": c.max_pixels, "version": c.version,
-        "verified": c.verified, "verified_at_ms": c.verified_at_ms,
+        "verified": c.verified, "verified_at_ms": c.verified_at_ms, "attention_backend": c.attention_backend,
     })
 }
 
@@ -58,6 +58,7 @@ pub fn caps_from_json(s: &str) -> WorkerCapabilities {
         version: st("version"),
         verified: v.get("verified").and_then(|x| x.as_bool()).unwrap_or(false),
         verified_at_ms: v.get("verified_at_ms").and_then(|x| x.as_i64()).unwrap_or(0),
+        attention_backend: st("attention_backend"),
     }
 }
 

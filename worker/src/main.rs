@@ -194,6 +194,11 @@ fn main() -> anyhow::Result<()> {
     // Set before the self-check, so that it checks the attention kernel the renders will use.
     farm_worker::model::sdpa::prefer(a.attention_backend).map_err(anyhow::Error::msg)?;
     tracing::info!(attention_backend = %a.attention_backend, "attention backend order set");
+    // What the renders run with: the flag's order, or what `auto` measures (libtorch's order until then).
+    let mut attention_in_use = match a.attention_backend {
+        farm_worker::model::sdpa::Preference::Auto => farm_worker::model::sdpa::Preference::Default,
+        fixed => fixed,
+    };
     let mut verified = match &a.verify_on_start {
         Some(dir) => Some(start_check(dir, &a.device, a.precision)?),
         None => None,
@@ -247,6 +252,7 @@ fn main() -> anyhow::Result<()> {
                                            agrees = t.agrees, "attention kernel trial");
                         }
                         tracing::info!(attention_backend = %chosen, ms = started.elapsed().as_millis() as u64, "attention kernel chosen");
+                        attention_in_use = chosen;
                         // The self-check ran under libtorch's order; check again under the one chosen.
                         if let (Some(dir), true) = (&a.verify_on_start, chosen != farm_worker::model::sdpa::Preference::Default) {
                             verified = Some(start_check(dir, &a.device, a.precision)?);
@@ -269,6 +275,7 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(ms = started.elapsed().as_millis() as u64, "warm-up done");
     }
     let opts = WorkerOptions {
+        attention_backend: attention_in_use.to_string(),
         coordinator: a.coordinator,
         token: a.token,
         name: a.name.unwrap_or_else(|| format!("{}/{}", host_name(), a.device)),

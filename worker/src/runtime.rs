@@ -46,6 +46,8 @@ pub struct WorkerOptions {
     pub max_backoff: Duration,
     /// Numerical self-check outcome to report in the hello: (passed, unix ms).
     pub verified: Option<(bool, i64)>,
+    /// The attention kernel order the renderer runs with (reported in the hello).
+    pub attention_backend: String,
     /// PEM of the CA that signed the coordinator's TLS certificate (`--ca-cert`); an `https://`
     /// coordinator then trusts only it, else the system's roots.
     pub ca_cert_pem: Option<String>,
@@ -246,6 +248,7 @@ impl Controller {
             version: env!("CARGO_PKG_VERSION").to_string(),
             verified: self.opts.verified.map(|v| v.0).unwrap_or(false),
             verified_at_ms: self.opts.verified.map(|v| v.1).unwrap_or(0),
+            attention_backend: self.opts.attention_backend.clone(),
         }
     }
 
