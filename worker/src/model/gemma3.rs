@@ -556,11 +556,9 @@ pub struct Gemma3TextModel {
     config: Gemma3Config,
     device: Device,
     kind: Kind,
-    /// The variable store the weights live in, when this model owns it (loaded or given with
-    /// [`Self::own_variables`]): what [`Self::to_device`] moves.
-    vars: Option<nn::VarStore>,
-    /// Host copies of the weights, taken at the first [`Self::to_device`].
-    host: Option<super::loading::HostWeights>,
+    /// What [`Self::to_device`] moves: the variable store, when this model owns it (loaded or
+    /// given with [`Self::own_variables`]), and its host copies.
+    weights: super::loading::MovableWeights,
 }
 
 impl Gemma3TextModel {
@@ -588,8 +586,7 @@ impl Gemma3TextModel {
             config: cfg.clone(),
             device: vs.device(),
             kind: vs.kind(),
-            vars: None,
-            host: None,
+            weights: Default::default(),
         })
     }
 
@@ -617,24 +614,15 @@ impl Gemma3TextModel {
     /// Takes ownership of the variable store the model was built in, so that it can be moved.
     pub fn own_variables(mut self, vs: nn::VarStore) -> Self {
         self.device = vs.device();
-        self.vars = Some(vs);
+        self.weights = super::loading::MovableWeights::owning(vs);
         self
     }
 
     /// Moves the weights to `device`; used to keep the text encoders in host memory between
-    /// encodes. The first call takes host copies of the weights (pinned where a CUDA runtime is
-    /// loaded); later moves to the device copy from them and moves back copy nothing (see
-    /// [`super::loading::HostWeights`]). Needs the model's own variable store.
+    /// encodes (see [`super::loading::MovableWeights::to_device`]). Needs the model's own variable
+    /// store.
     pub fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
-        if self.host.is_none() {
-            let vars = self.vars.as_ref().ok_or_else(|| {
-                WeightsError::Unsupported("moving a model that does not own its variable store (built with new)".into())
-            })?;
-            self.host = Some(super::loading::HostWeights::new(vars)?);
-            self.device = Device::Cpu;
-        }
-        let host = self.host.as_ref().expect("taken above");
-        host.to_device(device)?;
+        self.weights.to_device(device)?;
         self.device = device;
         Ok(())
     }

@@ -596,6 +596,38 @@ impl HostWeights {
     }
 }
 
+/// The weights of a model that can move between host and device memory: the variable store they
+/// live in, when the model owns it, and the host copies taken at the first move (see
+/// [`HostWeights`]). The text encoders hold one each.
+#[derive(Debug, Default)]
+pub struct MovableWeights {
+    vars: Option<VarStore>,
+    host: Option<HostWeights>,
+}
+
+impl MovableWeights {
+    /// Weights that live in `vs`, which the model now owns.
+    pub fn owning(vs: VarStore) -> Self {
+        Self { vars: Some(vs), host: None }
+    }
+
+    /// Moves the weights to `device`. The first call takes host copies of the weights (pinned where
+    /// a CUDA runtime is loaded); later moves to the device copy from them and moves back copy
+    /// nothing. Fails for a model that does not own its variable store.
+    pub fn to_device(&mut self, device: Device) -> Result<(), super::vae::WeightsError> {
+        if self.host.is_none() {
+            let vars = self.vars.as_ref().ok_or_else(|| {
+                super::vae::WeightsError::Unsupported(
+                    "moving a model that does not own its variable store (built with new)".into(),
+                )
+            })?;
+            self.host = Some(HostWeights::new(vars)?);
+        }
+        self.host.as_ref().expect("taken above").to_device(device)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
