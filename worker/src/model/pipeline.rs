@@ -76,7 +76,7 @@ use super::loading;
 use super::sdpa;
 use super::sampler::{sample, seeded_noise, Conditioning, SampleItem, SampleParams, StepControl};
 use super::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
-use super::vae::{to_rgb8, VaeConfig, VaeDecoder};
+use super::vae::{to_rgb8, VaeConfig, VaeDecoder, WeightsError};
 
 /// Model presets the worker can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,21 +328,52 @@ fn encode_pooled(model: &JinaTextModel, tok: &dyn TextTokenizer, text: &str) -> 
 }
 
 /// A text encoder whose weights can move between host and device memory.
-trait Movable {
-    fn move_to(&mut self, device: Device) -> Result<(), PipelineError>;
+trait Movable: Sized {
+    /// What the encoder is called in messages.
+    const NAME: &'static str;
+    fn to_device(&mut self, device: Device) -> Result<(), WeightsError>;
+    fn own_variables(self, vs: nn::VarStore) -> Self;
+
+    fn move_to(&mut self, device: Device) -> Result<(), PipelineError> {
+        Movable::to_device(self, device)
+            .map_err(|e| PipelineError::runtime(format!("moving the {} to {device:?}: {e}", Self::NAME)))
+    }
 }
 
 impl Movable for Gemma3TextModel {
-    fn move_to(&mut self, device: Device) -> Result<(), PipelineError> {
-        self.to_device(device).map_err(|e| PipelineError::runtime(format!("moving the text encoder to {device:?}: {e}")))
+    const NAME: &'static str = "text encoder";
+    fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
+        Gemma3TextModel::to_device(self, device)
+    }
+    fn own_variables(self, vs: nn::VarStore) -> Self {
+        Gemma3TextModel::own_variables(self, vs)
     }
 }
 
 impl Movable for JinaTextModel {
-    fn move_to(&mut self, device: Device) -> Result<(), PipelineError> {
-        self.to_device(device)
-            .map_err(|e| PipelineError::runtime(format!("moving the Jina CLIP text encoder to {device:?}: {e}")))
+    const NAME: &'static str = "Jina CLIP text encoder";
+    fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
+        JinaTextModel::to_device(self, device)
     }
+    fn own_variables(self, vs: nn::VarStore) -> Self {
+        JinaTextModel::own_variables(self, vs)
+    }
+}
+
+/// A random encoder, drawn where it would run (so offloading does not change its weights), then
+/// moved to `dev` (the CPU when offloaded).
+fn random_encoder<T: Movable>(
+    device: Device,
+    kind: Kind,
+    seed: i64,
+    draw_on_cpu: bool,
+    dev: Device,
+    build: impl Fn(&nn::Path) -> Result<T, WeightsError>,
+) -> Result<T, PipelineError> {
+    let (m, vars) = random_module(T::NAME, device, kind, seed, draw_on_cpu, build, |_| {})?;
+    let mut m = m.own_variables(vars);
+    m.move_to(dev)?;
+    Ok(m)
 }
 
 /// An encoder kept on the device, or kept in host memory and moved onto the device only while it
@@ -591,21 +622,11 @@ impl Pipeline {
             |p| VaeDecoder::new(p, &vae_cfg),
             |_| {},
         )?;
-        // Random encoders are drawn where they would run (so offloading does not change their
-        // weights), then moved to `dev` (the CPU when offloaded).
         let caption = Slot::new(offload, device, |dev| {
-            let build = |p: &nn::Path| Gemma3TextModel::new(p, &caption_cfg);
-            let (m, vars) = random_module("text encoder", device, kind, seed.wrapping_add(1), on_cpu, build, |_| {})?;
-            let mut m = m.own_variables(vars);
-            m.move_to(dev)?;
-            Ok(m)
+            random_encoder(device, kind, seed.wrapping_add(1), on_cpu, dev, |p| Gemma3TextModel::new(p, &caption_cfg))
         })?;
         let pooled = Slot::new(offload, device, |dev| {
-            let build = |p: &nn::Path| JinaTextModel::new(p, &pooled_cfg);
-            let (m, vars) = random_module("Jina CLIP text encoder", device, kind, seed.wrapping_add(2), on_cpu, build, |_| {})?;
-            let mut m = m.own_variables(vars);
-            m.move_to(dev)?;
-            Ok(m)
+            random_encoder(device, kind, seed.wrapping_add(2), on_cpu, dev, |p| JinaTextModel::new(p, &pooled_cfg))
         })?;
         let text = TextEncoders {
             caption_tok: Box::new(ByteTokenizer::gemma(caption_cfg.vocab_size as usize)),
