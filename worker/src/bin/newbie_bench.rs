@@ -294,7 +294,18 @@ fn latent_dims(args: &Args, cfg: &DitConfig) -> Result<(i64, i64)> {
     Ok((args.height / 8, args.width / 8))
 }
 
-fn denoise_bench(args: &Args) -> Result<()> {
+/// What every mode sets up first: the device, the precision, libtorch's thread count, the DiT
+/// configuration and the latent size.
+struct Setup {
+    device: Device,
+    kind: Kind,
+    cfg: DitConfig,
+    lh: i64,
+    lw: i64,
+    n_img: i64,
+}
+
+fn setup(args: &Args) -> Result<Setup> {
     let device = parse_device(&args.device)?;
     let kind = parse_kind(&args.precision)?;
     if let Some(t) = args.threads {
@@ -303,6 +314,11 @@ fn denoise_bench(args: &Args) -> Result<()> {
     let cfg = config_of(args)?;
     let (lh, lw) = latent_dims(args, &cfg)?;
     let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+    Ok(Setup { device, kind, cfg, lh, lw, n_img })
+}
+
+fn denoise_bench(args: &Args) -> Result<()> {
+    let Setup { device, kind, cfg, lh, lw, n_img } = setup(args)?;
     let uncond_len = args.uncond_len.unwrap_or(args.cap_len);
     let mem_before = device_memory_used(device);
     let t_build = Instant::now();
@@ -420,14 +436,7 @@ fn denoise_bench(args: &Args) -> Result<()> {
 /// Variants mode (see the module docs).
 fn variants_bench(args: &Args) -> Result<()> {
     let variants: Vec<Variant> = args.variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
-    let device = parse_device(&args.device)?;
-    let kind = parse_kind(&args.precision)?;
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
-    let cfg = config_of(args)?;
-    let (lh, lw) = latent_dims(args, &cfg)?;
-    let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+    let Setup { device, kind, cfg, lh, lw, n_img } = setup(args)?;
     let uncond_len = args.uncond_len.unwrap_or(args.cap_len).min(args.cap_len);
     let (_vs, mut model) = build_model(args, &cfg, device, kind)?;
 
@@ -759,14 +768,8 @@ impl Drop for ScratchDir {
 }
 
 fn compare_pytorch(args: &Args, script: &Path) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let kind = parse_kind(&args.precision)?;
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
+    let Setup { device, kind, cfg, lh, lw, n_img } = setup(args)?;
     let threads = args.threads.unwrap_or_else(tch::get_num_threads);
-    let cfg = config_of(args)?;
-    let (lh, lw) = latent_dims(args, &cfg)?;
     let dir = ScratchDir::new()?;
     let (vs, model) = build_model(args, &cfg, device, kind)?;
     let weights_path = dir.path().join("weights.safetensors");
@@ -831,7 +834,6 @@ fn compare_pytorch(args: &Args, script: &Path) -> Result<()> {
     let ours = out.expect("iters >= 1").to_device(Device::Cpu);
     let max_diff = (&ours - &py_out).abs().max().double_value(&[]);
     let absmax = py_out.abs().max().double_value(&[]);
-    let n_img = (lh / cfg.patch_size) * (lw / cfg.patch_size);
 
     let report = json!({
         "config": args.config.as_ref().map(|p| p.display().to_string()).unwrap_or(args.preset.clone()),
