@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use farm_proto::batch::{BatchFormat, BatchReader};
 use farm_proto::pb::job_service_client::JobServiceClient;
 use farm_proto::pb::{
-    submit_job_request, PromptChunk, PromptSpec, RenderParams, SubmitEnd, SubmitHeader, SubmitJobRequest,
+    submit_job_request, PromptChunk, PromptSpec, SubmitEnd, SubmitJobRequest,
 };
-use farm_tests::{Cli, Coordinator, CoordinatorOptions, PgServer};
+use farm_tests::{tiny_job_header, Cli, Coordinator, CoordinatorOptions, PgServer};
 use prost::Message;
 use tonic::transport::Endpoint;
 use tonic::Request;
@@ -106,20 +106,6 @@ fn write_prompts(path: &Path, n: u64) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-fn header(name: &str) -> SubmitHeader {
-    SubmitHeader {
-        name: name.into(),
-        defaults: Some(RenderParams {
-            width: 64,
-            height: 64,
-            steps: 1,
-            model: MODEL.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// The SubmitJob stream the CLI sends for `path`: the same prompt specs (seed `SEED_BASE + index` unless
 /// the prompt has one, source, line) cut into chunks the same way. Built before timing starts.
 fn prebuilt(path: &Path, name: &str) -> anyhow::Result<(Vec<SubmitJobRequest>, u64)> {
@@ -127,7 +113,7 @@ fn prebuilt(path: &Path, name: &str) -> anyhow::Result<(Vec<SubmitJobRequest>, u
     let reader =
         BatchReader::new(BufReader::new(std::fs::File::open(path)?), BatchFormat::Jsonl).without_validation();
     let mut messages = vec![SubmitJobRequest {
-        msg: Some(submit_job_request::Msg::Header(header(name))),
+        msg: Some(submit_job_request::Msg::Header(tiny_job_header(name, MODEL))),
     }];
     let mut chunk = Vec::with_capacity(CHUNK_PROMPTS);
     let mut chunk_len = 0;

@@ -21,10 +21,10 @@ use farm_proto::pb::job_service_client::JobServiceClient;
 use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, submit_job_request, upload_result_request, worker_message, Credits, Hello, Lease,
-    PromptChunk, PromptSpec, RenderParams, SubmitEnd, SubmitHeader, SubmitJobRequest, UploadHeader,
+    PromptChunk, PromptSpec, SubmitEnd, SubmitJobRequest, UploadHeader,
     UploadResultRequest, WorkerCapabilities, WorkerMessage,
 };
-use farm_tests::{Coordinator, CoordinatorOptions, PgServer};
+use farm_tests::{tiny_job_header, Coordinator, CoordinatorOptions, PgServer};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::mpsc;
@@ -53,17 +53,7 @@ async fn channel(url: &str) -> anyhow::Result<Channel> {
 
 /// The SubmitJob stream, built before timing starts.
 fn submission(n: u64) -> Vec<SubmitJobRequest> {
-    let header = SubmitHeader {
-        name: "dispatch benchmark".into(),
-        defaults: Some(RenderParams {
-            width: 64,
-            height: 64,
-            steps: 1,
-            model: MODEL.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let header = tiny_job_header("dispatch benchmark", MODEL);
     let mut messages = vec![SubmitJobRequest {
         msg: Some(submit_job_request::Msg::Header(header)),
     }];

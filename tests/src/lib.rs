@@ -48,6 +48,22 @@ pub const TINY_CPU_WORKER: &[&str] = &[
     "4",
 ];
 
+/// A job header asking for 64×64, one-step renders with `model`: what the throughput benchmarks
+/// submit, so that the control plane, not rendering, is measured.
+pub fn tiny_job_header(name: &str, model: &str) -> farm_proto::pb::SubmitHeader {
+    farm_proto::pb::SubmitHeader {
+        name: name.into(),
+        defaults: Some(farm_proto::pb::RenderParams {
+            width: 64,
+            height: 64,
+            steps: 1,
+            model: model.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Binaries
 
