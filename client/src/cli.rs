@@ -158,8 +158,8 @@ pub struct SubmitArgs {
     /// How prompts without their own seed get one
     #[arg(long, value_enum, default_value_t = SeedMode::Increment)]
     pub seed_mode: SeedMode,
-    /// Render attempts per task before it fails [server default: 3]
-    #[arg(long)]
+    /// Render attempts per task before it fails, 1 to 100 [server default: 3]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=farm_proto::limits::MAX_ATTEMPTS as i64))]
     pub max_attempts: Option<u32>,
     /// Negative prompt for prompts that do not set their own
     #[arg(long, value_name = "TEXT")]
@@ -372,6 +372,8 @@ mod tests {
             vec!["submit"],
             vec!["submit", "x", "--seed-mode", "sometimes"],
             vec!["submit", "x", "--chunk-size", "0"],
+            vec!["submit", "x", "--max-attempts", "0"],
+            vec!["submit", "x", "--max-attempts", "101"],
             vec!["task", "job"],
             vec!["task", "job", "notanumber"],
             vec!["results", "job"],

@@ -21,7 +21,7 @@ use farm_proto::pb::{
     submit_job_request, Precision, PromptChunk, PromptIssue, PromptSpec, RenderParams, Sampler, SubmitHeader,
     SubmitEnd, SubmitJobRequest, SubmitJobResponse,
 };
-use farm_proto::prompt::{parse_prompt, PromptLimits};
+use farm_proto::prompt::{check_characters, parse_prompt, PromptLimits};
 use futures::StreamExt;
 use indicatif::ProgressBar;
 use prost::Message;
@@ -462,6 +462,9 @@ fn validate(
     };
     if let Err(d) = parse_prompt(&bp.text, limits) {
         return Some(issue(d.line, d.column, d.code, d.message));
+    }
+    if let Some(Err(d)) = bp.negative_prompt.as_deref().map(check_characters) {
+        return Some(issue(d.line, d.column, d.code, format!("negative prompt: {}", d.message)));
     }
     let width = bp.width.unwrap_or(defaults.width);
     let height = bp.height.unwrap_or(defaults.height);

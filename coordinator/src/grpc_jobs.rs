@@ -204,8 +204,9 @@ impl JobService for JobApi {
     }
 
     async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
-        self.client(&req).await?;
-        let workers = queries::list_workers(&self.shared.store.pool, req.get_ref().include_disconnected).await?;
+        let p = self.client(&req).await?;
+        let workers =
+            queries::list_workers(&self.shared.store.pool, &p.tenant, req.get_ref().include_disconnected).await?;
         Ok(Response::new(ListWorkersResponse { workers }))
     }
 }

@@ -327,7 +327,9 @@ pub async fn result_of(pool: &PgPool, tenant: &str, job_id: Uuid, index: u64) ->
 /// attempts in the horizon plus the longest render.
 pub const RECENT_ATTEMPTS_SCANNED: i64 = 200_000;
 
-pub async fn list_workers(pool: &PgPool, include_disconnected: bool) -> Result<Vec<WorkerInfo>> {
+/// The farm's workers (shared by every tenant). Each worker's current tasks are listed only where
+/// they belong to `tenant`'s jobs: other tenants' job and task ids are not shown.
+pub async fn list_workers(pool: &PgPool, tenant: &str, include_disconnected: bool) -> Result<Vec<WorkerInfo>> {
     let rows = sqlx::query(
         "select w.id, w.name, w.capabilities::text as caps, w.connected_at, w.last_heartbeat, w.disconnected_at,
                 w.completed, w.failed, w.coordinator
@@ -352,9 +354,13 @@ pub async fn list_workers(pool: &PgPool, include_disconnected: bool) -> Result<V
     .map(|r| (r.get(0), r.get(1)))
     .collect();
     let mut current: HashMap<Uuid, Vec<TaskRef>> = HashMap::new();
-    for t in sqlx::query("select lease_owner, job_id, idx, id from tasks where state = 2 and lease_owner is not null")
-        .fetch_all(pool)
-        .await?
+    for t in sqlx::query(
+        "select t.lease_owner, t.job_id, t.idx, t.id from tasks t join jobs j on j.id = t.job_id
+         where t.state = 2 and t.lease_owner is not null and j.tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?
     {
         current.entry(t.get::<Uuid, _>(0)).or_default().push(TaskRef {
             job_id: t.get::<Uuid, _>(1).to_string(),

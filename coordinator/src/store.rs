@@ -18,6 +18,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::queries::job_state_name;
 
 pub const TASK_QUEUED: i16 = 1;
 pub const TASK_RUNNING: i16 = 2;
@@ -33,8 +34,12 @@ pub const JOB_CANCELLED: i16 = 5;
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub lease_ttl: Duration,
-    /// A worker that failed this many tasks of a job gets no more of that job.
+    /// A worker that failed this many tasks of a job gets no more of that job (while another
+    /// connected worker could take it).
     pub max_worker_failures_per_job: i32,
+    /// Out-of-memory failures of one task that are not charged as attempts (the worker retries
+    /// with a smaller batch); later ones are charged, so a task that fits no worker ends failed.
+    pub uncharged_out_of_memory: i64,
     /// Backoff after the first render failure; doubles per failure, capped at 60 s.
     pub backoff_base: Duration,
 }
@@ -44,6 +49,7 @@ impl Default for StoreConfig {
         StoreConfig {
             lease_ttl: Duration::from_secs(15),
             max_worker_failures_per_job: 2,
+            uncharged_out_of_memory: 2,
             backoff_base: Duration::from_secs(1),
         }
     }
@@ -132,8 +138,18 @@ impl Store {
                 where j.finished_at is null and j.cancelled_at is null and j.model = $1
                   -- A job none of whose tasks fits is not walked at all.
                   and j.min_pixels <= $2
-                  and not exists (select 1 from job_worker_failures f
-                                  where f.job_id = j.id and f.worker_name = $3 and f.failures >= $4)
+                  -- A worker that failed this job's tasks repeatedly gets no more of them while
+                  -- another connected worker of the model that fits the job and has not been
+                  -- excluded could take them. When none is left it keeps getting them (each task
+                  -- still ends after max_attempts), so no job waits for a worker that is not there.
+                  and (not exists (select 1 from job_worker_failures f
+                                   where f.job_id = j.id and f.worker_name = $3 and f.failures >= $4)
+                       or not exists (select 1 from workers o
+                                      where o.disconnected_at is null and o.model = $1 and o.name <> $3
+                                        and o.max_pixels >= j.min_pixels
+                                        and not exists (select 1 from job_worker_failures f
+                                                        where f.job_id = j.id and f.worker_name = o.name
+                                                          and f.failures >= $4)))
                 order by j.priority desc, j.last_claimed_at asc nulls first, j.created_at
                 limit 1
             ),
@@ -371,7 +387,8 @@ impl Store {
     ) -> Result<Option<FailureOutcome>> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled
+            "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled,
+                    (select count(*) from task_attempts a where a.task_id = t.id and a.outcome = 'out_of_memory')
              from tasks t join jobs j on j.id = t.job_id
              where t.id = $1 and t.lease_token = $2 and t.state = 2
              -- The job row in share mode: a concurrent cancel or retry (which update it) is either
@@ -390,15 +407,23 @@ impl Store {
         let failures: i32 = row.get(2);
         let max_attempts: i32 = row.get(3);
         let cancelled: bool = row.get(4);
-        // Cancellation and running out of GPU memory are not the task's fault.
-        let charged = !(cancelled || kind == "cancelled" || kind == "out_of_memory");
+        let earlier_out_of_memory: i64 = row.get(5);
+        // Cancellation is not the task's fault, and neither are the first out-of-memory failures
+        // (the worker halves its batch and tries again); once they repeat, they are charged.
+        let free_out_of_memory =
+            kind == "out_of_memory" && earlier_out_of_memory < self.cfg.uncharged_out_of_memory;
+        let charged = !(cancelled || kind == "cancelled" || free_out_of_memory);
         let failures = if charged { failures + 1 } else { failures };
         let (state, outcome) = if cancelled {
             (TASK_CANCELLED, "cancelled")
         } else if charged && (!retryable || failures >= max_attempts) {
             (TASK_FAILED, "failed")
+        } else if charged {
+            (TASK_QUEUED, "failed")
+        } else if free_out_of_memory {
+            (TASK_QUEUED, "out_of_memory")
         } else {
-            (TASK_QUEUED, if charged { "failed" } else { "released" })
+            (TASK_QUEUED, "released")
         };
         let backoff_ms = if charged && state == TASK_QUEUED {
             let base = self.cfg.backoff_base.as_millis() as i64;
@@ -658,18 +683,30 @@ impl Store {
     // Control
 
     /// Cancels a job: queued tasks at once; returns the running leases (task, token, owner) to stop.
+    /// Cancelling a cancelled job again changes nothing; a job that finished otherwise keeps its
+    /// outcome (FAILED_PRECONDITION).
     pub async fn cancel_job(&self, tenant: &str, job_id: Uuid) -> Result<(u64, Vec<(Uuid, i64, Uuid)>)> {
         let mut tx = self.pool.begin().await?;
         let found = sqlx::query(
-            "update jobs set cancelled_at = coalesce(cancelled_at, now()), state = 5 where id = $1 and tenant_id = $2 returning id",
+            "select state, finished_at is not null, cancelled_at is not null from jobs
+             where id = $1 and tenant_id = $2 for update",
         )
         .bind(job_id)
         .bind(tenant)
         .fetch_optional(&mut *tx)
         .await?;
-        if found.is_none() {
-            return Err(job_not_found(job_id));
+        let Some(row) = found else { return Err(job_not_found(job_id)) };
+        let (state, finished, cancelled): (i16, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if finished && !cancelled {
+            return Err(Error::FailedPrecondition(format!(
+                "job {job_id} already {}; there is nothing to cancel",
+                job_state_name(i32::from(state))
+            )));
         }
+        sqlx::query("update jobs set cancelled_at = coalesce(cancelled_at, now()), state = 5 where id = $1")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
         let n = sqlx::query("update tasks set state = 5, finished_at = now() where job_id = $1 and state = 1")
             .bind(job_id)
             .execute(&mut *tx)
@@ -683,16 +720,23 @@ impl Store {
         Ok((n, running.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()))
     }
 
-    /// Queues failed (and optionally cancelled) tasks again with a fresh attempt budget.
+    /// Queues failed (and optionally cancelled) tasks again with a fresh attempt budget. A cancelled
+    /// job is only retried with its cancelled tasks (its failed tasks alone would be cancelled again
+    /// by the sweep): FAILED_PRECONDITION otherwise.
     pub async fn retry_job(&self, tenant: &str, job_id: Uuid, include_cancelled: bool) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let found = sqlx::query("select 1 from jobs where id = $1 and tenant_id = $2 for update")
-            .bind(job_id)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if found.is_none() {
-            return Err(job_not_found(job_id));
+        let found: Option<bool> =
+            sqlx::query_scalar("select cancelled_at is not null from jobs where id = $1 and tenant_id = $2 for update")
+                .bind(job_id)
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(cancelled) = found else { return Err(job_not_found(job_id)) };
+        if cancelled && !include_cancelled {
+            return Err(Error::FailedPrecondition(format!(
+                "job {job_id} was cancelled; retrying it needs include_cancelled (farm retry --include-cancelled), \
+                 which queues its cancelled tasks with the failed ones"
+            )));
         }
         let n = sqlx::query(
             "update tasks set state = 1, failures = 0, not_before = null, last_error = null, finished_at = null,

@@ -8,7 +8,7 @@
 
 use farm_proto::limits::{self, LimitError};
 use farm_proto::pb::{PromptIssue, PromptSpec, RenderParams, SubmitHeader, SubmitJobResponse};
-use farm_proto::prompt::{parse_prompt, PromptLimits};
+use farm_proto::prompt::{check_characters, parse_prompt, PromptLimits};
 use futures::{Stream, StreamExt};
 use rand::{Rng, SeedableRng};
 use sqlx::Row;
@@ -115,8 +115,8 @@ pub fn check_header(h: &SubmitHeader) -> Result<RenderParams> {
     if h.idempotency_key.len() > 256 {
         return Err(Error::InvalidArgument("idempotency_key: at most 256 bytes".into()));
     }
-    if h.max_attempts > 100 {
-        return Err(Error::InvalidArgument("max_attempts: at most 100".into()));
+    if h.max_attempts > limits::MAX_ATTEMPTS {
+        return Err(Error::InvalidArgument(format!("max_attempts: at most {}", limits::MAX_ATTEMPTS)));
     }
     Ok(d)
 }
@@ -151,6 +151,8 @@ fn prepare(
     }
     let parsed = parse_prompt(&spec.text, &limits.prompt)
         .map_err(|d| issue(index, spec, d.line, d.column, d.code, d.message.clone()))?;
+    check_characters(&spec.negative_prompt)
+        .map_err(|d| issue(index, spec, d.line, d.column, d.code, format!("negative prompt: {}", d.message)))?;
     for w in &parsed.warnings {
         if warnings.len() < MAX_ISSUES {
             warnings.push(issue(index, spec, w.line, w.column, w.code, w.message.clone()));

@@ -21,6 +21,8 @@ pub const MAX_STEPS: u32 = 200;
 pub const MAX_CFG: f32 = 30.0;
 /// Default render attempts per task.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Most render attempts a job may allow per task.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 /// Name of the real model preset.
 pub const MODEL_NEWBIE: &str = "newbie-exp0.1";

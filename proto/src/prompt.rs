@@ -120,6 +120,8 @@ pub mod codes {
     pub const UNKNOWN_TAG: &str = "unknown_tag";
     /// The prompt is empty or whitespace only.
     pub const EMPTY: &str = "empty";
+    /// A control character other than tab, line feed and carriage return (NUL, escape, ...).
+    pub const CONTROL_CHARACTER: &str = "control_character";
 }
 
 /// Limits enforced by [`parse_prompt`].
@@ -248,6 +250,26 @@ pub(crate) fn line_column(src: &[u8], offset: usize) -> (u32, u32) {
 
 pub(crate) fn saturate(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Refuses control characters other than tab, line feed and carriage return (a NUL byte cannot be
+/// stored, and the others are never meant as prompt text). The diagnostic points at the first one.
+pub fn check_characters(text: &str) -> Result<(), Diagnostic> {
+    match text.char_indices().find(|&(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        None => Ok(()),
+        Some((offset, c)) => {
+            let (line, column) = line_column(text.as_bytes(), offset);
+            Err(Diagnostic {
+                line,
+                column,
+                code: codes::CONTROL_CHARACTER,
+                message: format!(
+                    "control character U+{:04X}; only tab, line feed and carriage return are allowed",
+                    c as u32
+                ),
+            })
+        }
+    }
 }
 
 /// Whether the text contains markup (see the module documentation).
@@ -390,6 +412,7 @@ pub fn parse_prompt(text: &str, limits: &PromptLimits) -> Result<ParsedPrompt, D
             format!("the prompt is {} bytes; the limit is {} bytes", trimmed.len(), limits.max_bytes),
         ));
     }
+    check_characters(src)?;
     let mut parsed = ParsedPrompt {
         text: trimmed.to_owned(),
         kind: PromptKind::Plain,
@@ -918,6 +941,18 @@ mod tests {
             let d = err(s);
             assert_eq!((d.code, d.line, d.column), (codes::EMPTY, 1, 1), "{s:?}");
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused_where_they_are() {
+        let d = err("1girl, smile\nblue\u{0}hair");
+        assert_eq!((d.code, d.line, d.column), (codes::CONTROL_CHARACTER, 2, 5), "{d}");
+        assert!(d.message.contains("U+0000"), "{d}");
+        let d = err("<caption>a \u{1b}[31m</caption>");
+        assert_eq!((d.code, d.line, d.column), (codes::CONTROL_CHARACTER, 1, 12), "{d}");
+        // Tab, line feed and carriage return are text.
+        assert!(parse("a,\tb\r\nc").is_ok());
+        assert!(check_characters("x\u{7f}").is_err());
     }
 
     #[test]

@@ -163,7 +163,7 @@ fn mutated_inputs_never_panic() {
         mutate(&mut rng, &mut input);
         check(&input);
         // Pure random bytes now and then.
-        if runs % 8 == 0 {
+        if runs.is_multiple_of(8) {
             let n = rng.below(200);
             let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
             check(&junk);

@@ -17,8 +17,8 @@ use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
     CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello,
-    JobEvent, JobState, ListJobsRequest, ListResultsRequest, PromptChunk, PromptSpec, RenderParams,
-    RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskState, UploadHeader,
+    JobEvent, JobState, ListJobsRequest, ListResultsRequest, ListWorkersRequest, PromptChunk, PromptSpec, RenderParams,
+    RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskFailed, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
 };
 use farm_tests::{
@@ -396,6 +396,33 @@ impl Session {
             .expect("the session is open");
     }
 
+    /// Reports the task of `lease` failed, of `kind` ("render", "out_of_memory", ...).
+    async fn failed(&self, lease: &farm_proto::pb::Lease, kind: &str, retryable: bool) {
+        self.out
+            .send(WorkerMessage {
+                msg: Some(worker_message::Msg::Failed(TaskFailed {
+                    lease: Some(lease.clone()),
+                    error: format!("{kind} failure reported by the test"),
+                    retryable,
+                    kind: kind.into(),
+                })),
+            })
+            .await
+            .expect("the session is open");
+    }
+
+    /// The assignment that arrives within `wait`, if any (other messages are skipped).
+    async fn assign_within(&mut self, wait: Duration) -> Option<Assign> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.inbound.message()).await.ok()?;
+            if let Some(coordinator_message::Msg::Assign(assign)) = msg.expect("the stream is healthy")?.msg {
+                return Some(assign);
+            }
+        }
+    }
+
     /// The next assignment (other messages are skipped).
     async fn next_assign(&mut self, timeout: Duration) -> Assign {
         let deadline = Instant::now() + timeout;
@@ -606,6 +633,22 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
             message: "",
         },
         PromptCase {
+            name: "NUL byte",
+            prompts: with(1, &|p| p.text = "1girl,\nblue\u{0}hair".into()),
+            index: 1,
+            code: "control_character",
+            line: 2,
+            message: "U+0000",
+        },
+        PromptCase {
+            name: "NUL byte in a negative prompt",
+            prompts: with(2, &|p| p.negative_prompt = "lowres\u{0}".into()),
+            index: 2,
+            code: "control_character",
+            line: 1,
+            message: "negative prompt",
+        },
+        PromptCase {
             name: "no prompts",
             prompts: vec![],
             index: 0,
@@ -804,6 +847,16 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     assert_eq!(assign.tasks.len(), 1);
     let lease = assign.tasks[0].lease.clone().unwrap();
     let index = assign.tasks[0].index;
+    // ListWorkers shows the farm's workers to every tenant, but a worker's current task only to the
+    // tenant whose job it is.
+    for (who, token, shown) in [("alice", &alice, 1), ("bob", &bob, 0)] {
+        let listed = jobs(&ch).list_workers(authed(token, ListWorkersRequest::default())).await.unwrap().into_inner();
+        let w = listed.workers.iter().find(|w| w.name == "hand-worker").expect("the hand worker is listed");
+        assert_eq!(w.current_tasks.len(), shown, "current tasks of alice's lease as seen by {who}: {w:?}");
+        if shown > 0 {
+            assert_eq!(w.current_tasks[0].task_id, lease.task_id);
+        }
+    }
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
@@ -1074,6 +1127,142 @@ async fn workers_get_only_tasks_within_their_pixel_limit() {
     let got = large.next_assign(Duration::from_secs(10)).await;
     assert_eq!(got.tasks.len(), 3);
     assert!(got.tasks.iter().all(|t| t.job_id == big.to_string()));
+}
+
+/// A worker that failed two tasks of a job gets no more of that job while another connected worker
+/// could take it; once it is the only worker left it gets the job again, so every task still ends
+/// (here one succeeded, one failed after max_attempts) instead of waiting for a worker that is not
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_worker_is_excluded_only_while_another_can_take_the_job() {
+    let db = fresh_database("acc_exclusion");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("frank", "client").unwrap();
+    let worker = bearer(&coord.token("frank", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let mut h = header("flaky", 2);
+    h.max_attempts = 3;
+    let job = submit_ok(&ch, &client, h, prompts(2)).await;
+
+    let mut flaky = Session::open(&ch, Some(&worker), "flaky", 1).await.unwrap();
+    let mut steady = Session::open(&ch, Some(&worker), "steady", 1).await.unwrap();
+    for _ in 0..2 {
+        flaky.credits(1).await;
+        let a = flaky.next_assign(Duration::from_secs(10)).await;
+        flaky.failed(a.tasks[0].lease.as_ref().unwrap(), "render", true).await;
+    }
+    // Excluded while `steady` is connected: nothing comes, past the 1 s backoff of both tasks.
+    flaky.credits(1).await;
+    let got = flaky.assign_within(Duration::from_millis(2500)).await;
+    assert!(got.is_none(), "an excluded worker got the job while another could take it: {got:?}");
+    steady.credits(1).await;
+    let a = steady.next_assign(Duration::from_secs(10)).await;
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\nsteady").await;
+    drop(steady);
+    // The only worker left gets the remaining task again; its third failure fails the task.
+    let mut charged = 0;
+    while let Some(a) = flaky.assign_within(Duration::from_secs(10)).await {
+        flaky.failed(a.tasks[0].lease.as_ref().unwrap(), "render", true).await;
+        charged += 1;
+        if charged < 2 {
+            flaky.credits(1).await;
+        } else {
+            break;
+        }
+    }
+    assert_eq!(charged, 2, "the last worker did not get the task back; tasks by state: {:?}", states(&pool, job).await);
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    assert_eq!(states(&pool, job).await, vec![(3, 1), (4, 1)], "one succeeded, one failed");
+    let failures: i32 = sqlx::query_scalar("select failures from tasks where job_id = $1 and state = 4")
+        .bind(job)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 3, "the failed task used its three attempts");
+}
+
+/// Running out of GPU memory is not charged the first two times (the worker retries with a smaller
+/// batch); after that it is, so a task that fits no worker ends failed instead of looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
+    let db = fresh_database("acc_oom");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("gina", "client").unwrap();
+    let worker = bearer(&coord.token("gina", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let mut h = header("too big", 2);
+    h.max_attempts = 2;
+    let job = submit_ok(&ch, &client, h, prompts(1)).await;
+    let mut small = Session::open(&ch, Some(&worker), "small-card", 1).await.unwrap();
+    let mut reports = 0;
+    loop {
+        small.credits(1).await;
+        let Some(a) = small.assign_within(Duration::from_secs(5)).await else { break };
+        small.failed(a.tasks[0].lease.as_ref().unwrap(), "out_of_memory", true).await;
+        reports += 1;
+        assert!(reports <= 4, "out-of-memory failures are never charged: {reports} reports so far");
+    }
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "select a.outcome from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 order by a.id",
+    )
+    .bind(job)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, ["out_of_memory", "out_of_memory", "failed", "failed"]);
+    assert_eq!(states(&pool, job).await, vec![(4, 1)], "the task failed");
+}
+
+/// `CancelJob` on a job that already succeeded is FAILED_PRECONDITION and keeps the outcome; on a
+/// cancelled job it changes nothing. `RetryJob` of a cancelled job without its cancelled tasks is
+/// FAILED_PRECONDITION (the sweep would cancel the failed tasks again at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_retry_never_rewrite_a_finished_outcome() {
+    let db = fresh_database("acc_cancel_retry");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("hana", "client").unwrap();
+    let worker = bearer(&coord.token("hana", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let done = submit_ok(&ch, &client, header("done", 2), prompts(1)).await;
+    let mut session = Session::open(&ch, Some(&worker), "finisher", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\ndone").await;
+    wait_job_finished(&pool, done, Duration::from_secs(10)).await;
+    let c = &mut jobs(&ch);
+    assert_status(
+        c.cancel_job(authed(&client, CancelJobRequest { job_id: done.to_string() })).await,
+        Code::FailedPrecondition,
+        "already succeeded",
+        "cancel of a succeeded job",
+    );
+    let state: i16 = sqlx::query_scalar("select state from jobs where id = $1").bind(done).fetch_one(&pool).await.unwrap();
+    assert_eq!(i32::from(state), JobState::Succeeded as i32, "the succeeded job stays succeeded");
+
+    let queued = submit_ok(&ch, &client, header("queued", 2), prompts(2)).await;
+    let r = c.cancel_job(authed(&client, CancelJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();
+    assert_eq!(r.cancelled_queued, 2);
+    wait_job_finished(&pool, queued, Duration::from_secs(10)).await;
+    let again = c.cancel_job(authed(&client, CancelJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();
+    assert_eq!((again.cancelled_queued, again.cancelling_running), (0, 0), "a second cancel changes nothing");
+    assert_status(
+        c.retry_job(authed(&client, RetryJobRequest { job_id: queued.to_string(), include_cancelled: false })).await,
+        Code::FailedPrecondition,
+        "include-cancelled",
+        "retry of a cancelled job without its cancelled tasks",
+    );
+    let r = c
+        .retry_job(authed(&client, RetryJobRequest { job_id: queued.to_string(), include_cancelled: true }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.requeued, 2);
+    let state: i16 = sqlx::query_scalar("select state from jobs where id = $1").bind(queued).fetch_one(&pool).await.unwrap();
+    assert_eq!(i32::from(state), JobState::Running as i32, "the retried job runs again");
 }
 
 async fn upload_ok(ch: &Channel, auth: &str, lease: &farm_proto::pb::Lease, data: &[u8]) {
