@@ -40,8 +40,18 @@ pub const SQLSTATE_SERIALIZATION_FAILURE: &str = "40001";
 impl Error {
     /// True for failures that a caller may retry (database or storage unavailable).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Database(_) | Error::Storage(_))
+        match self {
+            Error::Database(e) => !is_data_exception(e),
+            Error::Storage(_) => true,
+            _ => false,
+        }
     }
+}
+
+/// Whether a database error is of SQLSTATE class 22 (data exception: a value the database cannot
+/// hold, such as a NUL byte in text). Retrying such a request cannot help.
+fn is_data_exception(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))
 }
 
 impl From<Error> for Status {
@@ -54,6 +64,12 @@ impl From<Error> for Status {
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Aborted(m) => Status::aborted(m),
+            Error::Database(err) if is_data_exception(&err) => {
+                tracing::warn!(error = %err, "database refused a value of a request");
+                Status::invalid_argument(
+                    "the job store cannot hold a value of this request (text with a NUL byte, or a number out of range)",
+                )
+            }
             Error::Database(err) => {
                 tracing::error!(error = %err, "database error");
                 Status::new(Code::Unavailable, "the job store is unavailable; retry later")

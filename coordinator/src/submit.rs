@@ -115,6 +115,9 @@ pub fn check_header(h: &SubmitHeader) -> Result<RenderParams> {
     if h.idempotency_key.len() > 256 {
         return Err(Error::InvalidArgument("idempotency_key: at most 256 bytes".into()));
     }
+    for (field, text) in [("name", &h.name), ("idempotency_key", &h.idempotency_key)] {
+        check_characters(text).map_err(|d| Error::InvalidArgument(format!("{field}: {}", d.message)))?;
+    }
     if h.max_attempts > limits::MAX_ATTEMPTS {
         return Err(Error::InvalidArgument(format!("max_attempts: at most {}", limits::MAX_ATTEMPTS)));
     }

@@ -688,10 +688,12 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     width_1000.defaults.as_mut().unwrap().width = 1000;
     let mut attempts_101 = header("attempts", 2);
     attempts_101.max_attempts = 101;
+    let nul_name = header("nightly\u{0}", 2);
     for (what, h, message) in [
         ("header with 201 steps", steps_201, "200"),
         ("header with width 1000", width_1000, "multiples of 16"),
         ("header with 101 attempts", attempts_101, "max_attempts"),
+        ("header with a NUL byte in the name", nul_name, "name: control character U+0000"),
     ] {
         assert_status(submit(&ch, &alice, h, prompts(3)).await, Code::InvalidArgument, message, what);
     }
@@ -722,6 +724,17 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
         "an end marker that disagrees with the prompts sent",
     );
     assert_eq!(row_counts(&pool).await, before, "header errors store nothing");
+
+    // A value the database itself refuses (class 22, data exception) is the caller's error, not an
+    // outage to retry.
+    assert_status(
+        jobs(&ch)
+            .list_jobs(authed(&alice, ListJobsRequest { name_contains: "a\u{0}".into(), ..Default::default() }))
+            .await,
+        Code::InvalidArgument,
+        "cannot hold a value",
+        "ListJobs with a NUL byte in the name filter",
+    );
 
     // --- validate_only stores nothing even when everything is valid.
     let mut validate = header("validate", 2);
