@@ -146,7 +146,8 @@ pub struct SubmitArgs {
     /// ODE sampler [server default: euler]
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerArg>,
-    /// Numerical precision [server default: bf16]
+    /// Numerical precision: the job goes only to workers rendering in it [default: any worker's,
+    /// bf16 on a default worker]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
     /// Model preset or checkpoint name [server default: newbie-exp0.1]

@@ -106,11 +106,15 @@ impl WorkerService for WorkerApi {
         let max_batch = caps.max_batch.clamp(1, 256);
         let max_pixels = if caps.max_pixels == 0 { 1024 * 1024 } else { caps.max_pixels } as i64;
         let name = if hello.name.is_empty() { "worker".to_string() } else { hello.name.clone() };
-        let worker_id = shared
-            .store
-            .register_worker(&principal.tenant, &name, caps_to_json(&caps), &caps.model_name, max_pixels,
-                             max_batch as i32, &shared.replica)
-            .await?;
+        let slot = WorkerSlot {
+            worker_id: Uuid::new_v4(),
+            name,
+            model: caps.model_name.clone(),
+            max_pixels,
+            precision: i16::try_from(caps.precision).unwrap_or(0),
+        };
+        shared.store.register_worker(&principal.tenant, &slot, caps_to_json(&caps), max_batch as i32, &shared.replica).await?;
+        let (worker_id, name) = (slot.worker_id, &slot.name);
         let held: Vec<(Uuid, i64)> = hello
             .held_leases
             .iter()
@@ -131,7 +135,6 @@ impl WorkerService for WorkerApi {
         };
         tx.send(welcome).await.map_err(|_| Status::cancelled("stream closed"))?;
         shared.sessions.lock().unwrap().insert(worker_id, tx.clone());
-        let slot = WorkerSlot { worker_id, name, model: caps.model_name.clone(), max_pixels };
         tokio::spawn(run_session(shared, slot, max_batch, inbound, tx));
         let out = ReceiverStream::new(rx).map(Ok::<_, Status>);
         Ok(Response::new(Box::pin(out)))

@@ -97,6 +97,8 @@ pub struct WorkerSlot {
     pub name: String,
     pub model: String,
     pub max_pixels: i64,
+    /// The precision it renders in (`farm.v1.Precision` number; 0 when it did not say).
+    pub precision: i16,
 }
 
 /// Outcome of a failure report.
@@ -136,6 +138,7 @@ impl Store {
                     order by t.idx limit 1
                 ) q
                 where j.finished_at is null and j.cancelled_at is null and j.model = $1
+                  and (j.precision = 0 or j.precision = $8)
                   -- A job none of whose tasks fits is not walked at all.
                   and j.min_pixels <= $2
                   -- A worker that failed this job's tasks repeatedly gets no more of them while
@@ -147,6 +150,7 @@ impl Store {
                        or not exists (select 1 from workers o
                                       where o.disconnected_at is null and o.model = $1 and o.name <> $3
                                         and o.max_pixels >= j.min_pixels
+                                        and (j.precision = 0 or o.precision = j.precision)
                                         and not exists (select 1 from job_worker_failures f
                                                         where f.job_id = j.id and f.worker_name = o.name
                                                           and f.failures >= $4)))
@@ -194,6 +198,7 @@ impl Store {
         .bind(n as i64)
         .bind(w.worker_id)
         .bind(self.ttl_ms())
+        .bind(w.precision)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -213,33 +218,31 @@ impl Store {
             .collect())
     }
 
-    /// A new worker session.
+    /// A new worker session (`w.worker_id` is its id).
     pub async fn register_worker(
         &self,
         tenant: &str,
-        name: &str,
+        w: &WorkerSlot,
         capabilities: serde_json::Value,
-        model: &str,
-        max_pixels: i64,
         max_batch: i32,
         coordinator: &str,
-    ) -> Result<Uuid> {
-        let id = Uuid::new_v4();
+    ) -> Result<()> {
         sqlx::query(
-            "insert into workers (id, tenant_id, name, capabilities, model, max_pixels, max_batch, coordinator)
-             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "insert into workers (id, tenant_id, name, capabilities, model, max_pixels, max_batch, coordinator, precision)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
-        .bind(id)
+        .bind(w.worker_id)
         .bind(tenant)
-        .bind(name)
+        .bind(&w.name)
         .bind(capabilities)
-        .bind(model)
-        .bind(max_pixels)
+        .bind(&w.model)
+        .bind(w.max_pixels)
         .bind(max_batch)
         .bind(coordinator)
+        .bind(w.precision)
         .execute(&self.pool)
         .await?;
-        Ok(id)
+        Ok(())
     }
 
     /// Leases a reconnecting worker still holds: those still current (running, or requeued but not yet

@@ -194,8 +194,8 @@ pub async fn submit(
 
     let inserted = sqlx::query(
         "insert into jobs (id, tenant_id, name, idempotency_key, priority, params, model, max_pixels, max_attempts,
-                           total, total_steps)
-         values ($1, $2, $3, $4, $5, $6::jsonb, $7, 0, $8, 0, 0)
+                           total, total_steps, precision)
+         values ($1, $2, $3, $4, $5, $6::jsonb, $7, 0, $8, 0, 0, $9)
          on conflict on constraint jobs_tenant_idempotency_key do nothing
          returning id",
     )
@@ -207,6 +207,9 @@ pub async fn submit(
     .bind(shape_of(&defaults))
     .bind(&defaults.model)
     .bind(max_attempts as i32)
+    // The precision the client asked for (0: any worker's; the shape then records bf16, the
+    // default, and each PNG the precision it was rendered in).
+    .bind(header.defaults.as_ref().map_or(0, |d| i16::try_from(d.precision).unwrap_or(0)))
     .fetch_optional(&mut *tx)
     .await?;
     if inserted.is_none() {

@@ -17,7 +17,7 @@ use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
     CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello,
-    JobEvent, JobState, ListJobsRequest, ListResultsRequest, ListWorkersRequest, PromptChunk, PromptSpec, RenderParams,
+    JobEvent, JobState, ListJobsRequest, ListResultsRequest, ListWorkersRequest, Precision, PromptChunk, PromptSpec, RenderParams,
     RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskFailed, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
 };
@@ -338,19 +338,25 @@ impl Session {
         max_batch: u32,
         max_pixels: u64,
     ) -> Result<Session, Status> {
-        let (out, rx) = mpsc::channel(1024);
-        let hello = Hello {
-            name: name.to_owned(),
-            capabilities: Some(WorkerCapabilities {
-                device: "cpu".into(),
-                model_name: MODEL.into(),
-                model_hash: "none".into(),
-                max_batch,
-                max_pixels,
-                ..Default::default()
-            }),
-            held_leases: vec![],
+        let caps = WorkerCapabilities {
+            device: "cpu".into(),
+            model_name: MODEL.into(),
+            model_hash: "none".into(),
+            max_batch,
+            max_pixels,
+            ..Default::default()
         };
+        Session::open_with_caps(ch, auth, name, caps).await
+    }
+
+    async fn open_with_caps(
+        ch: &Channel,
+        auth: Option<&str>,
+        name: &str,
+        caps: WorkerCapabilities,
+    ) -> Result<Session, Status> {
+        let (out, rx) = mpsc::channel(1024);
+        let hello = Hello { name: name.to_owned(), capabilities: Some(caps), held_leases: vec![] };
         out.send(WorkerMessage {
             msg: Some(worker_message::Msg::Hello(hello)),
         })
@@ -1140,6 +1146,39 @@ async fn workers_get_only_tasks_within_their_pixel_limit() {
     let got = large.next_assign(Duration::from_secs(10)).await;
     assert_eq!(got.tasks.len(), 3);
     assert!(got.tasks.iter().all(|t| t.job_id == big.to_string()));
+}
+
+/// A job that asks for a precision goes only to workers rendering in it; one that asks for none goes
+/// to any worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_ask_for_a_precision_go_only_to_workers_rendering_in_it() {
+    let db = fresh_database("acc_precision");
+    let coord = coordinator(&db, &[]);
+    let client = coord.token("ivy", "client").unwrap();
+    let worker = bearer(&coord.token("ivy", "worker").unwrap());
+    let ch = channel(&coord.url()).await;
+    let mut fp16_header = header("fp16 images", 2);
+    fp16_header.defaults.as_mut().unwrap().precision = Precision::Fp16 as i32;
+    let fp16 = submit_ok(&ch, &client, fp16_header, prompts(2)).await;
+    let any = submit_ok(&ch, &client, header("any precision", 2), prompts(1)).await;
+    let caps = |precision: Precision| WorkerCapabilities {
+        model_name: MODEL.into(),
+        max_batch: 4,
+        max_pixels: 1024 * 1024,
+        precision: precision as i32,
+        ..Default::default()
+    };
+    let mut bf16_card = Session::open_with_caps(&ch, Some(&worker), "bf16-card", caps(Precision::Bf16)).await.unwrap();
+    bf16_card.credits(8).await;
+    let got = bf16_card.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(got.tasks.iter().map(|t| t.job_id.clone()).collect::<Vec<_>>(), [any.to_string()]);
+    let more = bf16_card.assign_within(Duration::from_millis(1500)).await;
+    assert!(more.is_none(), "an fp16 job went to a bf16 worker: {more:?}");
+    let mut fp16_card = Session::open_with_caps(&ch, Some(&worker), "fp16-card", caps(Precision::Fp16)).await.unwrap();
+    fp16_card.credits(8).await;
+    let got = fp16_card.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(got.tasks.len(), 2);
+    assert!(got.tasks.iter().all(|t| t.job_id == fp16.to_string()));
 }
 
 /// A worker that failed two tasks of a job gets no more of that job while another connected worker

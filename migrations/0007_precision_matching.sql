@@ -1,0 +1,6 @@
+-- Precision matching. jobs.precision is the precision a job asked for (the PRECISION_* numbers of
+-- farm.v1.Precision; 0 = any worker's), workers.precision the one a worker renders in. Claims give
+-- a job that asked for one only to workers of that precision. Rows stored before these columns
+-- existed get 0: such jobs match every worker, as before.
+alter table jobs add column precision smallint not null default 0;
+alter table workers add column precision smallint not null default 0;
