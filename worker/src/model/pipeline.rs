@@ -512,6 +512,17 @@ fn check_kind(kind: Kind) -> Result<(), PipelineError> {
     }
 }
 
+/// The transformer's latents are the VAE's: their channel counts must agree.
+fn check_latent_channels(dit: &DitConfig, vae: &VaeConfig) -> Result<(), PipelineError> {
+    if dit.in_channels != vae.latent_channels {
+        return Err(PipelineError::Load(format!(
+            "the VAE decodes {}-channel latents, the transformer produces in_channels {}",
+            vae.latent_channels, dit.in_channels
+        )));
+    }
+    Ok(())
+}
+
 fn vae_kind(kind: Kind, cfg: &VaeConfig) -> Kind {
     if kind == Kind::Half && cfg.force_upcast {
         Kind::Float
@@ -598,6 +609,7 @@ impl Pipeline {
                 (DitConfig::newbie_exp0_1(), Gemma3Config::gemma3_4b(), JinaConfig::jina_clip_v2(), VaeConfig::flux())
             }
         };
+        check_latent_channels(&dit_cfg, &vae_cfg)?;
         if caption_cfg.hidden_size != dit_cfg.cap_feat_dim || pooled_cfg.text_config.embed_dim != dit_cfg.clip_text_dim {
             return Err(PipelineError::Load("inconsistent random-weight configurations".into()));
         }
@@ -707,6 +719,13 @@ impl Pipeline {
                 pooled_cfg.text_config.embed_dim, dit_cfg.clip_text_dim
             )));
         }
+        let vae_cfg_path = vae_dir.join("config.json");
+        let vae_cfg = if vae_cfg_path.is_file() {
+            VaeConfig::from_json_file(&vae_cfg_path).map_err(|e| PipelineError::load(format!("VAE: {e}")))?
+        } else {
+            VaeConfig::flux()
+        };
+        check_latent_channels(&dit_cfg, &vae_cfg)?;
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         let dit = NextDit::new(vs.root(), &dit_cfg).map_err(|e| PipelineError::load(format!("transformer: {e}")))?;
@@ -715,12 +734,6 @@ impl Pipeline {
         vs.freeze();
 
         // VAE.
-        let vae_cfg_path = vae_dir.join("config.json");
-        let vae_cfg = if vae_cfg_path.is_file() {
-            VaeConfig::from_json_file(&vae_cfg_path).map_err(|e| PipelineError::load(format!("VAE: {e}")))?
-        } else {
-            VaeConfig::flux()
-        };
         let vae = VaeDecoder::load(&vae_dir, &vae_cfg, device, vae_kind(kind, &vae_cfg))
             .map_err(|e| PipelineError::load(format!("VAE ({}): {e}", vae_dir.display())))?;
 
@@ -771,10 +784,11 @@ impl Pipeline {
         let device = self.device;
         let cfg = &self.dit_config;
         // Within the positions the model's RoPE tables cover (the tiny preset's are small).
-        let side = side.min(cfg.axes_lens[1].min(cfg.axes_lens[2]) * cfg.patch_size * 8);
+        let f = self.vae_factor();
+        let side = side.min(cfg.axes_lens[1].min(cfg.axes_lens[2]) * cfg.patch_size * f);
         let cap_len = cap_len.clamp(1, cfg.axes_lens[0] - 1);
-        let unit = 8 * cfg.patch_size;
-        let latent = (side / unit).max(1) * unit / 8;
+        let unit = f * cfg.patch_size;
+        let latent = (side / unit).max(1) * unit / f;
         // Smooth deterministic inputs (the global random generator is left alone).
         let pattern = |dims: &[i64], phase: f64| {
             let n: i64 = dims.iter().product();
@@ -830,10 +844,23 @@ impl Pipeline {
         self.cache.len()
     }
 
-    /// Checks `width` x `height` against the farm's size limits and the DiT's position range.
+    /// Pixels per latent position along each side (the VAE's upsampling factor, 8 for FLUX).
+    fn vae_factor(&self) -> i64 {
+        self.vae.config().upsampling_factor()
+    }
+
+    /// Checks `width` x `height` against the farm's size limits, the model's size unit (VAE factor
+    /// times patch size) and the DiT's position range.
     pub fn check_size(&self, width: u32, height: u32) -> Result<(), PipelineError> {
         farm_proto::limits::check_size(width, height).map_err(|e| PipelineError::Invalid(e.to_string()))?;
-        let unit = 8 * self.dit_config.patch_size as u32;
+        let unit = (self.vae_factor() * self.dit_config.patch_size) as u32;
+        if !width.is_multiple_of(unit) || !height.is_multiple_of(unit) {
+            return Err(PipelineError::Invalid(format!(
+                "size {width}x{height}: this model needs multiples of {unit} (VAE factor {} x patch size {})",
+                self.vae_factor(),
+                self.dit_config.patch_size
+            )));
+        }
         let (ph, pw) = (height / unit, width / unit);
         let (lh, lw) = (self.dit_config.axes_lens[1], self.dit_config.axes_lens[2]);
         if i64::from(ph) > lh || i64::from(pw) > lw {
@@ -906,7 +933,8 @@ impl Pipeline {
 
         // 3. Sample.
         let channels = self.dit_config.in_channels;
-        let (lh, lw) = (i64::from(settings.height) / 8, i64::from(settings.width) / 8);
+        let f = self.vae_factor();
+        let (lh, lw) = (i64::from(settings.height) / f, i64::from(settings.width) / f);
         let items: Vec<SampleItem> = reqs
             .iter()
             .zip(conds.iter().zip(&unconds))
@@ -995,8 +1023,9 @@ impl Pipeline {
                         let inputs = gemma_inputs(text.caption_tok.as_ref(), &[k.0.as_str()])
                             .map_err(|e| PipelineError::Other(format!("tokenizing: {e}")))?;
                         let valid = inputs.attention_mask.sum(Kind::Int64).int64_value(&[]);
-                        let h = m.forward(&inputs.input_ids, &inputs.attention_mask);
-                        Ok(((*k).clone(), h.narrow(1, 0, valid).to_kind(kind).to_device(Device::Cpu)))
+                        let h = m.forward(&inputs.input_ids, &inputs.attention_mask).narrow(1, 0, valid).to_kind(kind);
+                        let h = finite_encoding(h, TextRole::Caption, &k.0)?;
+                        Ok(((*k).clone(), h.to_device(Device::Cpu)))
                     })
                     .collect::<Result<Vec<_>, PipelineError>>()
             })?;
@@ -1007,8 +1036,9 @@ impl Pipeline {
                 pooled
                     .iter()
                     .map(|k| {
-                        let v = encode_pooled(m, text.pooled_tok.as_ref(), &k.0)?;
-                        Ok(((*k).clone(), v.to_kind(kind).to_device(Device::Cpu)))
+                        let v = encode_pooled(m, text.pooled_tok.as_ref(), &k.0)?.to_kind(kind);
+                        let v = finite_encoding(v, TextRole::Pooled, &k.0)?;
+                        Ok(((*k).clone(), v.to_device(Device::Cpu)))
                     })
                     .collect::<Result<Vec<_>, PipelineError>>()
             })?;
@@ -1020,6 +1050,25 @@ impl Pipeline {
         }
         Ok(found)
     }
+}
+
+/// A text encoding in the pipeline's precision, refused with [`PipelineError::Numerical`] when it
+/// holds NaN or Inf, so that a broken encoding is never cached (the empty negative prompt's is kept
+/// for good). Gemma 3's activations are large enough to overflow fp16.
+fn finite_encoding(v: Tensor, role: TextRole, text: &str) -> Result<Tensor, PipelineError> {
+    if v.isfinite().all().int64_value(&[]) != 0 {
+        return Ok(v);
+    }
+    let (encoder, hint) = match role {
+        TextRole::Caption => ("caption encoder (Gemma 3)", "; Gemma 3 overflows fp16: run the worker in bf16 or fp32"),
+        TextRole::Pooled => ("pooled encoder (Jina CLIP)", ""),
+    };
+    let shown: String = text.chars().take(60).collect();
+    let more = if text.chars().count() > 60 { "…" } else { "" };
+    Err(PipelineError::Numerical(format!(
+        "NaN or Inf in the {encoder} output ({:?}) for {shown:?}{more}{hint}",
+        v.kind()
+    )))
 }
 
 /// Adds one checkpoint component to the weights hash: name, `config.json` bytes, and per
@@ -1122,6 +1171,25 @@ mod tests {
         match e {
             PipelineError::OutOfMemory(m) => assert_eq!(m, "rendering: CUDA out of memory. Tried to allocate 2.00 MiB."),
             e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn non_finite_encodings_are_refused_with_the_encoder_named() {
+        let ok = Tensor::from_slice(&[1.0f32, -2.0]).to_kind(Kind::Half);
+        assert!(finite_encoding(ok, TextRole::Caption, "a").is_ok());
+        // 70000 does not fit fp16: the conversion gives Inf, as an overflowing activation would.
+        let over = Tensor::from_slice(&[1.0f32, 70000.0]).to_kind(Kind::Half);
+        match finite_encoding(over, TextRole::Caption, "1girl, solo") {
+            Err(PipelineError::Numerical(m)) => {
+                assert!(m.contains("Gemma 3") && m.contains("1girl, solo") && m.contains("bf16"), "{m}")
+            }
+            other => panic!("expected a numerical error, got {other:?}"),
+        }
+        let nan = Tensor::from_slice(&[f32::NAN]);
+        match finite_encoding(nan, TextRole::Pooled, "x") {
+            Err(PipelineError::Numerical(m)) => assert!(m.contains("Jina") && !m.contains("overflows"), "{m}"),
+            other => panic!("expected a numerical error, got {other:?}"),
         }
     }
 
