@@ -465,7 +465,9 @@ fn gemma3_config_layouts_resolve_to_the_same_layers() {
             "model_type": "gemma3_text",
             "num_hidden_layers": 34,
             "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-            "sliding_window": 1024
+            "sliding_window": 1024,
+            "eos_token_id": [1, 106],
+            "pad_token_id": null
         },
         "vision_config": {"hidden_size": 1152}
     });

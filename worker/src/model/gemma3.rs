@@ -56,6 +56,15 @@ pub struct RopeScaling {
     pub factor: Option<f64>,
 }
 
+/// Special token ids as configuration files write them: one id, or a list (`gemma-3-1b-it` has
+/// `"eos_token_id": [1, 106]`), or `null`. Informational only: the tokenizer files give the ids used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(i64),
+    Many(Vec<i64>),
+}
+
 /// Mirror of transformers' `Gemma3TextConfig` (`text_config` of a `Gemma3Config`). Missing fields
 /// take transformers' defaults, so both the 4.x layout (`rope_theta`, `rope_local_base_freq`,
 /// `rope_scaling`, `sliding_window_pattern`) and the 5.x layout (`layer_types`,
@@ -85,9 +94,9 @@ pub struct Gemma3Config {
     pub rms_norm_eps: f64,
     pub hidden_activation: String,
     pub max_position_embeddings: i64,
-    pub pad_token_id: i64,
-    pub bos_token_id: i64,
-    pub eos_token_id: i64,
+    pub pad_token_id: Option<TokenIds>,
+    pub bos_token_id: Option<TokenIds>,
+    pub eos_token_id: Option<TokenIds>,
     pub attention_bias: bool,
     pub attn_logit_softcapping: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
@@ -116,9 +125,9 @@ impl Default for Gemma3Config {
             rms_norm_eps: 1e-6,
             hidden_activation: "gelu_pytorch_tanh".into(),
             max_position_embeddings: 131_072,
-            pad_token_id: 0,
-            bos_token_id: 2,
-            eos_token_id: 1,
+            pad_token_id: Some(TokenIds::One(0)),
+            bos_token_id: Some(TokenIds::One(2)),
+            eos_token_id: Some(TokenIds::One(1)),
             attention_bias: false,
             attn_logit_softcapping: None,
             final_logit_softcapping: None,
