@@ -83,10 +83,14 @@ impl HfTokenizer {
         } else {
             path.to_path_buf()
         };
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
+        let mut inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
             path: file.clone(),
             message: e.to_string(),
         })?;
+        // Lengths and padding are the input builders' (512 tokens for Gemma, right padding to a
+        // multiple of 8): a truncation or padding rule saved in the file would cut or pad first.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| TokenizerError::Load { path: file.clone(), message: e.to_string() })?;
         let id = |token: &str| {
             inner
                 .token_to_id(token)
@@ -362,5 +366,15 @@ mod tests {
             Vec::<i64>::try_from(ids.reshape([-1])).unwrap(),
             vec![0, 4, 5, 2, 0, 5, 2, 1]
         );
+
+        // A truncation or padding rule saved in the file is not applied.
+        let mut with_rules = json.clone();
+        with_rules["truncation"] =
+            serde_json::json!({"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0});
+        with_rules["padding"] = serde_json::json!({"strategy": {"Fixed": 6}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0, "pad_token": "<pad>"});
+        std::fs::write(&path, with_rules.to_string()).unwrap();
+        let tok = HfTokenizer::xlm_roberta(&path).unwrap();
+        assert_eq!(tok.encode("hello   world").unwrap(), vec![4, 5]);
     }
 }
