@@ -452,6 +452,18 @@ fn diffusers_sharded_and_comfyui_layouts_load_the_same_weights() {
     let report = loading::load_dit(&mut vs2, &cfile).unwrap();
     assert!(report.missing_allowed.is_empty());
     assert_same_weights(&vs2, &reference);
+
+    // A single file of diffusers names under the ComfyUI prefix.
+    let prefixed: Vec<(String, Tensor)> = shards
+        .iter()
+        .flat_map(|s| s.iter().map(|(k, t)| (format!("model.diffusion_model.{k}"), t.shallow_clone())))
+        .collect();
+    let dfile = dir.path().join("comfy-diffusers.safetensors");
+    Tensor::write_safetensors(&prefixed, &dfile).unwrap();
+    let mut vs3 = VarStore::new(Device::Cpu);
+    let _m3 = NextDit::new(vs3.root(), &g.cfg).unwrap();
+    loading::load_dit(&mut vs3, &dfile).unwrap();
+    assert_same_weights(&vs3, &rounded);
 }
 
 trait CloneShallow {

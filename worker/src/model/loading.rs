@@ -508,14 +508,16 @@ pub fn dit_diffusers_key(key: &str) -> KeyTarget {
     KeyTarget::Key(key.to_string())
 }
 
-/// Options for a diffusers-layout `transformer/` folder of the DiT. `norm_final.weight` (unused by
-/// the forward pass) is dropped by the diffusers converter and may therefore be missing.
+/// Options for a diffusers-layout `transformer/` folder of the DiT (also as a single file under
+/// ComfyUI's prefix). `norm_final.weight` (unused by the forward pass) is dropped by the diffusers
+/// converter and may therefore be missing.
 pub fn dit_diffusers_options() -> LoadOptions {
     LoadOptions {
         rename: Some(Arc::new(dit_diffusers_key)),
         allow_missing: ["norm_final.weight".to_string()].into_iter().collect(),
         ..LoadOptions::default()
     }
+    .with_strip_prefix(COMFYUI_DIT_PREFIX)
 }
 
 /// Chooses the DiT key layout of a checkpoint from its key names: diffusers if any key belongs to
