@@ -254,6 +254,12 @@ struct Evaluation {
     renorm_applied: Vec<bool>,
 }
 
+/// Whether CFG runs at evaluation time `t`: `t < cfg_trunc` compared in f32, as the reference
+/// compares its f32 time tensor with the Python float (so a `cfg_trunc` of 0.7 is off at t = 0.7f32).
+fn cfg_active(t: f32, cfg_trunc: f64) -> bool {
+    t < cfg_trunc as f32
+}
+
 /// One guided velocity evaluation for the active items at time `t`.
 fn guided_velocity<D: Denoiser + ?Sized>(
     model: &D,
@@ -264,7 +270,7 @@ fn guided_velocity<D: Denoiser + ?Sized>(
     p: &SampleParams,
 ) -> Result<Evaluation, SampleError> {
     let n = x.size()[0];
-    if (t as f64) < p.cfg_trunc {
+    if cfg_active(t, p.cfg_trunc) {
         let xx = Tensor::cat(&[x, x], 0);
         let tt = Tensor::full([2 * n], t as f64, (Kind::Float, x.device()));
         let out = model.velocity(&xx, &tt, cfg_batch)?.to_kind(Kind::Float);
@@ -371,6 +377,15 @@ where
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    #[test]
+    fn cfg_truncation_compares_in_f32() {
+        // 0.7 is not exact in f32: the f32 time 0.7 equals f32(0.7) and is not below it, while the
+        // f64 0.7 is above it.
+        assert!(!cfg_active(0.7f32, 0.7));
+        assert!(cfg_active(0.69f32, 0.7));
+        assert!(!cfg_active(1.0, 1.0) && cfg_active(0.999, 1.0));
+    }
 
     /// Velocity `a_row·(target - x)` with a per-row constant `a_row` taken from the pooled vector,
     /// and records every batch size it sees.
