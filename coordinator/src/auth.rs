@@ -140,6 +140,75 @@ pub async fn create_token(pool: &PgPool, tenant: &str, role: Role, label: &str) 
     Ok(token)
 }
 
+/// Characters of a token's SHA-256 shown as its id (`token list`) and enough to revoke it.
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// A stored token as `token list` shows it (never the token itself).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenInfo {
+    /// The first [`TOKEN_ID_LEN`] hex digits of the token's SHA-256.
+    pub id: String,
+    pub tenant: String,
+    pub role: String,
+    pub label: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+type TokenRow = (String, String, String, String, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>);
+
+fn token_info((sha, tenant, role, label, created_at, revoked_at): TokenRow) -> TokenInfo {
+    TokenInfo { id: sha[..TOKEN_ID_LEN.min(sha.len())].to_string(), tenant, role, label, created_at, revoked_at }
+}
+
+/// Every token, or those of `tenant`, oldest first.
+pub async fn list_tokens(pool: &PgPool, tenant: Option<&str>) -> Result<Vec<TokenInfo>> {
+    let rows: Vec<TokenRow> = sqlx::query_as(
+        "select token_sha256, tenant_id, role, label, created_at, revoked_at from api_tokens
+         where $1::text is null or tenant_id = $1 order by created_at, token_sha256",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(token_info).collect())
+}
+
+/// Revokes the token named by `token_or_id`: the token itself (`farm_...`) or at least 8 leading
+/// hex digits of its SHA-256 (the id `token list` shows). Revoking a revoked token changes nothing.
+/// Replicas refuse it within [`CACHE_TTL`].
+pub async fn revoke_token(pool: &PgPool, token_or_id: &str) -> Result<TokenInfo> {
+    let given = token_or_id.trim();
+    let prefix = if given.starts_with("farm_") {
+        hash_token(given)
+    } else if given.len() >= 8 && given.chars().all(|c| c.is_ascii_hexdigit()) {
+        given.to_ascii_lowercase()
+    } else {
+        return Err(Error::InvalidArgument(
+            "name the token itself (farm_...) or at least 8 hex digits of its id (see `token list`)".into(),
+        ));
+    };
+    let mut tx = pool.begin().await?;
+    let matches: Vec<String> =
+        sqlx::query_scalar("select token_sha256 from api_tokens where starts_with(token_sha256, $1) limit 2 for update")
+            .bind(&prefix)
+            .fetch_all(&mut *tx)
+            .await?;
+    let sha = match matches.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(Error::NotFound(format!("no token with id {given}"))),
+        _ => return Err(Error::InvalidArgument(format!("id {given} names more than one token; give more digits"))),
+    };
+    let row: TokenRow = sqlx::query_as(
+        "update api_tokens set revoked_at = coalesce(revoked_at, now()) where token_sha256 = $1
+         returning token_sha256, tenant_id, role, label, created_at, revoked_at",
+    )
+    .bind(&sha)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(token_info(row))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,24 @@ enum TokenCmd {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// List tokens (id, tenant, role, label, created, revoked); the tokens themselves are not stored.
+    List {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Only this tenant's tokens.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: every replica refuses it within 30 s (the authentication cache).
+    Revoke {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// The token (farm_...) or its id from `token list` (at least 8 hex digits).
+        token_or_id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -122,6 +140,29 @@ async fn main() -> anyhow::Result<()> {
             server::MIGRATOR.run(&pool).await.context("migrating")?;
             let token = auth::create_token(&pool, &tenant, role, &label).await?;
             println!("{token}");
+        }
+        Cmd::Token { cmd: TokenCmd::List { database_url, tenant, json } } => {
+            let pool = server::connect_db(&database_url, 2).await?;
+            server::MIGRATOR.run(&pool).await.context("migrating")?;
+            let tokens = auth::list_tokens(&pool, tenant.as_deref()).await?;
+            if json {
+                for t in &tokens {
+                    println!("{}", serde_json::to_string(t)?);
+                }
+            } else {
+                println!("{:<12}  {:<16}  {:<6}  {:<20}  {:<20}  label", "id", "tenant", "role", "created", "revoked");
+                let time = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+                for t in &tokens {
+                    let revoked = t.revoked_at.as_ref().map(time).unwrap_or_else(|| "-".into());
+                    println!("{:<12}  {:<16}  {:<6}  {:<20}  {:<20}  {}", t.id, t.tenant, t.role, time(&t.created_at), revoked, t.label);
+                }
+            }
+        }
+        Cmd::Token { cmd: TokenCmd::Revoke { database_url, token_or_id } } => {
+            let pool = server::connect_db(&database_url, 2).await?;
+            server::MIGRATOR.run(&pool).await.context("migrating")?;
+            let t = auth::revoke_token(&pool, &token_or_id).await?;
+            println!("revoked token {} of tenant {} (role {})", t.id, t.tenant, t.role);
         }
         Cmd::Serve(a) => {
             if a.lease_ttl_ms < 2 * a.heartbeat_ms {

@@ -447,6 +447,20 @@ impl Coordinator {
         create_token(&self.database_url, tenant, role)
     }
 
+    /// Runs `farm-coordinator ARGS... --database-url URL` (the administration subcommands, such as
+    /// `token list`) against this coordinator's database.
+    #[track_caller]
+    pub fn admin(&self, args: &[&str]) -> CliOutput {
+        let mut command = farm_command("farm-coordinator");
+        command.args(args).arg("--database-url").arg(&self.database_url);
+        let out = command.output().unwrap_or_else(|e| panic!("run farm-coordinator {args:?}: {e}"));
+        CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// A [`Cli`] for this coordinator with a new client token of `tenant`.
     pub fn cli(&self, tenant: &str) -> Result<Cli> {
         Ok(Cli::new(&self.url(), &self.token(tenant, "client")?))

@@ -797,6 +797,29 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     );
     assert_eq!(row_counts(&pool).await, before, "refused callers store nothing");
 
+    // --- A revoked token is refused; `token list` shows tokens by id, never the token itself.
+    let doomed = coord.token("alice", "client").unwrap();
+    let id = &hex::encode(Sha256::digest(doomed.as_bytes()))[..12];
+    let listed = coord.admin(&["token", "list", "--tenant", "alice", "--json"]).expect_success();
+    assert!(!listed.stdout.contains(&doomed), "token list printed a token");
+    let entry = |out: &str| -> serde_json::Value {
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["id"] == id)
+            .unwrap_or_else(|| panic!("token {id} not listed: {out}"))
+    };
+    assert!(entry(&listed.stdout)["revoked_at"].is_null());
+    assert_eq!(coord.admin(&["token", "revoke", &id[..6]]).code, 1, "fewer than 8 digits are refused");
+    coord.admin(&["token", "revoke", id]).expect_success();
+    assert_status(
+        jobs(&ch).list_jobs(authed(&doomed, ListJobsRequest::default())).await,
+        Code::Unauthenticated,
+        "unknown or revoked token",
+        "a revoked token",
+    );
+    let listed = coord.admin(&["token", "list", "--json"]).expect_success();
+    assert!(entry(&listed.stdout)["revoked_at"].is_string(), "revocation time listed");
+
     // --- Another tenant's job is NOT_FOUND everywhere, like a job that does not exist.
     let job = submit_ok(&ch, &alice, header("alice's job", 2), prompts(3)).await;
     let id = job.to_string();
