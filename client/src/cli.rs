@@ -244,6 +244,10 @@ pub struct ResultsArgs {
     /// Keep polling for new results until the job ends
     #[arg(long)]
     pub follow: bool,
+    /// Write into a directory that holds another job's results (DIR/.farm-job names the job;
+    /// files of the same index are replaced)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]

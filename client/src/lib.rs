@@ -277,6 +277,7 @@ pub async fn dispatch(conn: &Conn, command: Command, ui: Ui) -> CliResult<()> {
                 from_index: a.from_index,
                 follow: a.follow,
                 poll_interval: std::time::Duration::from_secs(5),
+                force: a.force,
             };
             let summary = results::download(client, &a.job, &opts, ui).await?;
             results::report(&a.job, &a.output, &summary, ui)

@@ -12,6 +12,9 @@
 //!   and clock skew; re-listed files are skipped by their SHA-256). The file is only advanced by a run
 //!   without failures.
 //! * `--follow` repeats the pass every few seconds until the job is final and a pass finds nothing new.
+//! * A directory belongs to one job: `DIR/.farm-job` names it, and a run for another job is refused
+//!   (unless `--force`), so one job's `000017.png` never replaces another's. One run at a time holds
+//!   `DIR/.farm-lock`; a second run into the same directory is refused while the first runs.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +37,10 @@ use crate::watch::is_transient;
 pub const STATE_FILE: &str = ".farm-results.json";
 /// Prefix of temporary download files.
 pub const TMP_PREFIX: &str = ".farm-tmp-";
+/// Name of the file naming the job a directory holds the results of.
+pub const JOB_FILE: &str = ".farm-job";
+/// Name of the lock file a run holds for its directory.
+pub const LOCK_FILE: &str = ".farm-lock";
 /// Overlap re-listed by `--since`.
 pub const SINCE_OVERLAP_MS: i64 = 60_000;
 const PAGE_SIZE: u32 = 1000;
@@ -71,6 +78,8 @@ pub struct ResultsOptions {
     pub from_index: u64,
     pub follow: bool,
     pub poll_interval: Duration,
+    /// Write into a directory holding another job's results.
+    pub force: bool,
 }
 
 /// What a run did.
@@ -111,7 +120,55 @@ pub fn already_present(path: &Path, info: &ResultInfo) -> bool {
     }
 }
 
-/// Removes temporary files an interrupted run left behind.
+/// A directory held by one run for one job (see the module documentation); released on drop.
+#[derive(Debug)]
+pub struct DirClaim {
+    _lock: std::fs::File,
+}
+
+/// Creates `dir` if needed, takes its lock, checks (or records) which job it holds, and removes the
+/// temporary files an interrupted run left behind. `force` lets a directory holding another job's
+/// results be written into (it then holds `job_id`'s).
+pub fn claim_dir(dir: &Path, job_id: &str, force: bool) -> CliResult<DirClaim> {
+    let shown = dir.display();
+    std::fs::create_dir_all(dir).map_err(|e| CliError::failure(format!("{shown}: {e}")))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| CliError::failure(format!("{shown}: {e}")))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(CliError::failure(format!(
+                "another `farm results` is writing into {shown}; wait for it to end or choose another directory"
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(CliError::failure(format!("{shown}: locking: {e}"))),
+    }
+    let marker = dir.join(JOB_FILE);
+    match std::fs::read_to_string(&marker) {
+        Ok(held) if held.trim() == job_id => {}
+        Ok(held) if !force => {
+            return Err(CliError::invalid(format!(
+                "{shown} holds the results of job {}; download job {job_id} into another directory, or pass \
+                 --force to write over them",
+                held.trim()
+            )))
+        }
+        _ => {
+            let tmp = dir.join(format!("{TMP_PREFIX}job-{}", std::process::id()));
+            std::fs::write(&tmp, format!("{job_id}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &marker))
+                .map_err(|e| CliError::failure(format!("{}: {e}", marker.display())))?;
+        }
+    }
+    remove_stale_temp_files(dir);
+    Ok(DirClaim { _lock: lock })
+}
+
+/// Removes temporary files an interrupted run left behind (call with the directory's lock held).
 pub fn remove_stale_temp_files(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -332,9 +389,7 @@ pub async fn download(
     opts: &ResultsOptions,
     ui: Ui,
 ) -> CliResult<ResultsSummary> {
-    std::fs::create_dir_all(&opts.dir)
-        .map_err(|e| CliError::failure(format!("{}: {e}", opts.dir.display())))?;
-    remove_stale_temp_files(&opts.dir);
+    let _claim = claim_dir(&opts.dir, job_id, opts.force)?;
     let stored = if opts.since {
         read_state(&opts.dir, job_id)
     } else {
@@ -493,5 +548,28 @@ mod tests {
             .collect();
         assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
         assert!(names.contains(&"000001.png".to_string()));
+    }
+
+    #[test]
+    fn a_directory_holds_one_job_and_one_run_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let claim = claim_dir(&dir, "job-a", false).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join(JOB_FILE)).unwrap().trim(), "job-a");
+        // A second run into the directory while the first holds it.
+        let busy = claim_dir(&dir, "job-a", false).unwrap_err();
+        assert!(busy.to_string().contains("another `farm results`"), "{busy}");
+        drop(claim);
+        // The same job again is fine; another job is refused (exit 3) without touching anything.
+        std::fs::write(dir.join("000001.png"), b"a's image").unwrap();
+        drop(claim_dir(&dir, "job-a", false).unwrap());
+        let other = claim_dir(&dir, "job-b", false).unwrap_err();
+        assert_eq!(other.exit_code(), 3, "{other}");
+        assert!(other.to_string().contains("job-a") && other.to_string().contains("--force"), "{other}");
+        assert_eq!(std::fs::read(dir.join("000001.png")).unwrap(), b"a's image");
+        assert_eq!(std::fs::read_to_string(dir.join(JOB_FILE)).unwrap().trim(), "job-a");
+        // --force hands the directory to the other job.
+        drop(claim_dir(&dir, "job-b", true).unwrap());
+        assert_eq!(std::fs::read_to_string(dir.join(JOB_FILE)).unwrap().trim(), "job-b");
     }
 }

@@ -584,6 +584,7 @@ fn results_options(dir: &Path) -> ResultsOptions {
         from_index: 0,
         follow: false,
         poll_interval: Duration::from_millis(10),
+        force: false,
     }
 }
 
