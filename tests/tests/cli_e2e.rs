@@ -88,6 +88,15 @@ fn submit_wait_status_results_cancel_retry() {
     let s = wait_state(&cli, &long_job, "succeeded", Duration::from_secs(600));
     assert_eq!(s["counts"]["succeeded"], 6);
 
+    // A finished job keeps its outcome; one directory holds one job's results.
+    let out = cli.run(&["cancel", &job]);
+    assert_eq!(out.code, 1, "cancel of a succeeded job: {}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("already succeeded"), "{}", out.stderr);
+    assert_eq!(cli.run(&["--json", "status", &job]).expect_success().json()["state"], "succeeded");
+    let out = cli.run(&["results", &long_job, "-o", out_dir.to_str().unwrap()]);
+    assert_eq!(out.code, 3, "another job's results into the same directory: {}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains(&job) && out.stderr.contains("--force"), "{}", out.stderr);
+
     // Error paths: exit codes and messages.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"<character_1><n>x</n>\"}\n").unwrap();
