@@ -336,7 +336,9 @@ pub fn job_human(j: &Job) -> String {
                 format_duration(j.eta_seconds)
             ),
         );
-        kv("queue position", j.queue_position.to_string());
+        // The coordinator stops counting at 100,000.
+        let ahead = if j.queue_position >= 100_000 { "100000+".to_string() } else { j.queue_position.to_string() };
+        kv("queued ahead", format!("{ahead} tasks of earlier or higher-priority jobs"));
     }
     kv("priority", j.priority.to_string());
     kv("defaults", format_params(j.defaults.as_ref()));

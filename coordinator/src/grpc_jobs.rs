@@ -110,6 +110,10 @@ impl JobService for JobApi {
                     _ = check.tick() => {
                         // The final event may have been published before this watch started (or lost
                         // while Redis was away): the job store is the source of truth.
+                        // One row read while the job runs; the counts only once it has finished.
+                        if !matches!(queries::job_finished(&shared.store.pool, id).await, Ok(true)) {
+                            continue;
+                        }
                         match queries::get_job(&shared.store.pool, None, id).await {
                             Ok(job) if is_final(job.state) => {
                                 // Drain what is already published, then close with the final state.

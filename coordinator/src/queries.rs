@@ -17,12 +17,16 @@ fn ms(t: Option<DateTime<Utc>>) -> i64 {
     t.map(|t| t.timestamp_millis()).unwrap_or(0)
 }
 
+/// `Job.queue_position` counts queued tasks ahead up to this many: a status query does not walk
+/// millions of other jobs' tasks.
+pub const QUEUE_POSITION_CAP: i64 = 100_000;
+
 /// Status of one job of `tenant`.
 /// `tenant` None reads any tenant's job (internal use).
 pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Result<Job> {
     let row = sqlx::query(
         "select id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
-                coalesce(idempotency_key, '') as key, total, total_steps, model
+                coalesce(idempotency_key, '') as key, total, total_steps, model, final_counts::text as final_counts
          from jobs where id = $1 and ($2::text is null or tenant_id = $2)",
     )
     .bind(job_id)
@@ -31,6 +35,14 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
     .await?
     .ok_or_else(|| job_not_found(job_id))?;
     let mut job = job_from_row(&row);
+    if let Some(stored) = row.get::<Option<String>, _>("final_counts") {
+        // A finished job: its counts were stored when it closed; every task counts its steps.
+        let total = job.counts.as_ref().map(|c| c.total).unwrap_or(0);
+        job.counts = Some(counts_from_json(&stored, total));
+        job.progress = 1.0;
+        job.eta_seconds = 0.0;
+        return Ok(job);
+    }
     let total_steps: i64 = row.get("total_steps");
     let counts = sqlx::query(
         "select state, count(*)::bigint, coalesce(sum(steps), 0)::bigint, coalesce(sum(current_step), 0)::bigint
@@ -85,20 +97,39 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
     }
     if c.queued > 0 {
         let ahead: i64 = sqlx::query_scalar(
-            "select count(*)::bigint from tasks t join jobs j on j.id = t.job_id
-             where t.state = 1 and j.model = $2 and j.id <> $1 and j.finished_at is null
-               and (j.priority > $3 or (j.priority = $3 and j.created_at < $4))",
+            "select count(*)::bigint from (
+                 select 1 from tasks t join jobs j on j.id = t.job_id
+                 where t.state = 1 and j.model = $2 and j.id <> $1 and j.finished_at is null
+                   and (j.priority > $3 or (j.priority = $3 and j.created_at < $4))
+                 limit $5) ahead",
         )
         .bind(job_id)
         .bind(row.get::<String, _>("model"))
         .bind(job.priority)
         .bind(row.get::<DateTime<Utc>, _>("created_at"))
+        .bind(QUEUE_POSITION_CAP)
         .fetch_one(pool)
         .await?;
         job.queue_position = ahead as u64;
     }
     job.counts = Some(c);
     Ok(job)
+}
+
+/// Whether the job has finished (one row read; false for a job that does not exist).
+pub async fn job_finished(pool: &PgPool, job_id: Uuid) -> Result<bool> {
+    let finished: Option<bool> = sqlx::query_scalar("select finished_at is not null from jobs where id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(finished.unwrap_or(false))
+}
+
+/// Task counts from the `final_counts` object (`{"3": 5, "4": 1}`: task state number to count).
+fn counts_from_json(stored: &str, total: u64) -> TaskCounts {
+    let map: HashMap<String, u64> = serde_json::from_str(stored).unwrap_or_default();
+    let n = |state: i16| map.get(&state.to_string()).copied().unwrap_or(0);
+    TaskCounts { queued: n(1), running: n(2), succeeded: n(3), failed: n(4), cancelled: n(5), total }
 }
 
 fn job_from_row(row: &sqlx::postgres::PgRow) -> Job {

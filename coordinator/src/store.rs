@@ -585,7 +585,9 @@ impl Store {
             "update jobs set finished_at = now(),
                     state = case when cancelled_at is not null then 5
                                  when exists (select 1 from tasks where job_id = $1 and state = 4) then 4
-                                 else 3 end
+                                 else 3 end,
+                    final_counts = (select jsonb_object_agg(state::text, n)
+                                    from (select state, count(*) as n from tasks where job_id = $1 group by state) c)
              where id = $1
                and (select 1 from tasks where job_id = $1 and state = 1 limit 1) is null
                and (select 1 from tasks where job_id = $1 and state = 2 limit 1) is null
@@ -754,7 +756,7 @@ impl Store {
         if n > 0 {
             sqlx::query("delete from job_worker_failures where job_id = $1").bind(job_id).execute(&mut *tx).await?;
             sqlx::query(
-                "update jobs set finished_at = null, state = 2,
+                "update jobs set finished_at = null, state = 2, final_counts = null,
                         cancelled_at = case when $2 then null else cancelled_at end
                  where id = $1",
             )

@@ -7,6 +7,9 @@
 //! 3. **raw**: the floor PostgreSQL itself sets on the same database with the same number of
 //!    connections: claim up to `BENCH_BATCH` queued tasks with `SELECT ... FOR UPDATE SKIP LOCKED`,
 //!    then mark each one done with its own UPDATE (as an upload commits one task).
+//! 4. **status**: GetJob of the same job once it has finished, with the task counts stored when it
+//!    closed against the same call counting its tasks (as for a running job), alternating, median of
+//!    `BENCH_STATUS_ROUNDS` (default 20) each.
 //!
 //! Run: `cargo bench -p farm-tests --bench dispatch --profile dev` (the binaries the harness starts are
 //! built in the same profile; `FARM_BIN_DIR` points it at others, e.g. release builds). PostgreSQL is
@@ -277,7 +280,6 @@ async fn main() -> anyhow::Result<()> {
         l.await??;
     }
     let raw_rate = raw as f64 / raw_elapsed.as_secs_f64();
-
     println!("submit:   {prompts} prompts in {:.2} s = {submit_rate:.0} prompts/s (target >= 100000)", submit_elapsed.as_secs_f64());
     println!(
         "dispatch: {dispatched} tasks in {:.2} s = {dispatch_rate:.0} tasks/s with {workers} sessions, batch {batch} (target >= 5000)",
@@ -288,6 +290,60 @@ async fn main() -> anyhow::Result<()> {
         raw_elapsed.as_secs_f64()
     );
     println!("ratio:    dispatch/raw = {:.1} % (target >= 50 %)", 100.0 * dispatch_rate / raw_rate);
+
+    // 4. Status of the finished job: stored counts against counting its tasks.
+    sqlx::query("update tasks set state = 3, finished_at = now(), lease_owner = null where job_id = $1 and state in (1, 2)")
+        .bind(job)
+        .execute(&pool)
+        .await?;
+    let closing = Instant::now();
+    loop {
+        let stored: Option<bool> = sqlx::query_scalar("select final_counts is not null from jobs where id = $1")
+            .bind(job)
+            .fetch_one(&pool)
+            .await?;
+        if stored == Some(true) {
+            break;
+        }
+        anyhow::ensure!(closing.elapsed() < Duration::from_secs(30), "the lease sweep did not close the job");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored_counts: String = sqlx::query_scalar("select final_counts::text from jobs where id = $1")
+        .bind(job)
+        .fetch_one(&pool)
+        .await?;
+    let rounds = env_or("BENCH_STATUS_ROUNDS", 20);
+    let mut jobs_client = JobServiceClient::new(ch.clone());
+    let mut time_get_job = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let j = jobs_client
+            .get_job(authed(&client_token, farm_proto::pb::GetJobRequest { job_id: job.to_string() }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(j.counts.map(|c| c.succeeded) == Some(prompts), "GetJob counts {j:?}");
+        Ok(started.elapsed())
+    };
+    let (mut with_stored, mut counted) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        with_stored.push(time_get_job().await?);
+        sqlx::query("update jobs set final_counts = null where id = $1").bind(job).execute(&pool).await?;
+        counted.push(time_get_job().await?);
+        sqlx::query("update jobs set final_counts = $2::jsonb where id = $1")
+            .bind(job)
+            .bind(&stored_counts)
+            .execute(&pool)
+            .await?;
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (stored_ms, counted_ms) = (median(&mut with_stored), median(&mut counted));
+
+    println!(
+        "status:   GetJob of the finished {prompts}-task job: {stored_ms:.2} ms with stored counts, {counted_ms:.2} ms counting its tasks ({:.1}x), median of {rounds}",
+        counted_ms / stored_ms
+    );
     drop(coord);
     drop(pg);
     Ok(())

@@ -16,7 +16,7 @@ use farm_proto::pb::job_service_client::JobServiceClient;
 use farm_proto::pb::worker_service_client::WorkerServiceClient;
 use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
-    CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello,
+    CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello, Job as JobStatus,
     JobEvent, JobState, ListJobsRequest, ListResultsRequest, ListWorkersRequest, Precision, PromptChunk, PromptSpec, RenderParams,
     RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskFailed, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
@@ -1324,6 +1324,12 @@ async fn cancel_and_retry_never_rewrite_a_finished_outcome() {
     wait_job_finished(&pool, queued, Duration::from_secs(10)).await;
     let again = c.cancel_job(authed(&client, CancelJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();
     assert_eq!((again.cancelled_queued, again.cancelling_running), (0, 0), "a second cancel changes nothing");
+    let counts = |job: JobStatus| {
+        let c = job.counts.unwrap();
+        (c.queued, c.running, c.succeeded, c.failed, c.cancelled, c.total)
+    };
+    let got = c.get_job(authed(&client, GetJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();
+    assert_eq!(counts(got), (0, 0, 0, 0, 2, 2), "counts of the finished job");
     assert_status(
         c.retry_job(authed(&client, RetryJobRequest { job_id: queued.to_string(), include_cancelled: false })).await,
         Code::FailedPrecondition,
@@ -1338,6 +1344,10 @@ async fn cancel_and_retry_never_rewrite_a_finished_outcome() {
     assert_eq!(r.requeued, 2);
     let state: i16 = sqlx::query_scalar("select state from jobs where id = $1").bind(queued).fetch_one(&pool).await.unwrap();
     assert_eq!(i32::from(state), JobState::Running as i32, "the retried job runs again");
+    let got = c.get_job(authed(&client, GetJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();
+    assert_eq!(counts(got), (2, 0, 0, 0, 0, 2), "counts after the retry, not those stored when it finished");
+    let got = c.get_job(authed(&client, GetJobRequest { job_id: done.to_string() })).await.unwrap().into_inner();
+    assert_eq!((counts(got.clone()), got.progress), ((0, 0, 1, 0, 0, 1), 1.0), "counts of the succeeded job");
 }
 
 async fn upload_ok(ch: &Channel, auth: &str, lease: &farm_proto::pb::Lease, data: &[u8]) {

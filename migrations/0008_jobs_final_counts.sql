@@ -1,0 +1,5 @@
+-- Task counts of a finished job, stored when it closes: status and listings of finished jobs read
+-- them instead of counting the job's tasks again (a million rows for the largest jobs). A retry,
+-- which opens the job again, clears them. Jobs closed before this column existed have null and are
+-- counted as before.
+alter table jobs add column final_counts jsonb;
