@@ -646,6 +646,8 @@ fn check_sampler_run(g: &Golden, run: &str, model: &NextDit, device: Device, dep
 
 fn check_gemma(g: &Golden, device: Device, kind: Kind, checks: &mut Checks) -> Result<(), String> {
     let cfg: Gemma3Config = g.config(g.json["config"].clone(), "config")?;
+    // The dtype a node of this precision runs Gemma in (bf16 for fp16).
+    let kind = crate::model::pipeline::caption_encoder_kind(kind);
     let model = Gemma3TextModel::load(&g.weights, &cfg, device, kind).map_err(|e| format!("loading {}: {e}", g.weights.display()))?;
     let ids = g.get("in.input_ids")?;
     let mask = g.get("in.attention_mask")?;

@@ -208,6 +208,17 @@ fn bf16_render_is_finite() {
     assert!(distinct_values(&img[0]) > 8);
 }
 
+/// fp16: Gemma runs in bf16 and its features reach the fp16 DiT through the f32 normalisation.
+#[test]
+fn fp16_render_is_finite() {
+    let _g = serial();
+    let mut p = tiny(Kind::Half);
+    assert_eq!(p.kind(), Kind::Half);
+    let img = render_all(&mut p, &[ImageRequest { prompt: A.into(), negative_prompt: "lowres, blurry".into(), seed: 5 }], &settings(64, 64, 4));
+    assert_eq!(img[0].pixels.len(), 64 * 64 * 3);
+    assert!(distinct_values(&img[0]) > 8);
+}
+
 #[test]
 fn tiny_256_render_is_fast() {
     let _g = serial();

@@ -331,6 +331,17 @@ impl RmsNorm {
     pub fn forward_reference(&self, x: &Tensor) -> Tensor {
         rms_normalize(x, self.eps) * &self.weight
     }
+
+    /// Normalises `x` into the dtype `kind` of the weight. An input of another dtype is normalised
+    /// in f32 from its own values and cast afterwards, so that values `kind` cannot hold (Gemma 3's
+    /// largest activations in fp16) never reach it; then it is the reference formulation, and an
+    /// input already in `kind` takes [`Self::forward`].
+    pub fn forward_into(&self, x: &Tensor, kind: Kind) -> Tensor {
+        if x.kind() == kind {
+            return self.forward(x);
+        }
+        rms_normalize(&x.to_kind(Kind::Float), self.eps).to_kind(kind) * &self.weight
+    }
 }
 
 /// `t_embedder`: sinusoid of t in [0,1] (no ×1000), then an MLP.
@@ -931,8 +942,9 @@ impl NextDit {
         let adaln_in = self.time_text_embed.forward(&Tensor::cat(&[&t_emb, &clip_emb], -1).silu());
         record("mid.adaln_input", &adaln_in);
 
-        // 3. Caption embedding (all L rows).
-        let mut cap = self.cap_embedder_linear.forward(&self.cap_embedder_norm.forward(&cap_feats.to_device(dev).to_kind(kind)));
+        // 3. Caption embedding (all L rows). Features in another dtype than the model's are
+        // normalised before the cast (an fp16 model takes Gemma's features in bf16).
+        let mut cap = self.cap_embedder_linear.forward(&self.cap_embedder_norm.forward_into(&cap_feats.to_device(dev), kind));
         record("mid.cap_embedded", &cap);
 
         // 4-5. Position ids and RoPE factors.
@@ -1046,6 +1058,25 @@ impl NextDit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn features_of_a_wider_dtype_are_normalised_before_the_cast() {
+        // A bf16 feature row with an activation fp16 cannot hold, into an fp16 model's norm.
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        vs.set_kind(Kind::Half);
+        let norm = RmsNorm::new(vs.root(), 4, 1e-6);
+        tch::no_grad(|| norm.weight.shallow_clone().copy_(&Tensor::from_slice(&[1.0f32, 2.0, 1.0, 0.5])));
+        let x = Tensor::from_slice(&[1.0e5f32, 3.0e4, -2.0e4, 1.0]).view([1, 1, 4]).to_kind(Kind::BFloat16);
+        assert_eq!(x.to_kind(Kind::Half).isinf().sum(Kind::Int64).int64_value(&[]), 1, "the naive cast overflows");
+        let y = norm.forward_into(&x, Kind::Half);
+        assert_eq!(y.kind(), Kind::Half);
+        let want = rms_normalize(&x.to_kind(Kind::Float), 1e-6) * Tensor::from_slice(&[1.0f32, 2.0, 1.0, 0.5]);
+        let diff = (y.to_kind(Kind::Float) - &want).abs().max().double_value(&[]);
+        assert!(diff < 2e-3, "fp16 output differs from the f32 norm by {diff}");
+        // An input already in the model's dtype takes the fused norm.
+        let same = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 1, 4]).to_kind(Kind::Half);
+        assert!(norm.forward_into(&same, Kind::Half).equal(&norm.forward(&same)));
+    }
 
     #[test]
     fn official_transformer_config_json_gives_the_newbie_preset() {

@@ -512,6 +512,18 @@ fn check_kind(kind: Kind) -> Result<(), PipelineError> {
     }
 }
 
+/// The dtype Gemma 3 runs in and its caption features keep: the pipeline's, except bf16 for an fp16
+/// pipeline. Gemma 3's activations overflow fp16 (transformers issue #36822: NaN outputs in fp16;
+/// its residual stream holds values far above fp16's 65504). The DiT normalises the bf16 features in
+/// f32 before casting them to fp16 (`RmsNorm::forward_into`).
+pub fn caption_encoder_kind(kind: Kind) -> Kind {
+    if kind == Kind::Half {
+        Kind::BFloat16
+    } else {
+        kind
+    }
+}
+
 /// The transformer's latents are the VAE's: their channel counts must agree.
 fn check_latent_channels(dit: &DitConfig, vae: &VaeConfig) -> Result<(), PipelineError> {
     if dit.in_channels != vae.latent_channels {
@@ -635,7 +647,9 @@ impl Pipeline {
             |_| {},
         )?;
         let caption = Slot::new(offload, device, |dev| {
-            random_encoder(device, kind, seed.wrapping_add(1), on_cpu, dev, |p| Gemma3TextModel::new(p, &caption_cfg))
+            random_encoder(device, caption_encoder_kind(kind), seed.wrapping_add(1), on_cpu, dev, |p| {
+                Gemma3TextModel::new(p, &caption_cfg)
+            })
         })?;
         let pooled = Slot::new(offload, device, |dev| {
             random_encoder(device, kind, seed.wrapping_add(2), on_cpu, dev, |p| JinaTextModel::new(p, &pooled_cfg))
@@ -743,7 +757,7 @@ impl Pipeline {
         let pooled_tok = HfTokenizer::xlm_roberta(&pooled_tok_path)
             .map_err(|e| PipelineError::Load(format!("Jina CLIP tokenizer: {e}")))?;
         let caption = Slot::new(offload, device, |dev| {
-            Gemma3TextModel::load(&text_dir, &caption_cfg, dev, kind)
+            Gemma3TextModel::load(&text_dir, &caption_cfg, dev, caption_encoder_kind(kind))
                 .map_err(|e| PipelineError::load(format!("text encoder ({}): {e}", text_dir.display())))
         })?;
         let pooled = Slot::new(offload, device, |dev| {
@@ -922,7 +936,8 @@ impl Pipeline {
         let unconds: Vec<EncoderTexts> = reqs.iter().map(|r| encoder_texts(&r.negative_prompt)).collect();
         let encoded = self.encode(conds.iter().chain(unconds.iter()))?;
         let conditioning = |t: &EncoderTexts| -> Conditioning {
-            let feats = encoded[&(t.caption.clone(), TextRole::Caption)].to_device(self.device).to_kind(self.kind);
+            // In the caption encoder's dtype: the DiT normalises them before its own cast.
+            let feats = encoded[&(t.caption.clone(), TextRole::Caption)].to_device(self.device);
             let len = feats.size()[1];
             Conditioning {
                 cap_mask: Tensor::ones([1, len], (Kind::Int64, self.device)),
@@ -1023,7 +1038,10 @@ impl Pipeline {
                         let inputs = gemma_inputs(text.caption_tok.as_ref(), &[k.0.as_str()])
                             .map_err(|e| PipelineError::Other(format!("tokenizing: {e}")))?;
                         let valid = inputs.attention_mask.sum(Kind::Int64).int64_value(&[]);
-                        let h = m.forward(&inputs.input_ids, &inputs.attention_mask).narrow(1, 0, valid).to_kind(kind);
+                        let h = m
+                            .forward(&inputs.input_ids, &inputs.attention_mask)
+                            .narrow(1, 0, valid)
+                            .to_kind(caption_encoder_kind(kind));
                         let h = finite_encoding(h, TextRole::Caption, &k.0)?;
                         Ok(((*k).clone(), h.to_device(Device::Cpu)))
                     })
@@ -1052,23 +1070,20 @@ impl Pipeline {
     }
 }
 
-/// A text encoding in the pipeline's precision, refused with [`PipelineError::Numerical`] when it
+/// A text encoding in the dtype it is kept in, refused with [`PipelineError::Numerical`] when it
 /// holds NaN or Inf, so that a broken encoding is never cached (the empty negative prompt's is kept
-/// for good). Gemma 3's activations are large enough to overflow fp16.
+/// for good).
 fn finite_encoding(v: Tensor, role: TextRole, text: &str) -> Result<Tensor, PipelineError> {
     if v.isfinite().all().int64_value(&[]) != 0 {
         return Ok(v);
     }
-    let (encoder, hint) = match role {
-        TextRole::Caption => ("caption encoder (Gemma 3)", "; Gemma 3 overflows fp16: run the worker in bf16 or fp32"),
-        TextRole::Pooled => ("pooled encoder (Jina CLIP)", ""),
+    let encoder = match role {
+        TextRole::Caption => "caption encoder (Gemma 3)",
+        TextRole::Pooled => "pooled encoder (Jina CLIP)",
     };
     let shown: String = text.chars().take(60).collect();
     let more = if text.chars().count() > 60 { "…" } else { "" };
-    Err(PipelineError::Numerical(format!(
-        "NaN or Inf in the {encoder} output ({:?}) for {shown:?}{more}{hint}",
-        v.kind()
-    )))
+    Err(PipelineError::Numerical(format!("NaN or Inf in the {encoder} output ({:?}) for {shown:?}{more}", v.kind())))
 }
 
 /// Adds one checkpoint component to the weights hash: name, `config.json` bytes, and per
@@ -1182,13 +1197,13 @@ mod tests {
         let over = Tensor::from_slice(&[1.0f32, 70000.0]).to_kind(Kind::Half);
         match finite_encoding(over, TextRole::Caption, "1girl, solo") {
             Err(PipelineError::Numerical(m)) => {
-                assert!(m.contains("Gemma 3") && m.contains("1girl, solo") && m.contains("bf16"), "{m}")
+                assert!(m.contains("Gemma 3") && m.contains("1girl, solo") && m.contains("Half"), "{m}")
             }
             other => panic!("expected a numerical error, got {other:?}"),
         }
         let nan = Tensor::from_slice(&[f32::NAN]);
         match finite_encoding(nan, TextRole::Pooled, "x") {
-            Err(PipelineError::Numerical(m)) => assert!(m.contains("Jina") && !m.contains("overflows"), "{m}"),
+            Err(PipelineError::Numerical(m)) => assert!(m.contains("Jina"), "{m}"),
             other => panic!("expected a numerical error, got {other:?}"),
         }
     }
