@@ -89,8 +89,11 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8], meta: &ResultMetadata) ->
     Ok(out)
 }
 
+/// A decoded PNG: width, height, RGB pixels, the `farm` metadata and the `parameters` text.
+pub type DecodedPng = (u32, u32, Vec<u8>, Option<ResultMetadata>, Option<String>);
+
 /// Reads the metadata and the pixels back (for tests and `farm show-png`).
-pub fn decode_png(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>, Option<ResultMetadata>, Option<String>), String> {
+pub fn decode_png(bytes: &[u8]) -> Result<DecodedPng, String> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));
     let mut reader = dec.read_info().map_err(|e| e.to_string())?;
     let mut buf = vec![0; reader.output_buffer_size()];
