@@ -6,7 +6,10 @@
 //! * a cancel during a 20-step render stops that task within a step while the rest of its batch goes on;
 //! * the coordinator killed and restarted mid-job: the worker reconnects and the job completes;
 //! * SIGTERM during a batch: the batch finishes and uploads, queued tasks go back, another worker
-//!   finishes them, and the drained worker exits 0.
+//!   finishes them, and the drained worker exits 0; a drain longer than `--drain-timeout-s` ends
+//!   with the worker exiting and its task going back without charge;
+//! * a result the coordinator cannot store: the worker gives up after `--upload-attempts`, reports
+//!   the task failed, and the job ends instead of waiting for ever.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -302,4 +305,71 @@ async fn sigterm_drains_the_running_batch_and_hands_back_the_rest() {
     .await
     .unwrap();
     assert_eq!(by_a + by_b, 6, "each task succeeded exactly once");
+}
+
+/// A synthetic-renderer worker (`step_ms` per step) with `extra` flags.
+fn synthetic_worker(url: &str, token: &str, name: &str, step_ms: u64, extra: &[&str]) -> Worker {
+    let step_ms = step_ms.to_string();
+    let mut args = vec!["--renderer", "synthetic", "--synthetic-step-ms", &step_ms, "--model", "tiny", "--no-warmup", "--name", name];
+    args.extend_from_slice(extra);
+    Worker::spawn(url, token, &args).expect("start a worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_its_timeout_exits_and_hands_the_task_back() {
+    let db = fresh_database("worker_drain_timeout");
+    let coord = Coordinator::spawn(CoordinatorOptions::new(&db).arg("--idle-poll-ms").arg("100")).unwrap();
+    let token = coord.token("tenant-t", "client").unwrap();
+    let wtoken = coord.token("tenant-t", "worker").unwrap();
+    let cli = coord.cli("tenant-t").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.jsonl");
+    write_jsonl(&file, &prompts(1, 3));
+    // 100 steps of 200 ms: the render outlasts the 1 s drain timeout by far.
+    let job = submit(&cli, &file, &["--width", "64", "--height", "64", "--steps", "100"]);
+    let mut worker = synthetic_worker(&coord.url(), &wtoken, "slow", 200, &["--drain-timeout-s", "1"]);
+    let mut c = client(&coord.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get_task(authed(&token, GetTaskRequest { job_id: job.clone(), index: 0 })).await.unwrap().into_inner().current_step < 2 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = worker.pid().unwrap() as i32;
+    let stopped = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = worker.wait_exit(Duration::from_secs(15)).expect("the worker exits at its drain timeout");
+    assert!(status.success(), "{status:?}");
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(8), "exited {took:?} after SIGTERM with a 1 s drain timeout");
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let (state, failures): (i16, i32) = sqlx::query_as("select state, failures from tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((state, failures), (1, 0), "the unfinished task is queued again without charge");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_coordinator_cannot_store_fails_its_task_after_the_upload_attempts() {
+    let db = fresh_database("worker_upload_gives_up");
+    let results = tempfile::tempdir().unwrap();
+    let store = results.path().join("results");
+    let coord = Coordinator::spawn(CoordinatorOptions::new(&db).arg("--idle-poll-ms").arg("100").results(&store)).unwrap();
+    // The results directory becomes a file: every store fails (the coordinator answers UNAVAILABLE).
+    let _ = std::fs::remove_dir_all(&store);
+    std::fs::write(&store, b"not a directory").unwrap();
+    let token = coord.token("tenant-u", "client").unwrap();
+    let wtoken = coord.token("tenant-u", "worker").unwrap();
+    let cli = coord.cli("tenant-u").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.jsonl");
+    write_jsonl(&file, &prompts(1, 5));
+    let job = submit(&cli, &file, &["--width", "64", "--height", "64", "--steps", "2", "--max-attempts", "2"]);
+    let _worker = synthetic_worker(&coord.url(), &wtoken, "uploader", 0, &["--upload-attempts", "2"]);
+    let mut c = client(&coord.url()).await;
+    let j = wait_job_done(&mut c, &token, &job, Duration::from_secs(60)).await;
+    assert_eq!(j.state, farm_proto::pb::JobState::Failed as i32, "{j:?}");
+    let t = c.get_task(authed(&token, GetTaskRequest { job_id: job.clone(), index: 0 })).await.unwrap().into_inner();
+    assert!(t.last_error.contains("upload failed 2 times"), "{t:?}");
+    assert_eq!(t.attempts.len(), 2, "two charged attempts: {t:?}");
 }

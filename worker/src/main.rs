@@ -78,6 +78,16 @@ struct Args {
     /// Longest wait between reconnect attempts, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     max_backoff_ms: u64,
+    /// Upload attempts per result; waits between them double from 1 s up to 30 s. After the last
+    /// one the task is reported failed (an attempt is charged) and rendered again.
+    #[arg(long, env = "FARM_UPLOAD_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    upload_attempts: u32,
+    /// Longest drain after SIGTERM, in seconds: the running batch finishes and uploads, then the
+    /// worker exits; past this it exits with what is left (those tasks go back to the farm without
+    /// charge). Keep it below the grace period of the process manager. A second SIGTERM or Ctrl-C
+    /// exits at once.
+    #[arg(long, env = "FARM_DRAIN_TIMEOUT_S", default_value_t = 240)]
+    drain_timeout_s: u64,
     /// Skip the warm-up render at start.
     #[arg(long)]
     no_warmup: bool,
@@ -281,19 +291,31 @@ fn main() -> anyhow::Result<()> {
         name: a.name.unwrap_or_else(|| format!("{}/{}", host_name(), a.device)),
         max_batch: a.max_batch,
         max_backoff: Duration::from_millis(a.max_backoff_ms.max(100)),
+        upload_attempts: a.upload_attempts,
+        drain_timeout: Duration::from_secs(a.drain_timeout_s),
         verified,
         ca_cert_pem,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("stop requested: draining");
+            stop_signal().await;
+            tracing::info!("stop requested: draining (a second stop request exits at once)");
+            tokio::spawn(async {
+                stop_signal().await;
+                tracing::warn!("second stop request: exiting without draining");
+                std::process::exit(130);
+            });
         };
         run(opts, renderer, shutdown).await
     })
+}
+
+/// The next SIGTERM or SIGINT.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -6,10 +6,18 @@
 //! * Batching: queued tasks of one shape (equal `RenderParams`) go to the GPU thread together, up to the
 //!   current batch limit (halved after an out-of-memory failure).
 //! * Progress after every step; cancels are honoured between steps, the rest of the batch goes on.
-//! * PNG encoding and uploads run off the GPU thread, overlapping the next batch. A render finished
-//!   while the coordinator is away is uploaded after reconnecting if its lease is still current.
+//! * PNG encoding and uploads run off the GPU thread, overlapping the next batch. Uploads start only
+//!   while a session is up; a render finished while the coordinator is away is uploaded after
+//!   reconnecting if its lease is still current (an upload refused while the session changed is
+//!   kept for that). A failing upload is retried with doubling waits; after `upload_attempts`
+//!   failures, or at once when retrying cannot help, the task is reported failed (`kind "upload"`)
+//!   and its result dropped. Results waiting for upload beyond one batch count against the credits,
+//!   so a coordinator that cannot store results stops the worker taking more work.
 //! * Drain (SIGTERM/SIGINT or a coordinator `Drain`): queued tasks are released, the running batch
-//!   finishes and uploads, then the worker says goodbye and exits.
+//!   finishes and uploads, then the worker says goodbye and exits; after `drain_timeout` it exits
+//!   with what is left (the coordinator requeues those tasks without charge when the stream ends).
+//! * Reconnects back off (doubling up to `max_backoff`); the wait resets only after a session has
+//!   lasted [`STABLE_SESSION`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -34,6 +42,13 @@ use crate::render::{precision_name, sampler_name, Image, RenderError, RenderItem
 
 /// How long an idle GPU waits for more same-shape tasks before starting a batch that is not full.
 const BATCH_GATHER: Duration = Duration::from_millis(30);
+/// A session that lasted this long resets the reconnect backoff.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// Wait before the second upload attempt; doubles per failure up to [`UPLOAD_RETRY_MAX`].
+const UPLOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest time one upload call may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
@@ -44,6 +59,10 @@ pub struct WorkerOptions {
     pub max_batch: u32,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// Upload attempts per result before the task is reported failed.
+    pub upload_attempts: u32,
+    /// Longest drain: after it the worker exits with what is left.
+    pub drain_timeout: Duration,
     /// Numerical self-check outcome to report in the hello: (passed, unix ms).
     pub verified: Option<(bool, i64)>,
     /// The attention kernel order the renderer runs with (reported in the hello).
@@ -140,14 +159,38 @@ struct PendingUpload {
     png: Arc<Vec<u8>>,
     sha256: String,
     uploading: bool,
+    /// Failed attempts so far.
+    failures: u32,
+    /// No attempt before this instant.
+    next_try: Instant,
+    /// [`Controller::session_epoch`] when the running attempt started.
+    epoch: u64,
 }
 
+#[derive(Debug)]
 enum UploadOutcome {
     Committed(String),
     /// The lease is gone: someone else owns the task now, drop the result.
     Stale(String),
     /// Try again later (coordinator or storage away).
     Retry(String),
+    /// Retrying the same bytes cannot succeed (refused as invalid, corrupted, not allowed).
+    Permanent(String),
+}
+
+/// The outcome of an upload call that ended with `s`.
+fn upload_outcome(s: &Status) -> UploadOutcome {
+    let text = format!("{}: {}", code_name(s.code()), s.message());
+    match s.code() {
+        Code::FailedPrecondition | Code::NotFound => UploadOutcome::Stale(s.message().to_string()),
+        Code::InvalidArgument | Code::DataLoss | Code::PermissionDenied | Code::OutOfRange => UploadOutcome::Permanent(text),
+        _ => UploadOutcome::Retry(text),
+    }
+}
+
+/// The wait after `failures` failed attempts: 1 s doubling, at most 30 s.
+fn upload_retry_wait(failures: u32) -> Duration {
+    UPLOAD_RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(UPLOAD_RETRY_MAX)
 }
 
 /// Starts the GPU thread; returns the channel for batches and the one for its events.
@@ -219,6 +262,14 @@ struct Controller {
     info: RendererInfo,
     client: Option<Client>,
     session: Option<Session>,
+    /// Counts session starts and losses: an upload refused as stale while it changed may still be
+    /// ours (the next hello keeps the lease).
+    session_epoch: u64,
+    /// When the current session started.
+    connected_at: Option<Instant>,
+    /// Reconnect wait and when the next attempt may start.
+    backoff: Duration,
+    next_connect: Instant,
     queue: VecDeque<TaskAssignment>,
     running: Vec<TaskAssignment>,
     uploads: HashMap<String, PendingUpload>,
@@ -265,9 +316,23 @@ impl Controller {
         if let Some(s) = &self.session {
             if s.out.send(WorkerMessage { msg: Some(msg) }).await.is_err() {
                 tracing::warn!("coordinator stream closed");
-                self.session = None;
+                self.lost_session();
             }
         }
+    }
+
+    /// The session ended: the next connect waits for the backoff, which grows unless the session
+    /// had lasted [`STABLE_SESSION`].
+    fn lost_session(&mut self) {
+        if self.session.take().is_none() {
+            return;
+        }
+        self.session_epoch += 1;
+        if self.connected_at.take().is_some_and(|t| t.elapsed() >= STABLE_SESSION) {
+            self.backoff = RECONNECT_FIRST;
+        }
+        self.next_connect = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(self.opts.max_backoff);
     }
 
     /// Opens a session: channel, Connect stream, hello, welcome. Leases the coordinator did not keep are
@@ -346,17 +411,22 @@ impl Controller {
             heartbeat: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(100))),
             granted_unfilled: 0,
         });
+        self.session_epoch += 1;
+        self.connected_at = Some(Instant::now());
         self.top_up().await;
         self.retry_uploads();
         Ok(())
     }
 
-    /// Grants credits so that the coordinator may send up to two batches beyond what is held.
+    /// Grants credits so that the coordinator may send up to two batches beyond what is held
+    /// (results waiting for upload beyond one batch count as held).
     async fn top_up(&mut self) {
         if self.draining {
             return;
         }
-        let held = (self.queue.len() + self.running.len()) as u32;
+        // One batch of results may be on its way up without holding back credits.
+        let waiting = self.uploads.len().saturating_sub(self.batch_limit as usize);
+        let held = (self.queue.len() + self.running.len() + waiting) as u32;
         let Some(s) = &self.session else { return };
         let target = 2 * self.batch_limit.max(1);
         let want = target.saturating_sub(held + s.granted_unfilled);
@@ -425,9 +495,16 @@ impl Controller {
         }
     }
 
+    /// Cancels (`report`: tells the coordinator) or forgets (revoked leases) the named leases, matched
+    /// by task and token: queued ones at once, running ones between steps, finished ones waiting for
+    /// their upload at once.
     async fn cancel(&mut self, leases: Vec<Lease>, report: bool) {
-        let ids: HashSet<String> = leases.iter().map(|l| l.task_id.clone()).collect();
-        let (gone, keep): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|t| ids.contains(&task_id(t)));
+        let named: HashSet<(String, u64)> = leases.iter().map(|l| (l.task_id.clone(), l.lease_token)).collect();
+        let is_named = |t: &TaskAssignment| {
+            let l = lease_of(t);
+            named.contains(&(l.task_id, l.lease_token))
+        };
+        let (gone, keep): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(is_named);
         self.queue = keep.into();
         for t in gone {
             if report {
@@ -437,8 +514,16 @@ impl Controller {
         {
             let mut c = self.cancelled.lock().unwrap();
             for t in &self.running {
-                if ids.contains(&task_id(t)) {
+                if is_named(t) {
                     c.insert(task_id(t));
+                }
+            }
+        }
+        let finished: Vec<String> = self.uploads.iter().filter(|(_, u)| is_named(&u.task)).map(|(id, _)| id.clone()).collect();
+        for id in finished {
+            if let Some(u) = self.uploads.remove(&id) {
+                if report {
+                    self.report_failure(&u.task, "cancelled before its upload", false, "cancelled").await;
                 }
             }
         }
@@ -538,7 +623,18 @@ impl Controller {
         };
         let png_tx = self.png_tx.clone();
         let id = task_id(&t);
-        self.uploads.insert(id.clone(), PendingUpload { task: t, png: Arc::new(Vec::new()), sha256: String::new(), uploading: true });
+        self.uploads.insert(
+            id.clone(),
+            PendingUpload {
+                task: t,
+                png: Arc::new(Vec::new()),
+                sha256: String::new(),
+                uploading: true,
+                failures: 0,
+                next_try: Instant::now(),
+                epoch: self.session_epoch,
+            },
+        );
         tokio::spawn(async move {
             let encoded = tokio::task::spawn_blocking(move || encode_png(img.width, img.height, &img.rgb, &meta)).await;
             let png = match encoded {
@@ -550,14 +646,20 @@ impl Controller {
         });
     }
 
-    /// Starts uploads of every encoded result that is not being uploaded.
+    /// Starts uploads of every encoded result that is not being uploaded and whose wait has passed,
+    /// while a session is up.
     fn retry_uploads(&mut self) {
         let Some(client) = self.client.clone() else { return };
+        if self.session.is_none() {
+            return;
+        }
+        let now = Instant::now();
         for (id, u) in self.uploads.iter_mut() {
-            if u.uploading || u.png.is_empty() {
+            if u.uploading || u.png.is_empty() || u.next_try > now {
                 continue;
             }
             u.uploading = true;
+            u.epoch = self.session_epoch;
             let (id, lease, png, sha, tx, c) =
                 (id.clone(), lease_of(&u.task), u.png.clone(), u.sha256.clone(), self.upload_tx.clone(), client.clone());
             tokio::spawn(async move {
@@ -570,7 +672,58 @@ impl Controller {
     fn busy(&self) -> bool {
         !self.running.is_empty() || !self.queue.is_empty() || !self.uploads.is_empty()
     }
+
+    /// Handles the end of one upload attempt.
+    async fn on_upload(&mut self, id: String, outcome: UploadOutcome) {
+        // A refusal as stale while the session changed may be the coordinator requeueing the
+        // tasks of a lost stream: the next hello may keep the lease, so the result waits for it.
+        let outcome = match outcome {
+            UploadOutcome::Stale(m) if self.uploads.get(&id).is_some_and(|u| u.epoch != self.session_epoch) => {
+                UploadOutcome::Retry(format!("refused while the session changed: {m}"))
+            }
+            o => o,
+        };
+        match outcome {
+            UploadOutcome::Committed(sha) => {
+                tracing::debug!(task = %id, %sha, "result committed");
+                self.uploads.remove(&id);
+            }
+            UploadOutcome::Stale(m) => {
+                tracing::warn!(task = %id, reason = %m, "result dropped: the lease is no longer ours");
+                self.uploads.remove(&id);
+            }
+            UploadOutcome::Retry(m) => {
+                let attempts = self.opts.upload_attempts.max(1);
+                let Some(u) = self.uploads.get_mut(&id) else { return };
+                u.uploading = false;
+                u.failures += 1;
+                let failures = u.failures;
+                if failures < attempts {
+                    let wait = upload_retry_wait(failures);
+                    u.next_try = Instant::now() + wait;
+                    tracing::warn!(task = %id, reason = %m, attempt = failures, retry_in_ms = wait.as_millis() as u64,
+                                   "upload failed; will retry");
+                    return;
+                }
+                self.give_up_upload(&id, &format!("upload failed {failures} times, last: {m}")).await;
+            }
+            UploadOutcome::Permanent(m) => self.give_up_upload(&id, &format!("upload refused: {m}")).await,
+        }
+        self.top_up().await;
+    }
+
+    /// Drops a result that cannot be uploaded and reports its task failed (`kind "upload"`, charged,
+    /// retryable: another attempt renders it again).
+    async fn give_up_upload(&mut self, id: &str, error: &str) {
+        if let Some(u) = self.uploads.remove(id) {
+            tracing::error!(task = %id, %error, "result dropped");
+            self.report_failure(&u.task, error, true, "upload").await;
+        }
+    }
 }
+
+/// First reconnect wait; doubles per failed attempt up to `max_backoff`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 
 fn code_name(c: Code) -> String {
     format!("{c:?}")
@@ -591,12 +744,10 @@ async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: Str
     for chunk in png.chunks(1 << 20) {
         msgs.push(UploadResultRequest { msg: Some(upload_result_request::Msg::Data(chunk.to_vec())) });
     }
-    match client.upload_result(tokio_stream::iter(msgs)).await {
-        Ok(r) => UploadOutcome::Committed(r.into_inner().result.map(|r| r.sha256).unwrap_or_default()),
-        Err(s) if s.code() == Code::FailedPrecondition || s.code() == Code::NotFound => {
-            UploadOutcome::Stale(s.message().to_string())
-        }
-        Err(s) => UploadOutcome::Retry(format!("{}: {}", code_name(s.code()), s.message())),
+    match tokio::time::timeout(UPLOAD_TIMEOUT, client.upload_result(tokio_stream::iter(msgs))).await {
+        Ok(Ok(r)) => UploadOutcome::Committed(r.into_inner().result.map(|r| r.sha256).unwrap_or_default()),
+        Ok(Err(s)) => upload_outcome(&s),
+        Err(_) => UploadOutcome::Retry(format!("no answer within {} s", UPLOAD_TIMEOUT.as_secs())),
     }
 }
 
@@ -618,6 +769,10 @@ pub async fn run(
         info,
         client: None,
         session: None,
+        session_epoch: 0,
+        connected_at: None,
+        backoff: RECONNECT_FIRST,
+        next_connect: Instant::now(),
         queue: VecDeque::new(),
         running: Vec::new(),
         uploads: HashMap::new(),
@@ -628,42 +783,43 @@ pub async fn run(
         png_tx,
     };
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
-    let mut next_connect = Instant::now();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
     let mut shutdown_seen = false;
+    let mut drain_deadline: Option<Instant> = None;
     loop {
-        if ctl.draining && !ctl.busy() {
-            ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: "drained".into() })).await;
-            tracing::info!("drained; exiting");
-            // Give the goodbye a moment to leave before the stream closes.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return Ok(());
+        if ctl.draining {
+            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + ctl.opts.drain_timeout);
+            let late = Instant::now() >= deadline;
+            if !ctl.busy() || late {
+                if late {
+                    // What is left goes back to the farm when the stream ends (no attempt charged).
+                    tracing::warn!(running = ctl.running.len(), uploads = ctl.uploads.len(),
+                                   timeout_s = ctl.opts.drain_timeout.as_secs(), "drain timeout; exiting with work left");
+                }
+                ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: "drained".into() })).await;
+                tracing::info!("drained; exiting");
+                // Give the goodbye a moment to leave before the stream closes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(());
+            }
         }
-        if ctl.session.is_none() && Instant::now() >= next_connect {
+        if ctl.session.is_none() && Instant::now() >= ctl.next_connect {
             match ctl.connect().await {
                 Ok(()) => {
-                    backoff = Duration::from_millis(200);
                     if let Some(s) = &ctl.session {
                         heartbeat = tokio::time::interval(s.heartbeat);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the coordinator");
-                    next_connect = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(ctl.opts.max_backoff);
-                    if ctl.draining && ctl.running.is_empty() && ctl.uploads.values().all(|u| !u.png.is_empty()) {
-                        // Draining with the coordinator away: what is left cannot be handed back; the
-                        // leases expire and the tasks are requeued without charge.
-                        if ctl.uploads.is_empty() {
-                            return Ok(());
-                        }
-                    }
+                    tracing::warn!(error = %e, retry_in_ms = ctl.backoff.as_millis() as u64, "cannot reach the coordinator");
+                    ctl.next_connect = Instant::now() + ctl.backoff;
+                    ctl.backoff = (ctl.backoff * 2).min(ctl.opts.max_backoff);
                 }
             }
         }
-        let reconnect_wait = next_connect.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let drain_wait = drain_deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+        let reconnect_wait = ctl.next_connect.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
         tokio::select! {
             _ = &mut shutdown, if !shutdown_seen => {
                 shutdown_seen = true;
@@ -673,11 +829,11 @@ pub async fn run(
                 match msg {
                     Some(Ok(m)) => ctl.on_coordinator(m).await,
                     Some(Err(s)) => {
-                        tracing::warn!(status = %s.message(), "lost the coordinator stream; reconnecting");
-                        ctl.session = None;
-                        next_connect = Instant::now() + backoff;
+                        tracing::warn!(status = %s.message(), retry_in_ms = ctl.backoff.as_millis() as u64,
+                                       "lost the coordinator stream; reconnecting");
+                        ctl.lost_session();
                     }
-                    None => { ctl.session = None; }
+                    None => ctl.lost_session(),
                 }
             }
             ev = gpu_rx.recv() => {
@@ -688,22 +844,7 @@ pub async fn run(
             }
             up = upload_rx.recv() => {
                 let Some((id, outcome)) = up else { continue };
-                match outcome {
-                    UploadOutcome::Committed(sha) => {
-                        tracing::debug!(task = %id, %sha, "result committed");
-                        ctl.uploads.remove(&id);
-                        ctl.top_up().await;
-                    }
-                    UploadOutcome::Stale(m) => {
-                        tracing::warn!(task = %id, reason = %m, "result dropped: the lease is no longer ours");
-                        ctl.uploads.remove(&id);
-                        ctl.top_up().await;
-                    }
-                    UploadOutcome::Retry(m) => {
-                        tracing::warn!(task = %id, reason = %m, "upload failed; will retry");
-                        if let Some(u) = ctl.uploads.get_mut(&id) { u.uploading = false; }
-                    }
-                }
+                ctl.on_upload(id, outcome).await;
             }
             p = png_rx.recv() => {
                 match p {
@@ -715,11 +856,7 @@ pub async fn run(
                         }
                         ctl.retry_uploads();
                     }
-                    Some((id, Err(e))) => {
-                        if let Some(u) = ctl.uploads.remove(&id) {
-                            ctl.report_failure(&u.task, &e, true, "render").await;
-                        }
-                    }
+                    Some((id, Err(e))) => ctl.give_up_upload(&id, &e).await,
                     None => {}
                 }
             }
@@ -733,6 +870,37 @@ pub async fn run(
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ctl.gather_until.unwrap_or_else(Instant::now))),
                 if ctl.gather_until.is_some() => ctl.start_batch(),
             _ = tokio::time::sleep(reconnect_wait), if ctl.session.is_none() => {}
+            _ = tokio::time::sleep(drain_wait), if drain_deadline.is_some() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_failures_are_sorted_by_what_retrying_can_do() {
+        let kind = |code: Code| match upload_outcome(&Status::new(code, "x")) {
+            UploadOutcome::Stale(_) => "stale",
+            UploadOutcome::Permanent(_) => "permanent",
+            UploadOutcome::Retry(_) => "retry",
+            UploadOutcome::Committed(_) => "committed",
+        };
+        assert_eq!(kind(Code::FailedPrecondition), "stale");
+        assert_eq!(kind(Code::NotFound), "stale");
+        assert_eq!(kind(Code::DataLoss), "permanent");
+        assert_eq!(kind(Code::InvalidArgument), "permanent");
+        assert_eq!(kind(Code::PermissionDenied), "permanent");
+        assert_eq!(kind(Code::Unavailable), "retry");
+        assert_eq!(kind(Code::Internal), "retry");
+        assert_eq!(kind(Code::ResourceExhausted), "retry");
+    }
+
+    #[test]
+    fn upload_waits_double_up_to_the_cap() {
+        let waits: Vec<u64> = (1..=8).map(|f| upload_retry_wait(f).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(upload_retry_wait(1000), UPLOAD_RETRY_MAX);
     }
 }
