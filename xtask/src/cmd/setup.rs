@@ -22,6 +22,11 @@ pub fn run() -> Result<TorchEnv> {
     if redis::find_server_binary().is_none() {
         missing.push("redis-server");
     }
+    // torch-sys and the worker's libtorch shims compile C++ (minimal images have gcc but no g++).
+    let cxx_missing = paths::which("c++").is_none() && paths::which("g++").is_none();
+    if cxx_missing {
+        missing.push("g++");
+    }
     if !missing.is_empty() {
         apt.install(&missing)?;
     }
@@ -29,6 +34,9 @@ pub fn run() -> Result<TorchEnv> {
         .context("PostgreSQL server binaries still missing after apt-get install postgresql")?;
     let redis_server = redis::find_server_binary()
         .context("redis-server still missing after apt-get install redis-server")?;
+    if cxx_missing && paths::which("c++").is_none() && paths::which("g++").is_none() {
+        bail!("no C++ compiler (c++ or g++) after apt-get install g++; torch-sys and the worker need one");
+    }
     let (torch, torch_installed) = ensure_torch_venv(&mut apt)?;
     // Not fatal: without these only `cargo xtask deploy-check` fails (and says why).
     if let Err(err) = ensure_deploy_tools(&torch.venv) {
