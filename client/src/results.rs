@@ -145,10 +145,19 @@ pub fn claim_dir(dir: &Path, job_id: &str, force: bool) -> CliResult<DirClaim> {
                 "another `farm results` is writing into {shown}; wait for it to end or choose another directory"
             )))
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(CliError::failure(format!("{shown}: locking: {e}"))),
+        // Some network filesystems have no locks: go on without one.
+        Err(std::fs::TryLockError::Error(e)) => eprintln!("warning: {shown}: cannot lock ({e}); going on without a lock"),
     }
     let marker = dir.join(JOB_FILE);
-    match std::fs::read_to_string(&marker) {
+    // A directory written before job files existed: the `--since` state names its job, if any.
+    let held = std::fs::read_to_string(&marker).or_else(|e| {
+        std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<SinceState>(&t).ok())
+            .map(|s| s.job_id)
+            .ok_or(e)
+    });
+    match held {
         Ok(held) if held.trim() == job_id => {}
         Ok(held) if !force => {
             return Err(CliError::invalid(format!(
@@ -571,5 +580,11 @@ mod tests {
         // --force hands the directory to the other job.
         drop(claim_dir(&dir, "job-b", true).unwrap());
         assert_eq!(std::fs::read_to_string(dir.join(JOB_FILE)).unwrap().trim(), "job-b");
+        // A directory from before job files: the --since state names its job.
+        let older = root.path().join("older");
+        std::fs::create_dir(&older).unwrap();
+        write_state(&older, &SinceState { job_id: "job-c".into(), since_ms: 1 }).unwrap();
+        assert_eq!(claim_dir(&older, "job-d", false).unwrap_err().exit_code(), 3);
+        drop(claim_dir(&older, "job-c", false).unwrap());
     }
 }

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and roles.
 //!
 //! Tokens look like `farm_<64 hex>`; only their SHA-256 is stored. A short in-process cache keeps the
-//! lookup off the hot path; revocations take effect within [`CACHE_TTL`].
+//! lookup off the hot path; revocations take effect within its time to live ([`CACHE_TTL`] by
+//! default, `--auth-cache-ms`), for new calls and for open worker sessions (checked on heartbeats).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +15,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
 
+/// Default time to live of a cached token lookup.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +81,12 @@ pub fn new_token() -> String {
 pub struct Authenticator {
     pool: PgPool,
     cache: Mutex<HashMap<String, (Option<Principal>, Instant)>>,
+    cache_ttl: Duration,
 }
 
 impl Authenticator {
-    pub fn new(pool: PgPool) -> Self {
-        Authenticator { pool, cache: Mutex::new(HashMap::new()) }
+    pub fn new(pool: PgPool, cache_ttl: Duration) -> Self {
+        Authenticator { pool, cache: Mutex::new(HashMap::new()), cache_ttl }
     }
 
     /// Reads `authorization: Bearer <token>` and resolves it.
@@ -101,7 +104,7 @@ impl Authenticator {
             .trim();
         let hash = hash_token(token);
         if let Some((p, at)) = self.cache.lock().unwrap().get(&hash).cloned() {
-            if at.elapsed() < CACHE_TTL {
+            if at.elapsed() < self.cache_ttl {
                 return p.ok_or_else(|| Error::Unauthenticated("unknown or revoked token".into()));
             }
         }
@@ -175,7 +178,7 @@ pub async fn list_tokens(pool: &PgPool, tenant: Option<&str>) -> Result<Vec<Toke
 
 /// Revokes the token named by `token_or_id`: the token itself (`farm_...`) or at least 8 leading
 /// hex digits of its SHA-256 (the id `token list` shows). Revoking a revoked token changes nothing.
-/// Replicas refuse it within [`CACHE_TTL`].
+/// Replicas refuse it within their cache's time to live ([`CACHE_TTL`] by default).
 pub async fn revoke_token(pool: &PgPool, token_or_id: &str) -> Result<TokenInfo> {
     let given = token_or_id.trim();
     let prefix = if given.starts_with("farm_") {

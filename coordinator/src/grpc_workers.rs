@@ -92,6 +92,8 @@ impl WorkerService for WorkerApi {
         let shared = self.shared.clone();
         let principal = shared.auth.authenticate(req.metadata()).await?;
         principal.require_worker()?;
+        // Kept to check the token again on heartbeats: a revoked token ends the session.
+        let credentials = req.metadata().clone();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
@@ -135,7 +137,7 @@ impl WorkerService for WorkerApi {
         };
         tx.send(welcome).await.map_err(|_| Status::cancelled("stream closed"))?;
         shared.sessions.lock().unwrap().insert(worker_id, tx.clone());
-        tokio::spawn(run_session(shared, slot, max_batch, inbound, tx));
+        tokio::spawn(run_session(shared, slot, max_batch, credentials, inbound, tx));
         let out = ReceiverStream::new(rx).map(Ok::<_, Status>);
         Ok(Response::new(Box::pin(out)))
     }
@@ -307,6 +309,7 @@ async fn run_session(
     shared: Arc<Shared>,
     slot: WorkerSlot,
     max_batch: u32,
+    credentials: tonic::metadata::MetadataMap,
     mut inbound: Streaming<WorkerMessage>,
     tx: mpsc::Sender<CoordinatorMessage>,
 ) {
@@ -334,6 +337,12 @@ async fn run_session(
             }
         };
         let Some(msg) = msg.msg else { continue };
+        if matches!(msg, worker_message::Msg::Heartbeat(_)) {
+            if let Err(Error::Unauthenticated(m)) = shared.auth.authenticate(&credentials).await {
+                tracing::warn!(%worker_id, reason = %m, "the worker's token is no longer valid; ending its session");
+                break;
+            }
+        }
         if let Err(e) = handle_message(&shared, &slot, msg, &credits, &credit_added).await {
             tracing::warn!(%worker_id, error = %e, "worker message not handled");
         }

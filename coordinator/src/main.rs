@@ -112,6 +112,10 @@ struct ServeArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "FARM_DB_POOL", default_value_t = 32)]
     db_pool: u32,
+    /// How long a token lookup is cached, in milliseconds: a revoked token is refused within it, by
+    /// new calls and by open worker sessions (checked on each heartbeat).
+    #[arg(long, env = "FARM_AUTH_CACHE_MS", default_value_t = 30_000)]
+    auth_cache_ms: u64,
     /// PEM certificate chain (leaf first) for TLS on the gRPC listener; with --tls-key the listener
     /// speaks TLS only. The metrics endpoint stays plain HTTP.
     #[arg(long, env = "FARM_TLS_CERT", requires = "tls_key", value_name = "PEM")]
@@ -141,9 +145,9 @@ async fn main() -> anyhow::Result<()> {
             let token = auth::create_token(&pool, &tenant, role, &label).await?;
             println!("{token}");
         }
+        // Listing and revoking read and write api_tokens only: they leave the schema as it is.
         Cmd::Token { cmd: TokenCmd::List { database_url, tenant, json } } => {
             let pool = server::connect_db(&database_url, 2).await?;
-            server::MIGRATOR.run(&pool).await.context("migrating")?;
             let tokens = auth::list_tokens(&pool, tenant.as_deref()).await?;
             if json {
                 for t in &tokens {
@@ -160,7 +164,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Token { cmd: TokenCmd::Revoke { database_url, token_or_id } } => {
             let pool = server::connect_db(&database_url, 2).await?;
-            server::MIGRATOR.run(&pool).await.context("migrating")?;
             let t = auth::revoke_token(&pool, &token_or_id).await?;
             println!("revoked token {} of tenant {} (role {})", t.id, t.tenant, t.role);
         }
@@ -182,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
                 heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
                 idle_poll: Duration::from_millis(a.idle_poll_ms),
                 db_pool_size: a.db_pool,
+                auth_cache: Duration::from_millis(a.auth_cache_ms),
                 metrics_listen: a.metrics_listen,
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;

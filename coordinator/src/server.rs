@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub idle_poll: Duration,
     pub db_pool_size: u32,
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a token lookup is trusted (revocations take effect within it).
+    pub auth_cache: Duration,
 }
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -79,7 +81,7 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
     let store = Store::new(pool.clone(), StoreConfig { lease_ttl: opts.lease_ttl, ..Default::default() });
     Ok(Arc::new(Shared {
         store,
-        auth: Authenticator::new(pool),
+        auth: Authenticator::new(pool, opts.auth_cache),
         events,
         blobs,
         limits: SubmitLimits::default(),
