@@ -26,7 +26,8 @@ pub const QUEUE_POSITION_CAP: i64 = 100_000;
 pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Result<Job> {
     let row = sqlx::query(
         "select id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
-                coalesce(idempotency_key, '') as key, total, total_steps, model, final_counts::text as final_counts
+                coalesce(idempotency_key, '') as key, total, total_steps, model,
+                case when finished_at is not null then final_counts::text end as final_counts
          from jobs where id = $1 and ($2::text is null or tenant_id = $2)",
     )
     .bind(job_id)

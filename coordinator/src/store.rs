@@ -37,8 +37,9 @@ pub struct StoreConfig {
     /// A worker that failed this many tasks of a job gets no more of that job (while another
     /// connected worker could take it).
     pub max_worker_failures_per_job: i32,
-    /// Out-of-memory failures of one task that are not charged as attempts (the worker retries
-    /// with a smaller batch); later ones are charged, so a task that fits no worker ends failed.
+    /// Out-of-memory failures of one task that are not charged as attempts (workers retry with
+    /// smaller batches, and report one at batch size 1 as a render failure); later ones are
+    /// charged, so that no task loops for ever.
     pub uncharged_out_of_memory: i64,
     /// Backoff after the first render failure; doubles per failure, capped at 60 s.
     pub backoff_base: Duration,
@@ -49,7 +50,7 @@ impl Default for StoreConfig {
         StoreConfig {
             lease_ttl: Duration::from_secs(15),
             max_worker_failures_per_job: 2,
-            uncharged_out_of_memory: 2,
+            uncharged_out_of_memory: 6,
             backoff_base: Duration::from_secs(1),
         }
     }

@@ -10,8 +10,9 @@
 //!   while a session is up; a render finished while the coordinator is away is uploaded after
 //!   reconnecting if its lease is still current (an upload refused while the session changed is
 //!   kept for that). A failing upload is retried with doubling waits; after `upload_attempts`
-//!   failures, or at once when retrying cannot help, the task is reported failed (`kind "upload"`)
-//!   and its result dropped. Results waiting for upload beyond one batch count against the credits,
+//!   failures the task is handed back without charge (the coordinator or its storage is at fault)
+//!   and its result dropped; an upload refused as invalid or corrupted fails the task at once
+//!   (`kind "upload"`, charged). Results waiting for upload beyond one batch count against the credits,
 //!   so a coordinator that cannot store results stops the worker taking more work.
 //! * Drain (SIGTERM/SIGINT or a coordinator `Drain`): queued tasks are released, the running batch
 //!   finishes and uploads, then the worker says goodbye and exits; after `drain_timeout` it exits
@@ -586,9 +587,15 @@ impl Controller {
                     self.batch_limit = (self.batch_limit / 2).max(1);
                     tracing::warn!(batch_limit = self.batch_limit, "out of memory: smaller batches from now on");
                 }
+                // Out of memory with a single task: a smaller batch cannot help on this worker, so
+                // the failure is charged like a render failure (another card may fit it).
+                let kind = match &error {
+                    RenderError::OutOfMemory(_) if tasks.len() == 1 => "render",
+                    e => e.kind(),
+                };
                 for t in &tasks {
                     self.cancelled.lock().unwrap().remove(&task_id(t));
-                    self.report_failure(t, &error.to_string(), error.retryable(), error.kind()).await;
+                    self.report_failure(t, &error.to_string(), error.retryable(), kind).await;
                 }
                 self.start_batch();
                 self.top_up().await;
@@ -705,19 +712,23 @@ impl Controller {
                                    "upload failed; will retry");
                     return;
                 }
-                self.give_up_upload(&id, &format!("upload failed {failures} times, last: {m}")).await;
+                if let Some(u) = self.uploads.remove(&id) {
+                    let reason = format!("upload failed {failures} times, last: {m}");
+                    tracing::error!(task = %id, %reason, "result dropped; the task goes back to the farm");
+                    self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&u.task)), reason })).await;
+                }
             }
-            UploadOutcome::Permanent(m) => self.give_up_upload(&id, &format!("upload refused: {m}")).await,
+            UploadOutcome::Permanent(m) => self.give_up_upload(&id, &format!("upload refused: {m}"), "upload").await,
         }
         self.top_up().await;
     }
 
-    /// Drops a result that cannot be uploaded and reports its task failed (`kind "upload"`, charged,
-    /// retryable: another attempt renders it again).
-    async fn give_up_upload(&mut self, id: &str, error: &str) {
+    /// Drops a result that cannot be uploaded and reports its task failed (`kind`: "upload" or
+    /// "render"; charged, retryable: another attempt renders it again).
+    async fn give_up_upload(&mut self, id: &str, error: &str, kind: &str) {
         if let Some(u) = self.uploads.remove(id) {
             tracing::error!(task = %id, %error, "result dropped");
-            self.report_failure(&u.task, error, true, "upload").await;
+            self.report_failure(&u.task, error, true, kind).await;
         }
     }
 }
@@ -856,7 +867,10 @@ pub async fn run(
                         }
                         ctl.retry_uploads();
                     }
-                    Some((id, Err(e))) => ctl.give_up_upload(&id, &e).await,
+                    Some((id, Err(e))) => {
+                        ctl.give_up_upload(&id, &e, "render").await;
+                        ctl.top_up().await;
+                    }
                     None => {}
                 }
             }
