@@ -138,16 +138,19 @@ pub fn claim_dir(dir: &Path, job_id: &str, force: bool) -> CliResult<DirClaim> {
         .write(true)
         .open(dir.join(LOCK_FILE))
         .map_err(|e| CliError::failure(format!("{shown}: {e}")))?;
-    match lock.try_lock() {
-        Ok(()) => {}
+    let locked = match lock.try_lock() {
+        Ok(()) => true,
         Err(std::fs::TryLockError::WouldBlock) => {
             return Err(CliError::failure(format!(
                 "another `farm results` is writing into {shown}; wait for it to end or choose another directory"
             )))
         }
         // Some network filesystems have no locks: go on without one.
-        Err(std::fs::TryLockError::Error(e)) => eprintln!("warning: {shown}: cannot lock ({e}); going on without a lock"),
-    }
+        Err(std::fs::TryLockError::Error(e)) => {
+            eprintln!("warning: {shown}: cannot lock ({e}); going on without a lock");
+            false
+        }
+    };
     let marker = dir.join(JOB_FILE);
     // A directory written before job files existed: the `--since` state names its job, if any.
     let held = std::fs::read_to_string(&marker).or_else(|e| {
@@ -173,7 +176,10 @@ pub fn claim_dir(dir: &Path, job_id: &str, force: bool) -> CliResult<DirClaim> {
                 .map_err(|e| CliError::failure(format!("{}: {e}", marker.display())))?;
         }
     }
-    remove_stale_temp_files(dir);
+    // Without the lock another run may be writing its temporary files here.
+    if locked {
+        remove_stale_temp_files(dir);
+    }
     Ok(DirClaim { _lock: lock })
 }
 

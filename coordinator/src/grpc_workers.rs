@@ -23,7 +23,7 @@ use crate::blobs::BlobStore;
 use crate::error::Error;
 use crate::params::params_of;
 use crate::state::{IssuedLease, Metrics, Shared};
-use crate::store::{Claimed, Transition, WorkerSlot, TASK_CANCELLED, TASK_FAILED, TASK_RUNNING};
+use crate::store::{Claimed, HeldLease, Transition, WorkerSlot, TASK_CANCELLED, TASK_FAILED, TASK_RUNNING};
 
 /// Largest result accepted.
 pub const MAX_RESULT_BYTES: u64 = 256 << 20;
@@ -403,7 +403,8 @@ async fn handle_message(
         }
         worker_message::Msg::Progress(p) => {
             let (task_id, token) = parse_lease(&p.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
-            if let Some((job_id, idx)) = shared.store.progress(task_id, token, p.step as i32).await? {
+            let lease = HeldLease { worker: worker_id, task: task_id, token };
+            if let Some((job_id, idx)) = shared.store.progress(lease, p.step as i32).await? {
                 shared
                     .events
                     .publish(
@@ -426,7 +427,8 @@ async fn handle_message(
             Metrics::add(&shared.metrics.tasks_failed_reports, 1);
             forget_lease(shared, task_id, token);
             let reported = retry_transient(|| {
-                shared.store.report_failure(task_id, token, &slot.name, &f.error, f.retryable, &f.kind)
+                let lease = HeldLease { worker: worker_id, task: task_id, token };
+                shared.store.report_failure(lease, &slot.name, &f.error, f.retryable, &f.kind)
             })
             .await?;
             match reported {
@@ -444,7 +446,9 @@ async fn handle_message(
         worker_message::Msg::Released(r) => {
             let (task_id, token) = parse_lease(&r.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
             forget_lease(shared, task_id, token);
-            if let Some(t) = retry_transient(|| shared.store.release(task_id, token)).await? {
+            let retry_after = i64::from(r.retry_after_ms);
+            let lease = HeldLease { worker: worker_id, task: task_id, token };
+            if let Some(t) = retry_transient(|| shared.store.release(lease, &r.reason, retry_after)).await? {
                 Metrics::add(&shared.metrics.requeues, 1);
                 shared.task_event(&t, Some(worker_id)).await;
                 shared.store.notify_new_work().await?;

@@ -102,6 +102,16 @@ pub struct WorkerSlot {
     pub precision: i16,
 }
 
+/// A lease as its holder names it in a report: the session (`worker`), the task and the token.
+/// Only the session holding the lease may report on it: task ids and tokens travel in PNG metadata
+/// and are not secrets.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldLease {
+    pub worker: Uuid,
+    pub task: Uuid,
+    pub token: i64,
+}
+
 /// Outcome of a failure report.
 #[derive(Debug, Clone)]
 pub struct FailureOutcome {
@@ -366,14 +376,16 @@ impl Store {
     }
 
     /// Records a denoising step. Returns the task's job and index, or None when the lease is stale.
-    pub async fn progress(&self, task_id: Uuid, token: i64, step: i32) -> Result<Option<(Uuid, i64)>> {
+    pub async fn progress(&self, lease: HeldLease, step: i32) -> Result<Option<(Uuid, i64)>> {
+        let HeldLease { worker, task: task_id, token } = lease;
         let row = sqlx::query(
-            "update tasks set current_step = $3 where id = $1 and lease_token = $2 and state = 2
+            "update tasks set current_step = $3 where id = $1 and lease_token = $2 and state = 2 and lease_owner = $4
              returning job_id, idx",
         )
         .bind(task_id)
         .bind(token)
         .bind(step)
+        .bind(worker)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
@@ -382,19 +394,19 @@ impl Store {
     /// A render failed (or was cancelled). Charges the attempt unless the failure is not the task's fault.
     pub async fn report_failure(
         &self,
-        task_id: Uuid,
-        token: i64,
+        lease: HeldLease,
         worker_name: &str,
         error: &str,
         retryable: bool,
         kind: &str,
     ) -> Result<Option<FailureOutcome>> {
+        let HeldLease { worker, task: task_id, token } = lease;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled,
                     (select count(*) from task_attempts a where a.task_id = t.id and a.outcome = 'out_of_memory')
              from tasks t join jobs j on j.id = t.job_id
-             where t.id = $1 and t.lease_token = $2 and t.state = 2
+             where t.id = $1 and t.lease_token = $2 and t.state = 2 and t.lease_owner = $3
              -- The job row in share mode: a concurrent cancel or retry (which update it) is either
              -- seen whole or waits for this report; reading a stale cancelled_at here marked a task
              -- cancelled after a retry had already un-cancelled its job, and the job then closed
@@ -403,6 +415,7 @@ impl Store {
         )
         .bind(task_id)
         .bind(token)
+        .bind(worker)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
@@ -482,24 +495,32 @@ impl Store {
         }))
     }
 
-    /// The worker hands an unstarted task back (drain): requeued, no attempt charged.
-    pub async fn release(&self, task_id: Uuid, token: i64) -> Result<Option<Transition>> {
+    /// The worker hands a task back (drain, or a result it could not upload): requeued, no attempt
+    /// charged. `reason` is kept as the attempt's error; with `retry_after_ms` (a hand-back after a
+    /// failure) it is also the task's last error and the next claim waits that long.
+    pub async fn release(&self, lease: HeldLease, reason: &str, retry_after_ms: i64) -> Result<Option<Transition>> {
+        let HeldLease { worker, task: task_id, token } = lease;
         let row = sqlx::query(
             r#"
             with upd as (
-                update tasks set state = 1, lease_owner = null, lease_expires_at = null, current_step = 0
-                where id = $1 and lease_token = $2 and state = 2
+                update tasks set state = 1, lease_owner = null, lease_expires_at = null, current_step = 0,
+                                 last_error = case when $5 > 0 and $4 <> '' then $4 else last_error end,
+                                 not_before = case when $5 > 0 then now() + $5 * interval '1 millisecond' else not_before end
+                where id = $1 and lease_token = $2 and state = 2 and lease_owner = $3
                 returning job_id, idx
             ),
             att as (
-                update task_attempts set ended_at = now(), outcome = 'released'
-                where lease_token = $2 and ended_at is null
+                update task_attempts a set ended_at = now(), outcome = 'released', error = nullif($4, '')
+                from upd where a.lease_token = $2 and a.ended_at is null
             )
             select job_id, idx from upd
             "#,
         )
         .bind(task_id)
         .bind(token)
+        .bind(worker)
+        .bind(reason)
+        .bind(retry_after_ms)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| Transition { job_id: r.get(0), idx: r.get(1), state: TASK_QUEUED, error: None }))

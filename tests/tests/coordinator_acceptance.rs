@@ -18,7 +18,7 @@ use farm_proto::pb::{
     coordinator_message, job_event, submit_job_request, upload_result_request, worker_message, Assign,
     CancelJobRequest, CoordinatorMessage, Credits, DownloadResultRequest, GetJobRequest, GetTaskRequest, Heartbeat, Hello, Job as JobStatus,
     JobEvent, JobState, ListJobsRequest, ListResultsRequest, ListWorkersRequest, Precision, PromptChunk, PromptSpec, RenderParams,
-    RetryJobRequest, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskFailed, TaskState, UploadHeader,
+    RetryJobRequest, StepProgress, SubmitEnd, SubmitHeader, SubmitJobRequest, SubmitJobResponse, TaskFailed, TaskReleased, TaskState, UploadHeader,
     UploadResultRequest, UploadResultResponse, WatchJobRequest, WorkerCapabilities, WorkerMessage,
 };
 use farm_tests::{
@@ -902,6 +902,32 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
+    // Another session that learned the task id and token (they travel in PNG metadata) cannot
+    // report progress on the lease, fail it or hand it back: only the session holding it can.
+    let bob_worker = bearer(&coord.token("bob", "worker").unwrap());
+    let intruder = Session::open(&ch, Some(&bob_worker), "intruder", 1).await.unwrap();
+    for msg in [
+        worker_message::Msg::Progress(StepProgress { lease: Some(lease.clone()), step: 7, total_steps: 9 }),
+        worker_message::Msg::Failed(TaskFailed {
+            lease: Some(lease.clone()),
+            error: "forged".into(),
+            retryable: false,
+            kind: "render".into(),
+        }),
+        worker_message::Msg::Released(TaskReleased { lease: Some(lease.clone()), reason: "forged".into(), retry_after_ms: 0 }),
+    ] {
+        intruder.out.send(WorkerMessage { msg: Some(msg) }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let row: (i16, i32, i32, Option<String>) = sqlx::query_as(
+        "select state, failures, current_step, lease_owner::text from tasks where id = $1",
+    )
+    .bind(Uuid::parse_str(&lease.task_id).unwrap())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row, (2, 0, 0, Some(session.worker_id.clone())), "another session changed the lease");
+    drop(intruder);
     assert_status(
         upload(&ch, wa, &lease.task_id, lease.lease_token + 1000, b"forged").await,
         Code::FailedPrecondition,

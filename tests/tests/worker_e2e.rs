@@ -399,7 +399,8 @@ async fn results_the_coordinator_cannot_store_go_back_without_charge_and_finish_
     assert_eq!(failures, 0, "an upload the coordinator could not store charged the task");
     // Storage back: the job completes (with max_attempts 1, so no attempt was spent on the outage).
     std::fs::remove_file(&store).unwrap();
-    std::fs::create_dir(&store).unwrap();
+    // create_dir_all: a store the coordinator attempts meanwhile may create it first.
+    std::fs::create_dir_all(&store).unwrap();
     let mut c = client(&coord.url()).await;
     let j = wait_job_done(&mut c, &token, &job, Duration::from_secs(120)).await;
     assert_eq!(j.state, farm_proto::pb::JobState::Succeeded as i32, "{j:?}");

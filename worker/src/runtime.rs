@@ -10,8 +10,8 @@
 //!   while a session is up; a render finished while the coordinator is away is uploaded after
 //!   reconnecting if its lease is still current (an upload refused while the session changed is
 //!   kept for that). A failing upload is retried with doubling waits; after `upload_attempts`
-//!   failures the task is handed back without charge (the coordinator or its storage is at fault)
-//!   and its result dropped; an upload refused as invalid or corrupted fails the task at once
+//!   failures while connected the task is handed back without charge (the coordinator or its
+//!   storage is at fault; it is claimed again after 30 s) and its result dropped; an upload refused as invalid or corrupted fails the task at once
 //!   (`kind "upload"`, charged). Results waiting for upload beyond one batch count against the credits,
 //!   so a coordinator that cannot store results stops the worker taking more work.
 //! * Drain (SIGTERM/SIGINT or a coordinator `Drain`): queued tasks are released, the running batch
@@ -50,6 +50,8 @@ const UPLOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
 const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Longest time one upload call may take.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a task handed back after failed uploads waits before it is claimed again.
+const UPLOAD_HANDBACK_DELAY: Duration = Duration::from_secs(30);
 
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
@@ -281,8 +283,9 @@ struct Controller {
     gather_until: Option<Instant>,
     draining: bool,
     job_tx: std::sync::mpsc::SyncSender<Vec<TaskAssignment>>,
-    upload_tx: mpsc::Sender<(String, UploadOutcome)>,
-    png_tx: mpsc::Sender<(String, Result<Vec<u8>, String>)>,
+    /// (task id, lease token, outcome): an outcome of an older lease of the same task is ignored.
+    upload_tx: mpsc::Sender<(String, u64, UploadOutcome)>,
+    png_tx: mpsc::Sender<(String, u64, Result<Vec<u8>, String>)>,
 }
 
 impl Controller {
@@ -472,7 +475,8 @@ impl Controller {
                 if self.draining {
                     for t in a.tasks {
                         let lease = Some(lease_of(&t));
-                        self.send(worker_message::Msg::Released(TaskReleased { lease, reason: "draining".into() })).await;
+                        self.send(worker_message::Msg::Released(TaskReleased { lease, reason: "draining".into(), retry_after_ms: 0 }))
+                            .await;
                     }
                     return;
                 }
@@ -549,7 +553,8 @@ impl Controller {
         let queued: Vec<TaskAssignment> = self.queue.drain(..).collect();
         tracing::info!(released = queued.len(), running = self.running.len(), "draining");
         for t in queued {
-            self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&t)), reason: "worker draining".into() }))
+            let reason = "worker draining".into();
+            self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&t)), reason, retry_after_ms: 0 }))
                 .await;
         }
     }
@@ -630,6 +635,7 @@ impl Controller {
         };
         let png_tx = self.png_tx.clone();
         let id = task_id(&t);
+        let token = lease_of(&t).lease_token;
         self.uploads.insert(
             id.clone(),
             PendingUpload {
@@ -649,7 +655,7 @@ impl Controller {
                 Ok(Err(e)) => Err(format!("PNG encoding failed: {e}")),
                 Err(e) => Err(format!("PNG encoding panicked: {e}")),
             };
-            let _ = png_tx.send((id, png)).await;
+            let _ = png_tx.send((id, token, png)).await;
         });
     }
 
@@ -670,8 +676,9 @@ impl Controller {
             let (id, lease, png, sha, tx, c) =
                 (id.clone(), lease_of(&u.task), u.png.clone(), u.sha256.clone(), self.upload_tx.clone(), client.clone());
             tokio::spawn(async move {
+                let token = lease.lease_token;
                 let outcome = upload(c, lease, png, sha).await;
-                let _ = tx.send((id, outcome)).await;
+                let _ = tx.send((id, token, outcome)).await;
             });
         }
     }
@@ -680,8 +687,16 @@ impl Controller {
         !self.running.is_empty() || !self.queue.is_empty() || !self.uploads.is_empty()
     }
 
+    /// The pending upload of task `id` under lease `token`, if it is still waiting.
+    fn pending(&mut self, id: &str, token: u64) -> Option<&mut PendingUpload> {
+        self.uploads.get_mut(id).filter(|u| lease_of(&u.task).lease_token == token)
+    }
+
     /// Handles the end of one upload attempt.
-    async fn on_upload(&mut self, id: String, outcome: UploadOutcome) {
+    async fn on_upload(&mut self, id: String, token: u64, outcome: UploadOutcome) {
+        if self.pending(&id, token).is_none() {
+            return; // cancelled meanwhile, or an older lease of the same task
+        }
         // A refusal as stale while the session changed may be the coordinator requeueing the
         // tasks of a lost stream: the next hello may keep the lease, so the result waits for it.
         let outcome = match outcome {
@@ -701,8 +716,16 @@ impl Controller {
             }
             UploadOutcome::Retry(m) => {
                 let attempts = self.opts.upload_attempts.max(1);
-                let Some(u) = self.uploads.get_mut(&id) else { return };
+                let (epoch, connected) = (self.session_epoch, self.session.is_some());
+                let Some(u) = self.pending(&id, token) else { return };
                 u.uploading = false;
+                if !connected || u.epoch != epoch {
+                    // The session went away meanwhile: not the upload's failure. It runs again once
+                    // the next hello has kept the lease.
+                    u.next_try = Instant::now();
+                    tracing::info!(task = %id, reason = %m, "upload interrupted by the session's end; will retry");
+                    return;
+                }
                 u.failures += 1;
                 let failures = u.failures;
                 if failures < attempts {
@@ -715,7 +738,9 @@ impl Controller {
                 if let Some(u) = self.uploads.remove(&id) {
                     let reason = format!("upload failed {failures} times, last: {m}");
                     tracing::error!(task = %id, %reason, "result dropped; the task goes back to the farm");
-                    self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&u.task)), reason })).await;
+                    let lease = Some(lease_of(&u.task));
+                    let retry_after_ms = UPLOAD_HANDBACK_DELAY.as_millis() as u32;
+                    self.send(worker_message::Msg::Released(TaskReleased { lease, reason, retry_after_ms })).await;
                 }
             }
             UploadOutcome::Permanent(m) => self.give_up_upload(&id, &format!("upload refused: {m}"), "upload").await,
@@ -771,8 +796,8 @@ pub async fn run(
     let info = renderer.info();
     let cancelled = Arc::new(Mutex::new(HashSet::new()));
     let (job_tx, mut gpu_rx) = spawn_gpu_thread(renderer, cancelled.clone());
-    let (upload_tx, mut upload_rx) = mpsc::channel::<(String, UploadOutcome)>(1024);
-    let (png_tx, mut png_rx) = mpsc::channel::<(String, Result<Vec<u8>, String>)>(1024);
+    let (upload_tx, mut upload_rx) = mpsc::channel::<(String, u64, UploadOutcome)>(1024);
+    let (png_tx, mut png_rx) = mpsc::channel::<(String, u64, Result<Vec<u8>, String>)>(1024);
     let mut ctl = Controller {
         batch_limit: opts.max_batch.max(1),
         gather_until: None,
@@ -822,6 +847,10 @@ pub async fn run(
                         heartbeat = tokio::time::interval(s.heartbeat);
                     }
                 }
+                Err(e) if e.starts_with("Unauthenticated") || e.starts_with("PermissionDenied") => {
+                    // Retrying cannot help: the token is unknown, revoked or not a worker token.
+                    anyhow::bail!("the coordinator refuses this worker: {e}");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = ctl.backoff.as_millis() as u64, "cannot reach the coordinator");
                     ctl.next_connect = Instant::now() + ctl.backoff;
@@ -854,24 +883,24 @@ pub async fn run(
                 }
             }
             up = upload_rx.recv() => {
-                let Some((id, outcome)) = up else { continue };
-                ctl.on_upload(id, outcome).await;
+                let Some((id, token, outcome)) = up else { continue };
+                ctl.on_upload(id, token, outcome).await;
             }
             p = png_rx.recv() => {
                 match p {
-                    Some((id, Ok(png))) => {
-                        if let Some(u) = ctl.uploads.get_mut(&id) {
+                    Some((id, token, Ok(png))) => {
+                        if let Some(u) = ctl.pending(&id, token) {
                             u.sha256 = hex::encode(Sha256::digest(&png));
                             u.png = Arc::new(png);
                             u.uploading = false;
                         }
                         ctl.retry_uploads();
                     }
-                    Some((id, Err(e))) => {
+                    Some((id, token, Err(e))) if ctl.pending(&id, token).is_some() => {
                         ctl.give_up_upload(&id, &e, "render").await;
                         ctl.top_up().await;
                     }
-                    None => {}
+                    Some(_) | None => {}
                 }
             }
             _ = heartbeat.tick() => {
