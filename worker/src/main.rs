@@ -79,7 +79,8 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     max_backoff_ms: u64,
     /// Upload attempts per result; waits between them double from 1 s up to 30 s. After the last
-    /// one the task is reported failed (an attempt is charged) and rendered again.
+    /// one the task goes back to the farm without charge (claimed again after 30 s) and is
+    /// rendered again.
     #[arg(long, env = "FARM_UPLOAD_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     upload_attempts: u32,
     /// Longest drain after SIGTERM, in seconds: the running batch finishes and uploads, then the

@@ -11,9 +11,10 @@
 //!   reconnecting if its lease is still current (an upload refused while the session changed is
 //!   kept for that). A failing upload is retried with doubling waits; after `upload_attempts`
 //!   failures while connected the task is handed back without charge (the coordinator or its
-//!   storage is at fault; it is claimed again after 30 s) and its result dropped; an upload refused as invalid or corrupted fails the task at once
-//!   (`kind "upload"`, charged). Results waiting for upload beyond one batch count against the credits,
-//!   so a coordinator that cannot store results stops the worker taking more work.
+//!   storage is at fault; it is claimed again after 30 s) and its result dropped. An upload refused
+//!   as invalid or corrupted fails the task at once (`kind "upload"`, charged). Results waiting for
+//!   upload beyond one batch count against the credits, so a coordinator that cannot store results
+//!   stops the worker taking more work.
 //! * Drain (SIGTERM/SIGINT or a coordinator `Drain`): queued tasks are released, the running batch
 //!   finishes and uploads, then the worker says goodbye and exits; after `drain_timeout` it exits
 //!   with what is left (the coordinator requeues those tasks without charge when the stream ends).
@@ -62,7 +63,7 @@ pub struct WorkerOptions {
     pub max_batch: u32,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
-    /// Upload attempts per result before the task is reported failed.
+    /// Upload attempts per result before the task is handed back.
     pub upload_attempts: u32,
     /// Longest drain: after it the worker exits with what is left.
     pub drain_timeout: Duration,
