@@ -59,24 +59,11 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
         let n: i64 = r.get(1);
         let steps: i64 = r.get(2);
         let current: i64 = r.get(3);
+        set_count(&mut c, state, n as u64);
+        // Running tasks count their finished steps; finished ones all of theirs.
         match state {
-            1 => c.queued = n as u64,
-            2 => {
-                c.running = n as u64;
-                done_steps += current;
-            }
-            3 => {
-                c.succeeded = n as u64;
-                done_steps += steps;
-            }
-            4 => {
-                c.failed = n as u64;
-                done_steps += steps;
-            }
-            5 => {
-                c.cancelled = n as u64;
-                done_steps += steps;
-            }
+            2 => done_steps += current,
+            3..=5 => done_steps += steps,
             _ => {}
         }
     }
@@ -126,11 +113,28 @@ pub async fn job_finished(pool: &PgPool, job_id: Uuid) -> Result<bool> {
     Ok(finished.unwrap_or(false))
 }
 
+/// Stores `n` tasks of task state number `state` into `c` (unknown states are ignored).
+fn set_count(c: &mut TaskCounts, state: i16, n: u64) {
+    match state {
+        1 => c.queued = n,
+        2 => c.running = n,
+        3 => c.succeeded = n,
+        4 => c.failed = n,
+        5 => c.cancelled = n,
+        _ => {}
+    }
+}
+
 /// Task counts from the `final_counts` object (`{"3": 5, "4": 1}`: task state number to count).
 fn counts_from_json(stored: &str, total: u64) -> TaskCounts {
     let map: HashMap<String, u64> = serde_json::from_str(stored).unwrap_or_default();
-    let n = |state: i16| map.get(&state.to_string()).copied().unwrap_or(0);
-    TaskCounts { queued: n(1), running: n(2), succeeded: n(3), failed: n(4), cancelled: n(5), total }
+    let mut c = TaskCounts { total, ..Default::default() };
+    for (state, n) in map {
+        if let Ok(state) = state.parse() {
+            set_count(&mut c, state, n);
+        }
+    }
+    c
 }
 
 fn job_from_row(row: &sqlx::postgres::PgRow) -> Job {
