@@ -384,6 +384,11 @@ async fn handle_message(
     credit_added: &Notify,
 ) -> Result<(), Error> {
     let worker_id = slot.worker_id;
+    // A lease named in a report, as this session holds it.
+    let held = |l: &Option<Lease>| -> Result<HeldLease, Error> {
+        let (task, token) = parse_lease(l).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+        Ok(HeldLease { worker: worker_id, task, token })
+    };
     match msg {
         worker_message::Msg::Hello(_) => {}
         worker_message::Msg::Credits(c) => {
@@ -402,9 +407,7 @@ async fn handle_message(
             shared.store.heartbeat(worker_id, &leases).await?
         }
         worker_message::Msg::Progress(p) => {
-            let (task_id, token) = parse_lease(&p.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
-            let lease = HeldLease { worker: worker_id, task: task_id, token };
-            if let Some((job_id, idx)) = shared.store.progress(lease, p.step as i32).await? {
+            if let Some((job_id, idx)) = shared.store.progress(held(&p.lease)?, p.step as i32).await? {
                 shared
                     .events
                     .publish(
@@ -423,14 +426,11 @@ async fn handle_message(
         }
         worker_message::Msg::Rendered(_) => {}
         worker_message::Msg::Failed(f) => {
-            let (task_id, token) = parse_lease(&f.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+            let lease = held(&f.lease)?;
             Metrics::add(&shared.metrics.tasks_failed_reports, 1);
-            forget_lease(shared, task_id, token);
-            let reported = retry_transient(|| {
-                let lease = HeldLease { worker: worker_id, task: task_id, token };
-                shared.store.report_failure(lease, &slot.name, &f.error, f.retryable, &f.kind)
-            })
-            .await?;
+            forget_lease(shared, lease.task, lease.token);
+            let reported =
+                retry_transient(|| shared.store.report_failure(lease, &slot.name, &f.error, f.retryable, &f.kind)).await?;
             match reported {
                 Some(out) => {
                     shared.task_event(&out.transition, Some(worker_id)).await;
@@ -444,10 +444,9 @@ async fn handle_message(
             }
         }
         worker_message::Msg::Released(r) => {
-            let (task_id, token) = parse_lease(&r.lease).map_err(|s| Error::InvalidArgument(s.message().into()))?;
-            forget_lease(shared, task_id, token);
+            let lease = held(&r.lease)?;
+            forget_lease(shared, lease.task, lease.token);
             let retry_after = i64::from(r.retry_after_ms);
-            let lease = HeldLease { worker: worker_id, task: task_id, token };
             if let Some(t) = retry_transient(|| shared.store.release(lease, &r.reason, retry_after)).await? {
                 Metrics::add(&shared.metrics.requeues, 1);
                 shared.task_event(&t, Some(worker_id)).await;

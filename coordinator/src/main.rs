@@ -59,7 +59,8 @@ enum TokenCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a token: every replica refuses it within 30 s (the authentication cache).
+    /// Revoke a token: every replica refuses it within its --auth-cache-ms (30 s by default), and a
+    /// worker session open with it ends at its next heartbeat after that.
     Revoke {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
