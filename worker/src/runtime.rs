@@ -336,6 +336,11 @@ impl Controller {
         if self.connected_at.take().is_some_and(|t| t.elapsed() >= STABLE_SESSION) {
             self.backoff = RECONNECT_FIRST;
         }
+        self.schedule_reconnect();
+    }
+
+    /// The next connect waits for the backoff, which doubles up to `max_backoff`.
+    fn schedule_reconnect(&mut self) {
         self.next_connect = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(self.opts.max_backoff);
     }
@@ -695,18 +700,21 @@ impl Controller {
 
     /// Handles the end of one upload attempt.
     async fn on_upload(&mut self, id: String, token: u64, outcome: UploadOutcome) {
-        if self.pending(&id, token).is_none() {
+        let (epoch, connected) = (self.session_epoch, self.session.is_some());
+        let Some(u) = self.pending(&id, token) else {
             return; // cancelled meanwhile, or an older lease of the same task
-        }
-        // A refusal as stale while the session changed may be the coordinator requeueing the
-        // tasks of a lost stream: the next hello may keep the lease, so the result waits for it.
-        let outcome = match outcome {
-            UploadOutcome::Stale(m) if self.uploads.get(&id).is_some_and(|u| u.epoch != self.session_epoch) => {
-                UploadOutcome::Retry(format!("refused while the session changed: {m}"))
-            }
-            o => o,
         };
+        // The session ended or changed during the attempt: a failure, or a refusal as stale (the
+        // coordinator requeues the tasks of a lost stream), is not the upload's. It runs again,
+        // uncounted, once the next hello has kept the lease.
+        let interrupted = !connected || u.epoch != epoch;
         match outcome {
+            UploadOutcome::Stale(m) | UploadOutcome::Retry(m) if interrupted => {
+                u.uploading = false;
+                u.next_try = Instant::now();
+                tracing::info!(task = %id, reason = %m, "upload interrupted by the session's end; will retry");
+                return;
+            }
             UploadOutcome::Committed(sha) => {
                 tracing::debug!(task = %id, %sha, "result committed");
                 self.uploads.remove(&id);
@@ -717,16 +725,8 @@ impl Controller {
             }
             UploadOutcome::Retry(m) => {
                 let attempts = self.opts.upload_attempts.max(1);
-                let (epoch, connected) = (self.session_epoch, self.session.is_some());
                 let Some(u) = self.pending(&id, token) else { return };
                 u.uploading = false;
-                if !connected || u.epoch != epoch {
-                    // The session went away meanwhile: not the upload's failure. It runs again once
-                    // the next hello has kept the lease.
-                    u.next_try = Instant::now();
-                    tracing::info!(task = %id, reason = %m, "upload interrupted by the session's end; will retry");
-                    return;
-                }
                 u.failures += 1;
                 let failures = u.failures;
                 if failures < attempts {
@@ -854,8 +854,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = ctl.backoff.as_millis() as u64, "cannot reach the coordinator");
-                    ctl.next_connect = Instant::now() + ctl.backoff;
-                    ctl.backoff = (ctl.backoff * 2).min(ctl.opts.max_backoff);
+                    ctl.schedule_reconnect();
                 }
             }
         }
