@@ -341,7 +341,7 @@ trait Movable: Sized {
 }
 
 impl Movable for Gemma3TextModel {
-    const NAME: &'static str = "text encoder";
+    const NAME: &'static str = "Gemma 3 text encoder";
     fn to_device(&mut self, device: Device) -> Result<(), WeightsError> {
         Gemma3TextModel::to_device(self, device)
     }
@@ -1041,9 +1041,9 @@ impl Pipeline {
                         let h = m
                             .forward(&inputs.input_ids, &inputs.attention_mask)
                             .narrow(1, 0, valid)
-                            .to_kind(caption_encoder_kind(kind));
-                        let h = finite_encoding(h, TextRole::Caption, &k.0)?;
-                        Ok(((*k).clone(), h.to_device(Device::Cpu)))
+                            .to_kind(caption_encoder_kind(kind))
+                            .to_device(Device::Cpu);
+                        Ok(((*k).clone(), finite_encoding::<Gemma3TextModel>(h, &k.0)?))
                     })
                     .collect::<Result<Vec<_>, PipelineError>>()
             })?;
@@ -1054,9 +1054,8 @@ impl Pipeline {
                 pooled
                     .iter()
                     .map(|k| {
-                        let v = encode_pooled(m, text.pooled_tok.as_ref(), &k.0)?.to_kind(kind);
-                        let v = finite_encoding(v, TextRole::Pooled, &k.0)?;
-                        Ok(((*k).clone(), v.to_device(Device::Cpu)))
+                        let v = encode_pooled(m, text.pooled_tok.as_ref(), &k.0)?.to_kind(kind).to_device(Device::Cpu);
+                        Ok(((*k).clone(), finite_encoding::<JinaTextModel>(v, &k.0)?))
                     })
                     .collect::<Result<Vec<_>, PipelineError>>()
             })?;
@@ -1070,20 +1069,16 @@ impl Pipeline {
     }
 }
 
-/// A text encoding in the dtype it is kept in, refused with [`PipelineError::Numerical`] when it
-/// holds NaN or Inf, so that a broken encoding is never cached (the empty negative prompt's is kept
-/// for good).
-fn finite_encoding(v: Tensor, role: TextRole, text: &str) -> Result<Tensor, PipelineError> {
+/// Encoder `E`'s encoding of `text`, checked on the host copy in the dtype it is kept in: refused
+/// with [`PipelineError::Numerical`] when it holds NaN or Inf, so that a broken encoding is never
+/// cached (the empty negative prompt's is kept for good).
+fn finite_encoding<E: Movable>(v: Tensor, text: &str) -> Result<Tensor, PipelineError> {
     if v.isfinite().all().int64_value(&[]) != 0 {
         return Ok(v);
     }
-    let encoder = match role {
-        TextRole::Caption => "caption encoder (Gemma 3)",
-        TextRole::Pooled => "pooled encoder (Jina CLIP)",
-    };
     let shown: String = text.chars().take(60).collect();
     let more = if text.chars().count() > 60 { "…" } else { "" };
-    Err(PipelineError::Numerical(format!("NaN or Inf in the {encoder} output ({:?}) for {shown:?}{more}", v.kind())))
+    Err(PipelineError::Numerical(format!("NaN or Inf in the {} output ({:?}) for {shown:?}{more}", E::NAME, v.kind())))
 }
 
 /// Adds one checkpoint component to the weights hash: name, `config.json` bytes, and per
@@ -1192,17 +1187,17 @@ mod tests {
     #[test]
     fn non_finite_encodings_are_refused_with_the_encoder_named() {
         let ok = Tensor::from_slice(&[1.0f32, -2.0]).to_kind(Kind::Half);
-        assert!(finite_encoding(ok, TextRole::Caption, "a").is_ok());
+        assert!(finite_encoding::<Gemma3TextModel>(ok, "a").is_ok());
         // 70000 does not fit fp16: the conversion gives Inf, as an overflowing activation would.
         let over = Tensor::from_slice(&[1.0f32, 70000.0]).to_kind(Kind::Half);
-        match finite_encoding(over, TextRole::Caption, "1girl, solo") {
+        match finite_encoding::<Gemma3TextModel>(over, "1girl, solo") {
             Err(PipelineError::Numerical(m)) => {
                 assert!(m.contains("Gemma 3") && m.contains("1girl, solo") && m.contains("Half"), "{m}")
             }
             other => panic!("expected a numerical error, got {other:?}"),
         }
         let nan = Tensor::from_slice(&[f32::NAN]);
-        match finite_encoding(nan, TextRole::Pooled, "x") {
+        match finite_encoding::<JinaTextModel>(nan, "x") {
             Err(PipelineError::Numerical(m)) => assert!(m.contains("Jina"), "{m}"),
             other => panic!("expected a numerical error, got {other:?}"),
         }
