@@ -97,6 +97,19 @@ fn submit(cli: &farm_tests::Cli, file: &Path, extra: &[&str]) -> String {
     first["job_id"].as_str().expect("job_id").to_string()
 }
 
+/// Polls task 0 of `job` until it has rendered `step` steps.
+async fn wait_task_step(c: &mut Client, token: &str, job: &str, step: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = c.get_task(authed(token, GetTaskRequest { job_id: job.into(), index: 0 })).await.unwrap().into_inner();
+        if t.current_step >= step {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task 0 of job {job} made no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_job_done(c: &mut Client, token: &str, job: &str, timeout: Duration) -> farm_proto::pb::Job {
     let deadline = Instant::now() + timeout;
     loop {
@@ -264,15 +277,7 @@ async fn sigterm_drains_the_running_batch_and_hands_back_the_rest() {
     let args_a = ["--model", "tiny", "--device", "cpu", "--precision", "fp32", "--max-batch", "2", "--name", "worker-a"];
     let mut worker_a = Worker::spawn(&coord.url(), &wtoken, &args_a).unwrap();
     let mut c = client(&coord.url()).await;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let t = c.get_task(authed(&token, GetTaskRequest { job_id: job.clone(), index: 0 })).await.unwrap().into_inner();
-        if t.current_step >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_task_step(&mut c, &token, &job, 2, Duration::from_secs(300)).await;
     // SIGTERM: the running batch must finish and upload, the queued tasks go back.
     let pid = worker_a.pid().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -329,11 +334,7 @@ async fn a_drain_past_its_timeout_exits_and_hands_the_task_back() {
     let job = submit(&cli, &file, &["--width", "64", "--height", "64", "--steps", "100"]);
     let mut worker = synthetic_worker(&coord.url(), &wtoken, "slow", 200, &["--drain-timeout-s", "1"]);
     let mut c = client(&coord.url()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.get_task(authed(&token, GetTaskRequest { job_id: job.clone(), index: 0 })).await.unwrap().into_inner().current_step < 2 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_task_step(&mut c, &token, &job, 2, Duration::from_secs(60)).await;
     let pid = worker.pid().unwrap() as i32;
     let stopped = Instant::now();
     unsafe { libc::kill(pid, libc::SIGTERM) };
