@@ -4,21 +4,11 @@
 //! length and changes matrix shapes, which may move the last bits of f32 sums; a channel byte may
 //! then round differently by one. Everything else that must be equal is compared exactly.
 
-use std::sync::{Mutex, MutexGuard};
-
 use farm_worker::model::pipeline::{
     ImageRequest, Pipeline, PipelineError, PipelineOptions, Preset, RenderSettings, RgbImage,
 };
 use farm_worker::model::sampler::{SampleParams, SamplerKind};
 use tch::{Device, Kind};
-
-/// Random-weight construction and noise draws seed libtorch's process-wide generator: tests that
-/// build pipelines or render run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn tiny(kind: Kind) -> Pipeline {
     // The tiny model's tensors are too small to gain from intra-op threads; on a busy machine
@@ -82,7 +72,6 @@ const C: &str = "a cat sitting on a windowsill at sunset";
 
 #[test]
 fn batch_of_three_non_square_images() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     assert_eq!(p.model_name(), "tiny");
     assert_eq!(p.weights_hash().len(), 64);
@@ -108,7 +97,6 @@ fn batch_of_three_non_square_images() {
 
 #[test]
 fn same_seed_is_reproducible_and_other_seed_differs() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     let s = settings(64, 96, 4);
     let first = render_all(&mut p, &[req(A, 11)], &s);
@@ -127,7 +115,6 @@ fn same_seed_is_reproducible_and_other_seed_differs() {
 
 #[test]
 fn batch_results_match_single_renders() {
-    let _g = serial();
     let s = settings(64, 96, 4);
     // Fresh pipelines, so that the single render encodes its prompt itself rather than reusing
     // the batch's cached encoding.
@@ -140,7 +127,6 @@ fn batch_results_match_single_renders() {
 
 #[test]
 fn dropping_an_item_leaves_the_others_untouched() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     let s = settings(64, 96, 4);
     let reqs = [req(A, 31), req(B, 32), req(C, 33)];
@@ -167,7 +153,6 @@ fn dropping_an_item_leaves_the_others_untouched() {
 
 #[test]
 fn invalid_sizes_are_rejected() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     for (w, h) in [(65, 96), (64, 100), (0, 64), (2048, 2048), (1024, 128)] {
         match p.render(&[req(A, 1)], &settings(w, h, 2), &mut |_, _| Vec::new()) {
@@ -184,7 +169,6 @@ fn invalid_sizes_are_rejected() {
 
 #[test]
 fn text_cache_hits_on_repeated_prompts() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     let s = settings(32, 32, 1);
     assert_eq!(p.text_cache_stats(), (0, 0));
@@ -200,7 +184,6 @@ fn text_cache_hits_on_repeated_prompts() {
 
 /// A 64x64 render of the tiny pipeline in `kind` gives a full image with varied pixels.
 fn assert_renders_in(kind: Kind) {
-    let _g = serial();
     let mut p = tiny(kind);
     assert_eq!(p.kind(), kind);
     let img = render_all(&mut p, &[ImageRequest { prompt: A.into(), negative_prompt: "lowres, blurry".into(), seed: 5 }], &settings(64, 64, 4));
@@ -221,7 +204,6 @@ fn fp16_render_is_finite() {
 
 #[test]
 fn tiny_256_render_is_fast() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     let s = settings(256, 256, 8);
     render_all(&mut p, &[req(A, 1)], &s);
@@ -235,7 +217,6 @@ fn tiny_256_render_is_fast() {
 
 #[test]
 fn non_finite_latents_are_reported() {
-    let _g = serial();
     let mut p = tiny(Kind::Float);
     let mut s = settings(32, 32, 3);
     s.sample.cfg_scale = 1e38;
@@ -247,7 +228,6 @@ fn non_finite_latents_are_reported() {
 
 #[test]
 fn random_newbie_preset_refuses_a_model_dir_for_tiny_and_missing_folders() {
-    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut opts = PipelineOptions {
         preset: Preset::Tiny,
@@ -352,7 +332,6 @@ mod layout {
 
 #[test]
 fn published_layout_loads_and_renders() {
-    let _g = serial();
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     layout::write(dir.path(), "clip_model");
@@ -405,7 +384,6 @@ fn published_layout_loads_and_renders() {
 /// the full-size `newbie-exp0.1` preset (random weights, about 17 GB of device memory).
 #[test]
 fn cuda_render_offload_and_out_of_memory() {
-    let _g = serial();
     farm_worker::device::load_cuda_backend();
     if !tch::Cuda::is_available() {
         eprintln!("no CUDA device: skipped");
@@ -503,7 +481,6 @@ fn cuda_render_offload_and_out_of_memory() {
 #[test]
 fn attention_measurement_compares_both_orders_and_sets_the_choice() {
     use farm_worker::model::sdpa::{self, Backend, Preference};
-    let _serial = serial();
     let p = tiny(Kind::Float);
     let (chosen, trials) = p.measure_attention(128, 16).unwrap();
     assert_eq!(trials.iter().map(|t| t.preference).collect::<Vec<_>>(), [Preference::Default, Preference::First(Backend::Cudnn)]);

@@ -8,15 +8,6 @@ use std::process::Command;
 use farm_worker::verify::{verify_dir, VerifyError, VerifyReport};
 use tch::{Device, Kind, Tensor};
 
-/// Loading the text encoders draws their initial values from libtorch's process-wide generator,
-/// and the sampler check seeds that generator for its noise: checks that run in this process run
-/// one at a time, or one's loading shifts another's noise.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn goldens() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
 }
@@ -82,7 +73,6 @@ fn assert_covers_io(r: &VerifyReport) {
 
 #[test]
 fn goldens_pass_in_fp32_on_cpu() {
-    let _g = serial();
     let r = verify_dir(&goldens(), Device::Cpu, Kind::Float).unwrap();
     assert_all_pass(&r);
     assert_covers_io(&r);
@@ -95,7 +85,6 @@ fn goldens_pass_in_fp32_on_cpu() {
 
 #[test]
 fn goldens_pass_in_bf16_on_cpu() {
-    let _g = serial();
     let r = verify_dir(&goldens(), Device::Cpu, Kind::BFloat16).unwrap();
     eprintln!("{}", r.to_table());
     assert_all_pass(&r);
@@ -109,7 +98,6 @@ fn goldens_pass_in_bf16_on_cpu() {
 
 #[test]
 fn perturbed_tensor_fails_and_is_named() {
-    let _g = serial();
     let dir = perturbed_goldens();
     let r = verify_dir(dir.path(), Device::Cpu, Kind::Float).unwrap();
     assert!(!r.pass);
@@ -129,7 +117,6 @@ fn perturbed_tensor_fails_and_is_named() {
 /// A perturbation on a padding row (outside the valid rows) is not a failure.
 #[test]
 fn padding_rows_are_not_compared() {
-    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     copy_goldens(dir.path(), &["dit"]);
     let path = dir.path().join("dit_io.safetensors");
@@ -157,7 +144,6 @@ fn padding_rows_are_not_compared() {
 
 #[test]
 fn absent_components_are_skipped_and_an_empty_dir_is_an_error() {
-    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     match verify_dir(dir.path(), Device::Cpu, Kind::Float) {
         Err(VerifyError::NoComponents(_)) => {}

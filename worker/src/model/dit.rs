@@ -789,6 +789,7 @@ impl NextDit {
     /// `1 + 0.1·N(0,1)`, biases `0.1·N(0,1)`, matrices `N(0,1)/sqrt(fan_in)`. Seeds torch's global
     /// generator with `seed`.
     pub fn randomize(vs: &nn::VarStore, seed: i64) {
+        let _generator = super::rng::lock();
         tch::manual_seed(seed);
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));

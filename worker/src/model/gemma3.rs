@@ -572,8 +572,10 @@ pub struct Gemma3TextModel {
 
 impl Gemma3TextModel {
     /// Builds the model under `vs` with keys `embed_tokens.weight`, `layers.{i}.*`, `norm.weight`.
+    /// Holds libtorch's global generator while tch's initialisers draw (see [`super::rng`]).
     pub fn new(vs: &nn::Path, cfg: &Gemma3Config) -> Result<Self, WeightsError> {
         cfg.validate()?;
+        let _generator = super::rng::lock();
         let attention = cfg.layer_attention()?;
         let embed_tokens = vs.sub("embed_tokens").var(
             "weight",

@@ -582,8 +582,10 @@ pub struct JinaTextModel {
 impl JinaTextModel {
     /// Builds the encoder under `vs` with keys `embeddings.*`, `emb_ln.*`, `encoder.layers.{i}.*`
     /// (merged weights: `<m>.weight`).
+    /// Holds libtorch's global generator while tch's initialisers draw (see [`super::rng`]).
     pub fn new(vs: &nn::Path, cfg: &JinaConfig) -> Result<Self, WeightsError> {
         cfg.validate()?;
+        let _generator = super::rng::lock();
         let e = &cfg.hf_model_config_kwargs;
         let layers = (0..e.num_hidden_layers)
             .map(|i| Block::new(vs / "encoder" / "layers" / i, e))

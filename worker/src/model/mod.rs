@@ -7,6 +7,7 @@
 //! * [`vae`]: the FLUX VAE decoder.
 //! * [`sdpa`]: the order of libtorch's fused attention kernels (cuDNN first on Hopper, or the default).
 //! * [`loading`]: strict checkpoint loading (key sets compared both ways, shapes, dtypes).
+//! * [`rng`]: the lock every seed, random draw and model build holds on libtorch's global generators.
 //! * [`pipeline`]: text to RGB images, the whole chain, with per-step callbacks and cancellation.
 
 pub mod dit;
@@ -14,6 +15,7 @@ pub mod gemma3;
 pub mod jina;
 pub mod loading;
 pub mod pipeline;
+pub mod rng;
 pub mod sampler;
 pub mod sdpa;
 pub mod tokenizer;

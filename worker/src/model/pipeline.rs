@@ -572,6 +572,7 @@ fn random_module<T, E: std::fmt::Display>(
     randomize: impl FnOnce(&nn::VarStore),
 ) -> Result<(T, nn::VarStore), PipelineError> {
     let err = |e: String| PipelineError::load(format!("{what}: {e}"));
+    let _generator = super::rng::lock();
     tch::manual_seed(seed);
     let source_device = if draw_on_cpu { Device::Cpu } else { device };
     let mut source = nn::VarStore::new(source_device);

@@ -19,7 +19,6 @@
 //!   depend on the batch composition and equals PyTorch's `torch.manual_seed(seed);
 //!   torch.randn(1, C, H, W)` (checked against the goldens).
 
-use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
@@ -154,17 +153,11 @@ pub fn time_grid(steps: usize, shift: f64) -> Vec<f32> {
     Vec::<f32>::try_from(t).expect("f32 grid")
 }
 
-/// torch's CPU generator is process-wide in libtorch and tch exposes no per-call generator, so
-/// seeding and drawing happen under this lock, back to back.
-static NOISE_LOCK: Mutex<()> = Mutex::new(());
-
 /// Initial noise `[1, C, H, W]` (f32, CPU) of one item: torch's CPU generator seeded with `seed`
 /// (reinterpreted as i64), one `randn` draw of exactly this item's shape. Same value as PyTorch's
 /// `torch.manual_seed(seed); torch.randn(1, C, H, W)`, and independent of any other item.
 pub fn seeded_noise(seed: u64, channels: i64, height: i64, width: i64) -> Tensor {
-    let _guard = NOISE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    tch::manual_seed(seed as i64);
-    Tensor::randn([1, channels, height, width], (Kind::Float, Device::Cpu))
+    super::rng::seeded(seed as i64, || Tensor::randn([1, channels, height, width], (Kind::Float, Device::Cpu)))
 }
 
 /// One image to sample: its initial noise `[1, C, H, W]` and one row each of conditional and

@@ -139,6 +139,7 @@ pub fn random_frozen<M>(
     seed: i64,
     build: impl FnOnce(&nn::Path) -> Result<M, WeightsError>,
 ) -> Result<M, WeightsError> {
+    let _generator = super::rng::lock();
     tch::manual_seed(seed);
     let mut vs = nn::VarStore::new(device);
     vs.set_kind(kind);
@@ -523,8 +524,10 @@ pub enum VaeKeyFormat {
 impl VaeDecoder {
     /// Builds the decoder under `vs` (root path: keys `decoder.*`, `post_quant_conv.*`). Parameters
     /// take the store's device and dtype and tch's default initialisation.
+    /// Holds libtorch's global generator while tch's initialisers draw (see [`super::rng`]).
     pub fn new(vs: &nn::Path, cfg: &VaeConfig) -> Result<Self, WeightsError> {
         cfg.validate()?;
+        let _generator = super::rng::lock();
         let post_quant_conv = cfg.use_post_quant_conv.then(|| {
             conv(
                 vs / "post_quant_conv",
