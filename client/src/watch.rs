@@ -19,6 +19,8 @@ use crate::errors::{tls_failure, CliError, CliResult};
 use crate::output::{self, job_is_final, job_state_name, task_state_name};
 use crate::ui::Ui;
 
+/// A stream that stayed up this long resets the backoff even if it carried no event.
+pub const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// First reconnect delay.
 pub const BACKOFF_START: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
@@ -163,7 +165,8 @@ pub fn event_json(ev: &JobEvent) -> serde_json::Value {
         Some(job_event::Event::Job(j)) => {
             let mut v = base("job");
             v["state"] = json!(job_state_name(j.state));
-            v["counts"] = output::counts_json(j.counts.as_ref());
+            // A state change published without counts (a cancel) has `null`, not zeros.
+            v["counts"] = j.counts.as_ref().map_or(serde_json::Value::Null, |c| output::counts_json(Some(c)));
             v
         }
         None => base("unknown"),
@@ -332,10 +335,10 @@ async fn get_job(
             })
             .await
         {
-            Ok(r) => {
-                backoff.reset();
-                return Ok(r.into_inner());
-            }
+            // A GetJob that works says nothing about the event stream: the backoff is reset only by
+            // events and by streams that stay up (see `watch`), so a stream that keeps breaking
+            // while GetJob answers still backs off and gives up.
+            Ok(r) => return Ok(r.into_inner()),
             // A certificate that is not trusted stays so: fail at once instead of retrying.
             Err(s) if is_transient(s.code()) && tls_failure(&s).is_none() && !backoff.exhausted() => {
                 let d = backoff.next_delay();
@@ -370,6 +373,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                 after_sequence: live.last_sequence,
             })
             .await;
+        let connected_at = Instant::now();
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(s) if is_transient(s.code()) && tls_failure(&s).is_none() && !backoff.exhausted() => {
@@ -408,6 +412,11 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                         if let Ok(r) = client.get_job(GetJobRequest { job_id: job_id.to_string() }).await {
                             job = r.into_inner();
                             display.show_job(&job);
+                            // Final already (its closing event may have been lost): stop waiting
+                            // for the server to close the stream.
+                            if job_is_final(job.state) {
+                                break None;
+                            }
                         }
                         display.refresh_names(client, &live).await;
                         display.show_workers(&live);
@@ -415,6 +424,9 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                 }
             }
         };
+        if connected_at.elapsed() >= STABLE_STREAM {
+            backoff.reset();
+        }
         // The stream ended (normally after the final state) or broke: ask where the job stands.
         job = get_job(client, job_id, &mut backoff, &display).await?;
         display.show_job(&job);
@@ -601,5 +613,9 @@ mod tests {
         assert_eq!(v["sequence"], 7);
         assert_eq!(v["state"], "failed");
         assert_eq!(v["error"], "oom");
+        let state = |counts| event_json(&ev(8, job_event::Event::Job(JobStateChanged { state: JobState::Cancelled as i32, counts })));
+        assert!(state(None)["counts"].is_null(), "a state change without counts is not reported as zeros");
+        let counts = farm_proto::pb::TaskCounts { cancelled: 4, total: 4, ..Default::default() };
+        assert_eq!(state(Some(counts))["counts"]["cancelled"], 4);
     }
 }

@@ -36,6 +36,7 @@ struct Seen {
     aborted: usize,
     downloads: Vec<u64>,
     watch_calls: Vec<u64>,
+    get_job_calls: usize,
     /// `since_ms` of each ListResults call.
     list_since: Vec<i64>,
 }
@@ -46,6 +47,19 @@ struct Fake {
     /// index -> bytes; the advertised sha256 may be overridden to simulate corruption.
     results: Arc<BTreeMap<u64, Vec<u8>>>,
     bad_sha: Arc<Vec<u64>>,
+    watch_mode: WatchMode,
+}
+
+/// How the fake's WatchJob and GetJob behave.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum WatchMode {
+    /// Two events, a disconnect, then the rest and the final state; GetJob final after the resume.
+    #[default]
+    Resume,
+    /// Every stream ends at once without an event while GetJob keeps answering "running".
+    EndsAtOnce,
+    /// The stream stays open and silent; GetJob answers "succeeded" from its second call on.
+    SilentWhileFinal,
 }
 
 fn check_auth<T>(req: &Request<T>) -> Result<(), Status> {
@@ -164,9 +178,17 @@ impl JobService for Fake {
         if req.get_ref().job_id != "job-1" {
             return Err(Status::not_found("no such job"));
         }
-        // Final once the watcher resumed after the simulated disconnect.
-        let calls = self.seen.lock().unwrap().watch_calls.len();
-        Ok(Response::new(if calls >= 2 {
+        let final_now = {
+            let mut s = self.seen.lock().unwrap();
+            s.get_job_calls += 1;
+            match self.watch_mode {
+                // Final once the watcher resumed after the simulated disconnect.
+                WatchMode::Resume => s.watch_calls.len() >= 2,
+                WatchMode::EndsAtOnce => false,
+                WatchMode::SilentWhileFinal => s.get_job_calls >= 2,
+            }
+        };
+        Ok(Response::new(if final_now {
             job(JobState::Succeeded, 3)
         } else {
             job(JobState::Running, 1)
@@ -194,6 +216,11 @@ impl JobService for Fake {
             s.watch_calls.push(after);
             s.watch_calls.len() == 1
         };
+        match self.watch_mode {
+            WatchMode::Resume => {}
+            WatchMode::EndsAtOnce => return Ok(Response::new(Box::pin(futures::stream::empty()))),
+            WatchMode::SilentWhileFinal => return Ok(Response::new(Box::pin(futures::stream::pending()))),
+        }
         let ev = |seq: u64, e: job_event::Event| {
             Ok(JobEvent {
                 job_id: "job-1".into(),
@@ -562,6 +589,34 @@ async fn watch_resumes_after_disconnect_from_last_sequence() {
         vec![0, 2],
         "resumed after the last event seen"
     );
+}
+
+#[tokio::test]
+async fn watch_backs_off_when_streams_keep_ending_while_get_job_answers() {
+    let fake = Fake { watch_mode: WatchMode::EndsAtOnce, ..Default::default() };
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let mut jobs = c.jobs();
+    let watching = farm::watch::watch(&mut jobs, "job-1", Ui::silent(), false);
+    assert!(tokio::time::timeout(Duration::from_millis(2200), watching).await.is_err(), "the job never ends");
+    // Backoff 0.25 s, 0.5 s, 1 s: streams at about 0, 0.25, 0.75 and 1.75 s. Without backoff one
+    // every 0.25 s (about nine).
+    let calls = fake.seen.lock().unwrap().watch_calls.len();
+    assert!((2..=5).contains(&calls), "{calls} WatchJob calls in 2.2 s");
+}
+
+#[tokio::test]
+async fn watch_ends_when_get_job_shows_the_final_state_on_a_silent_stream() {
+    let fake = Fake { watch_mode: WatchMode::SilentWhileFinal, ..Default::default() };
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    // The closing event was lost: the stream stays open, but the periodic GetJob (every 3 s
+    // without events) sees the final state.
+    let job = tokio::time::timeout(Duration::from_secs(15), farm::watch::watch(&mut c.jobs(), "job-1", Ui::silent(), false))
+        .await
+        .expect("watch ended on the refreshed final state")
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded as i32);
 }
 
 fn fake_with_results() -> (Fake, BTreeMap<u64, Vec<u8>>) {
