@@ -27,14 +27,15 @@ pub fn shape_of(p: &RenderParams) -> String {
 pub fn params_of(shape: &str) -> RenderParams {
     let v: Value = serde_json::from_str(shape).unwrap_or(Value::Null);
     let u = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
-    let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let opt_f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
+    let f = |k: &str| opt_f(k).unwrap_or(0.0);
     let i = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0) as i32;
     RenderParams {
         width: u("width"),
         height: u("height"),
         steps: u("steps"),
-        cfg_scale: f("cfg_scale"),
-        cfg_trunc: f("cfg_trunc"),
+        cfg_scale: opt_f("cfg_scale"),
+        cfg_trunc: opt_f("cfg_trunc"),
         renorm_cfg: f("renorm_cfg"),
         shift: f("shift"),
         sampler: i("sampler"),
@@ -50,7 +51,7 @@ mod tests {
 
     #[test]
     fn shape_round_trips_and_is_canonical() {
-        let p = with_defaults(&RenderParams { width: 512, cfg_scale: 4.5, ..Default::default() });
+        let p = with_defaults(&RenderParams { width: 512, cfg_scale: Some(4.5), ..Default::default() });
         let s = shape_of(&p);
         assert_eq!(params_of(&s), p);
         assert_eq!(s, shape_of(&p.clone()));

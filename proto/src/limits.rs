@@ -19,6 +19,10 @@ pub const MIN_STEPS: u32 = 1;
 pub const MAX_STEPS: u32 = 200;
 /// Guidance scale allowed.
 pub const MAX_CFG: f32 = 30.0;
+/// Guidance scale of a job that names none.
+pub const DEFAULT_CFG_SCALE: f32 = 5.0;
+/// CFG truncation of a job that names none: guidance on every step.
+pub const DEFAULT_CFG_TRUNC: f32 = 1.0;
 /// Default render attempts per task.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Most render attempts a job may allow per task.
@@ -85,14 +89,15 @@ pub fn check_guidance(cfg_scale: f32, cfg_trunc: f32, renorm_cfg: f32, shift: f3
 }
 
 /// Fills zero/unspecified fields with the defaults of the real model (1024x1024, 28 Euler steps,
-/// CFG 5 on every step, no renorm, shift 6, bf16).
+/// CFG 5 on every step, no renorm, shift 6, bf16). `cfg_scale` and `cfg_trunc` carry presence, so
+/// only unset ones take the default and an explicit 0 stays 0.
 pub fn with_defaults(p: &RenderParams) -> RenderParams {
     RenderParams {
         width: if p.width == 0 { 1024 } else { p.width },
         height: if p.height == 0 { 1024 } else { p.height },
         steps: if p.steps == 0 { 28 } else { p.steps },
-        cfg_scale: if p.cfg_scale == 0.0 { 5.0 } else { p.cfg_scale },
-        cfg_trunc: if p.cfg_trunc == 0.0 { 1.0 } else { p.cfg_trunc },
+        cfg_scale: Some(p.cfg_scale.unwrap_or(DEFAULT_CFG_SCALE)),
+        cfg_trunc: Some(p.cfg_trunc.unwrap_or(DEFAULT_CFG_TRUNC)),
         renorm_cfg: p.renorm_cfg,
         shift: if p.shift == 0.0 { 6.0 } else { p.shift },
         sampler: if p.sampler == Sampler::Unspecified as i32 { Sampler::Euler as i32 } else { p.sampler },
@@ -105,11 +110,21 @@ pub fn with_defaults(p: &RenderParams) -> RenderParams {
     }
 }
 
+/// The guidance scale of `p`, the default when unset.
+pub fn cfg_scale(p: &RenderParams) -> f32 {
+    p.cfg_scale.unwrap_or(DEFAULT_CFG_SCALE)
+}
+
+/// The CFG truncation of `p`, the default when unset.
+pub fn cfg_trunc(p: &RenderParams) -> f32 {
+    p.cfg_trunc.unwrap_or(DEFAULT_CFG_TRUNC)
+}
+
 /// Checks every limit of a complete parameter set.
 pub fn check_params(p: &RenderParams) -> Result<(), LimitError> {
     check_size(p.width, p.height)?;
     check_steps(p.steps)?;
-    check_guidance(p.cfg_scale, p.cfg_trunc, p.renorm_cfg, p.shift)?;
+    check_guidance(cfg_scale(p), cfg_trunc(p), p.renorm_cfg, p.shift)?;
     if Sampler::try_from(p.sampler).is_err() || p.sampler == 0 {
         return Err(LimitError(format!("sampler {}: unknown", p.sampler)));
     }
@@ -150,6 +165,11 @@ mod tests {
         let p = with_defaults(&RenderParams { width: 256, ..Default::default() });
         assert_eq!((p.width, p.height, p.steps), (256, 1024, 28));
         assert_eq!(p.model, MODEL_NEWBIE);
+        assert_eq!((p.cfg_scale, p.cfg_trunc), (Some(DEFAULT_CFG_SCALE), Some(DEFAULT_CFG_TRUNC)));
         assert!(check_params(&p).is_ok());
+        // An explicit zero is a value: no guidance at all, or guidance on no step.
+        let q = with_defaults(&RenderParams { cfg_scale: Some(0.0), cfg_trunc: Some(0.0), ..Default::default() });
+        assert_eq!((q.cfg_scale, q.cfg_trunc), (Some(0.0), Some(0.0)));
+        assert!(check_params(&q).is_ok());
     }
 }

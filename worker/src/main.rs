@@ -280,7 +280,7 @@ fn main() -> anyhow::Result<()> {
     };
     if !a.no_warmup {
         let started = Instant::now();
-        let params = RenderParams { width: 64, height: 64, steps: 1, cfg_scale: 5.0, cfg_trunc: 1.0, shift: 6.0, sampler: 1, ..Default::default() };
+        let params = RenderParams { width: 64, height: 64, steps: 1, cfg_scale: Some(5.0), cfg_trunc: Some(1.0), shift: 6.0, sampler: 1, ..Default::default() };
         let item = RenderItem { prompt: "warm-up".into(), negative_prompt: String::new(), seed: 0 };
         renderer.render(&[item], &params, &mut |_, _| Vec::new()).map_err(|e| anyhow::anyhow!("warm-up render failed: {e}"))?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "warm-up done");

@@ -115,8 +115,8 @@ impl ModelRenderer {
         SampleParams {
             steps: p.steps as usize,
             shift: f64::from(p.shift),
-            cfg_scale: f64::from(p.cfg_scale),
-            cfg_trunc: f64::from(p.cfg_trunc),
+            cfg_scale: f64::from(farm_proto::limits::cfg_scale(p)),
+            cfg_trunc: f64::from(farm_proto::limits::cfg_trunc(p)),
             renorm_cfg: f64::from(p.renorm_cfg),
             kind: if p.sampler == Sampler::Midpoint as i32 { SamplerKind::Midpoint } else { SamplerKind::Euler },
         }
