@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Connection settings come from flags, then the environment (FARM_ENDPOINT, FARM_TOKEN, FARM_CA_CERT,
 /// FARM_CONFIG), then the config file (~/.config/farm/config.json or config.toml), then defaults.
 ///
-/// Exit codes: 0 success; 1 other failure; 2 usage error; 3 invalid input (prompt validation);
-/// 4 authentication or permission; 5 not found.
+/// Exit codes: 0 success; 1 other failure; 2 usage error; 3 invalid input (prompt validation, an
+/// unreadable PNG, a results directory holding another job); 4 authentication or permission; 5 not
+/// found.
 #[derive(Debug, Parser)]
 #[command(name = "farm", version, propagate_version = true, max_term_width = 110)]
 pub struct Cli {
@@ -131,10 +132,12 @@ pub struct SubmitArgs {
     /// Denoising steps, 1..=200 [server default: 28]
     #[arg(long)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale, 0..=30 [server default: 5]
+    /// Classifier-free guidance scale, 0..=30; 1 = the conditional prediction, 0 = the unconditional
+    /// one [server default: 5]
     #[arg(long = "cfg", value_name = "SCALE")]
     pub cfg_scale: Option<f32>,
-    /// Apply guidance only while the flow time is below this, 0..=1 [server default: 1 = every step]
+    /// Apply guidance only while the flow time is below this, 0..=1; 0 = never (no unconditional
+    /// pass: about half the compute) [server default: 1 = every step]
     #[arg(long, value_name = "T")]
     pub cfg_trunc: Option<f32>,
     /// Cap the guided velocity's norm at RENORM times the conditional one; 0 = off [default: 0]

@@ -3,9 +3,9 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success |
-//! | 1 | any other failure (network, a failed TLS handshake, server error, a job that ended failed or cancelled under `--wait`/`watch`) |
+//! | 1 | any other failure (network, a failed TLS handshake, server error, a failed download, a job that ended failed or cancelled under `--wait`/`watch`) |
 //! | 2 | usage error (bad flags or arguments, a missing or non-PEM CA file, a CA file with an `http://` endpoint; clap's own errors also exit 2) |
-//! | 3 | invalid input (a prompt or batch file failed validation, locally or on the server) |
+//! | 3 | invalid input (a prompt or batch file failed validation, locally or on the server; inputs without prompts; a file `show-png` cannot read; a results directory holding another job) |
 //! | 4 | authentication or permission failure |
 //! | 5 | not found (job, task or result does not exist or belongs to another tenant) |
 

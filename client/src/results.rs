@@ -55,12 +55,17 @@ pub fn file_name(index: u64) -> String {
 pub struct SinceState {
     pub job_id: String,
     pub since_ms: i64,
+    /// The `--from-index` of the run that wrote it: results below it were not listed then.
+    #[serde(default)]
+    pub from_index: u64,
 }
 
-pub fn read_state(dir: &Path, job_id: &str) -> Option<SinceState> {
+/// The `--since` state of `job_id` in `dir`, if it covers every index from `from_index` (a state
+/// written by a run that listed only from a higher index says nothing of the results below it).
+pub fn read_state(dir: &Path, job_id: &str, from_index: u64) -> Option<SinceState> {
     let text = std::fs::read_to_string(dir.join(STATE_FILE)).ok()?;
     let s: SinceState = serde_json::from_str(&text).ok()?;
-    (s.job_id == job_id).then_some(s)
+    (s.job_id == job_id && s.from_index <= from_index).then_some(s)
 }
 
 pub fn write_state(dir: &Path, state: &SinceState) -> std::io::Result<()> {
@@ -93,6 +98,28 @@ pub struct ResultsSummary {
     /// Newest `created_at_ms` seen (0 when none).
     pub newest_ms: i64,
     pub errors: Vec<String>,
+    /// The kind of the failed downloads that decides the exit code: authentication before not
+    /// found before any other failure.
+    pub worst: Option<ErrorKind>,
+}
+
+impl ResultsSummary {
+    fn record_failure(&mut self, kind: ErrorKind, message: String) {
+        self.record_failure_kind(kind);
+        self.failed += 1;
+        self.errors.push(message);
+    }
+
+    fn record_failure_kind(&mut self, kind: ErrorKind) {
+        let rank = |k: ErrorKind| match k {
+            ErrorKind::Auth => 3,
+            ErrorKind::NotFound => 2,
+            _ => 1,
+        };
+        if self.worst.is_none_or(|w| rank(kind) > rank(w)) {
+            self.worst = Some(kind);
+        }
+    }
 }
 
 /// SHA-256 of a file as lower-case hex.
@@ -262,6 +289,12 @@ async fn fetch_one(
 
 type DownloadError = (ErrorKind, String, bool);
 
+/// A refused or broken DownloadResult call, worded and classified as every other call's error.
+fn status_error(s: tonic::Status) -> DownloadError {
+    let e = CliError::from_status(&s, "download");
+    (e.kind, e.message, is_transient(s.code()))
+}
+
 async fn download_to(
     client: &mut Client,
     dir: &Path,
@@ -275,13 +308,7 @@ async fn download_to(
     let mut stream = client
         .download_result(req)
         .await
-        .map_err(|s| {
-            (
-                crate::errors::kind_for_code(s.code(), crate::errors::CallKind::Other),
-                s.to_string(),
-                is_transient(s.code()),
-            )
-        })?
+        .map_err(status_error)?
         .into_inner();
     let tmp = dir.join(format!(
         "{TMP_PREFIX}{:06}-{}-{}",
@@ -296,13 +323,7 @@ async fn download_to(
         let mut expected = listed.clone();
         let mut n: u64 = 0;
         let mut first = true;
-        while let Some(chunk) = stream.message().await.map_err(|s| {
-            (
-                crate::errors::kind_for_code(s.code(), crate::errors::CallKind::Other),
-                s.to_string(),
-                is_transient(s.code()),
-            )
-        })? {
+        while let Some(chunk) = stream.message().await.map_err(status_error)? {
             if first {
                 first = false;
                 if let Some(info) = chunk.info {
@@ -371,19 +392,15 @@ pub async fn download_pass(
                 summary.bytes += n;
                 bytes.fetch_add(n, Ordering::Relaxed);
             }
-            Ok(Err((_, msg))) => {
-                summary.failed += 1;
+            Ok(Err((kind, msg))) => {
                 pb.suspend(|| {
                     if !ui.json {
                         eprintln!("error: {msg}");
                     }
                 });
-                summary.errors.push(msg);
+                summary.record_failure(kind, msg);
             }
-            Err(e) => {
-                summary.failed += 1;
-                summary.errors.push(format!("download task failed: {e}"));
-            }
+            Err(e) => summary.record_failure(ErrorKind::Failure, format!("download task failed: {e}")),
         }
         pb.inc(1);
         pb.set_message(format!(
@@ -404,9 +421,17 @@ pub async fn download(
     opts: &ResultsOptions,
     ui: Ui,
 ) -> CliResult<ResultsSummary> {
+    // The job must exist (and be the caller's) before the directory is claimed for it, so a
+    // mistyped id leaves no `.farm-job` behind.
+    client
+        .get_job(GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&s, "results"))?;
     let _claim = claim_dir(&opts.dir, job_id, opts.force)?;
     let stored = if opts.since {
-        read_state(&opts.dir, job_id)
+        read_state(&opts.dir, job_id, opts.from_index)
     } else {
         None
     };
@@ -442,6 +467,9 @@ pub async fn download(
         total.failed += pass.failed;
         total.bytes += pass.bytes;
         total.errors.extend(pass.errors.iter().cloned());
+        if let Some(kind) = pass.worst {
+            total.record_failure_kind(kind);
+        }
         total.newest_ms = total.newest_ms.max(pass.newest_ms);
         if pass.failed == 0 && (opts.since || opts.follow) && total.newest_ms > 0 {
             let newest = total
@@ -453,6 +481,7 @@ pub async fn download(
                     &SinceState {
                         job_id: job_id.to_string(),
                         since_ms: newest,
+                        from_index: opts.from_index,
                     },
                 )
                 .map_err(|e| CliError::failure(format!("{}: {e}", opts.dir.join(STATE_FILE).display())))?;
@@ -493,7 +522,7 @@ pub fn report(job_id: &str, dir: &Path, s: &ResultsSummary, ui: Ui) -> CliResult
     }
     if s.failed > 0 {
         return Err(CliError::reported(
-            ErrorKind::Failure,
+            s.worst.unwrap_or(ErrorKind::Failure),
             format!("{} download(s) failed", s.failed),
         ));
     }
@@ -539,18 +568,24 @@ mod tests {
     #[test]
     fn state_file_round_trip_and_stale_temp_cleanup() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_state(dir.path(), "j"), None);
+        assert_eq!(read_state(dir.path(), "j", 0), None);
         write_state(
             dir.path(),
             &SinceState {
                 job_id: "j".into(),
                 since_ms: 99,
+                from_index: 10,
             },
         )
         .unwrap();
-        assert_eq!(read_state(dir.path(), "j").unwrap().since_ms, 99);
+        assert_eq!(read_state(dir.path(), "j", 10).unwrap().since_ms, 99);
+        assert_eq!(read_state(dir.path(), "j", 20).unwrap().since_ms, 99, "covers a narrower listing");
+        assert_eq!(read_state(dir.path(), "j", 0), None, "says nothing of indexes below 10");
+        // A state file from before `from_index` was recorded covers every index.
+        std::fs::write(dir.path().join(STATE_FILE), r#"{"job_id":"j","since_ms":5}"#).unwrap();
+        assert_eq!(read_state(dir.path(), "j", 0).unwrap().since_ms, 5);
         assert_eq!(
-            read_state(dir.path(), "other"),
+            read_state(dir.path(), "other", 0),
             None,
             "state of another job is ignored"
         );
@@ -589,7 +624,7 @@ mod tests {
         // A directory from before job files: the --since state names its job.
         let older = root.path().join("older");
         std::fs::create_dir(&older).unwrap();
-        write_state(&older, &SinceState { job_id: "job-c".into(), since_ms: 1 }).unwrap();
+        write_state(&older, &SinceState { job_id: "job-c".into(), since_ms: 1, from_index: 0 }).unwrap();
         assert_eq!(claim_dir(&older, "job-d", false).unwrap_err().exit_code(), 3);
         drop(claim_dir(&older, "job-c", false).unwrap());
     }

@@ -161,8 +161,8 @@ impl SubmitOptions {
             width: args.width.unwrap_or(0),
             height: args.height.unwrap_or(0),
             steps: args.steps.unwrap_or(0),
-            cfg_scale: args.cfg_scale.unwrap_or(0.0),
-            cfg_trunc: args.cfg_trunc.unwrap_or(0.0),
+            cfg_scale: args.cfg_scale,
+            cfg_trunc: args.cfg_trunc,
             renorm_cfg: args.renorm.unwrap_or(0.0),
             shift: args.shift.unwrap_or(0.0),
             sampler: match args.sampler {
@@ -266,6 +266,8 @@ struct ProducerReport {
     chunks: u64,
     /// An I/O failure (not a validation problem).
     failure: Option<String>,
+    /// The inputs held no prompt at all (named for the message); the call was aborted.
+    empty: Option<String>,
 }
 
 impl Producer {
@@ -276,6 +278,7 @@ impl Producer {
             sent: 0,
             chunks: 0,
             failure: None,
+            empty: None,
         };
         let limits = PromptLimits::default();
         let defaults = limits::with_defaults(
@@ -350,6 +353,23 @@ impl Producer {
                     }
                 };
                 report.prompts += 1;
+                if report.prompts > limits::MAX_PROMPTS_PER_JOB {
+                    // Stop reading: the whole batch could never be one job.
+                    report.errors.push(PromptIssue {
+                        index,
+                        line: bp.line,
+                        code: "too_many_prompts".into(),
+                        message: format!(
+                            "more than {max} prompts: a job holds at most {max} prompts; split the batch into several jobs",
+                            max = limits::MAX_PROMPTS_PER_JOB
+                        ),
+                        source: source.clone(),
+                        source_line: bp.line,
+                        ..Default::default()
+                    });
+                    self.abort.send_replace(true);
+                    break 'inputs;
+                }
                 if let Some(issue) = validate(&bp, index, &source, &defaults, &limits) {
                     report.errors.push(issue);
                     if sending {
@@ -384,6 +404,19 @@ impl Producer {
             return report;
         }
         if !sending || !report.errors.is_empty() {
+            return report;
+        }
+        if report.prompts == 0 {
+            let names: Vec<String> = self
+                .inputs
+                .iter()
+                .map(|i| match i {
+                    Input::File(p) => p.display().to_string(),
+                    Input::Stdin => "standard input".to_string(),
+                })
+                .collect();
+            report.empty = Some(names.join(", "));
+            self.abort.send_replace(true);
             return report;
         }
         if !chunk.prompts.is_empty() && !self.send(&mut chunk, &mut report) {
@@ -474,8 +507,8 @@ fn validate(
     if let Err(e) = limits::check_steps(bp.steps.unwrap_or(defaults.steps)) {
         return Some(issue(0, 0, "bad_steps", e.0));
     }
-    let cfg = bp.cfg_scale.unwrap_or(defaults.cfg_scale);
-    if let Err(e) = limits::check_guidance(cfg, defaults.cfg_trunc, defaults.renorm_cfg, defaults.shift) {
+    let cfg = bp.cfg_scale.unwrap_or(limits::cfg_scale(defaults));
+    if let Err(e) = limits::check_guidance(cfg, limits::cfg_trunc(defaults), defaults.renorm_cfg, defaults.shift) {
         return Some(issue(0, 0, "bad_cfg", e.0));
     }
     None
@@ -667,6 +700,9 @@ pub async fn submit_stream(
     if let Some(f) = report.failure {
         return Err(CliError::failure(f));
     }
+    if let Some(names) = report.empty {
+        return Err(CliError::invalid(format!("no prompts in {names}; nothing was submitted")));
+    }
     let mut outcome = SubmitOutcome {
         response: None,
         local_errors: report.errors,
@@ -744,8 +780,14 @@ pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResul
         } else {
             "found"
         };
+        // Local checking stops at --max-errors: the count is then a lower bound.
+        let stopped = if outcome.local_errors.len() >= opts.max_errors {
+            format!(" (stopped after --max-errors {})", opts.max_errors)
+        } else {
+            String::new()
+        };
         let msg = format!(
-            "{origin} {} invalid prompt(s); nothing was submitted",
+            "{origin} {} invalid prompt(s){stopped}; nothing was submitted",
             errors.len()
         );
         if !ui.json {

@@ -47,6 +47,8 @@ struct Fake {
     /// index -> bytes; the advertised sha256 may be overridden to simulate corruption.
     results: Arc<BTreeMap<u64, Vec<u8>>>,
     bad_sha: Arc<Vec<u64>>,
+    /// Indexes whose download is refused with PERMISSION_DENIED.
+    denied: Arc<Vec<u64>>,
     watch_mode: WatchMode,
 }
 
@@ -314,6 +316,9 @@ impl JobService for Fake {
         check_auth(&req)?;
         let index = req.get_ref().index;
         self.seen.lock().unwrap().downloads.push(index);
+        if self.denied.contains(&index) {
+            return Err(Status::permission_denied("token revoked"));
+        }
         let bytes = self
             .results
             .get(&index)
@@ -726,6 +731,40 @@ async fn corrupted_download_leaves_no_file() {
 }
 
 #[tokio::test]
+async fn a_refused_download_exits_with_its_kind_and_the_usual_wording() {
+    let (mut fake, _) = fake_with_results();
+    fake.bad_sha = Arc::new(vec![2]);
+    fake.denied = Arc::new(vec![1]);
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = farm::results::download(&mut c.jobs(), "job-1", &results_options(dir.path()), Ui::silent())
+        .await
+        .unwrap();
+    assert_eq!((s.downloaded, s.failed), (3, 2));
+    let denied = s.errors.iter().find(|e| e.starts_with("000001.png")).expect("an error for 000001.png");
+    assert!(denied.contains("permission denied (token revoked)"), "{denied}");
+    // A permission failure outranks the corrupted download: exit 4, not 1.
+    let e = farm::results::report("job-1", dir.path(), &s, Ui::silent()).unwrap_err();
+    assert_eq!(e.exit_code(), exit::AUTH);
+}
+
+#[tokio::test]
+async fn a_job_that_does_not_exist_leaves_the_directory_unclaimed() {
+    let (fake, _) = fake_with_results();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = results_options(dir.path());
+    let e = farm::results::download(&mut c.jobs(), "job-typo", &opts, Ui::silent()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::NOT_FOUND);
+    assert!(!dir.path().join(farm::results::JOB_FILE).exists(), "no .farm-job for a job that does not exist");
+    // The real job can then use the directory.
+    let s = farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent()).await.unwrap();
+    assert_eq!(s.downloaded, 5);
+}
+
+#[tokio::test]
 async fn since_remembers_the_newest_result() {
     let (fake, _) = fake_with_results();
     let addr = serve(fake.clone()).await;
@@ -736,7 +775,7 @@ async fn since_remembers_the_newest_result() {
     farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent())
         .await
         .unwrap();
-    let state = farm::results::read_state(dir.path(), "job-1").unwrap();
+    let state = farm::results::read_state(dir.path(), "job-1", 0).unwrap();
     assert_eq!(state.since_ms, 1_000_004);
     let s = farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent())
         .await
@@ -775,7 +814,7 @@ async fn submit_command_exit_codes() {
     };
     farm::dispatch(
         &c,
-        parse(&good, &["--width", "512", "--seed-mode", "fixed"]),
+        parse(&good, &["--width", "512", "--seed-mode", "fixed", "--cfg-trunc", "0"]),
         Ui::silent(),
     )
     .await
@@ -788,6 +827,9 @@ async fn submit_command_exit_codes() {
             "fixed seed for every prompt"
         );
         assert_eq!(seen.headers[0].defaults.as_ref().unwrap().width, 512);
+        // An explicit 0 travels as a value (guidance on no step); an unset scale stays unset.
+        assert_eq!(seen.headers[0].defaults.as_ref().unwrap().cfg_trunc, Some(0.0));
+        assert_eq!(seen.headers[0].defaults.as_ref().unwrap().cfg_scale, None);
         assert_eq!(seen.headers[0].name, "good.txt");
     }
     let e = farm::dispatch(&c, parse(&bad, &[]), Ui::silent())
@@ -802,6 +844,18 @@ async fn submit_command_exit_codes() {
         exit::INVALID_INPUT,
         "invalid defaults are refused before connecting"
     );
+    // Checking stops at --max-errors, and the message says the count is not the total.
+    let two_bad = dir.path().join("two-bad.txt");
+    std::fs::write(&two_bad, "<character_1>unclosed\n<character_2>unclosed\n").unwrap();
+    let e = farm::dispatch(&c, parse(&two_bad, &["--max-errors", "1"]), Ui::silent()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::INVALID_INPUT);
+    assert!(e.message.contains("found 1 invalid prompt(s) (stopped after --max-errors 1)"), "{}", e.message);
+    // An input without prompts is named, not reported as prompt #0.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = farm::dispatch(&c, parse(&empty, &[]), Ui::silent()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::INVALID_INPUT);
+    assert!(e.message.contains("no prompts in") && e.message.contains("empty.txt"), "{}", e.message);
     let e = farm::dispatch(&c, parse(&dir.path().join("missing.txt"), &[]), Ui::silent())
         .await
         .unwrap_err();
@@ -811,6 +865,33 @@ async fn submit_command_exit_codes() {
         1,
         "nothing else was stored"
     );
+}
+
+/// A batch over the per-job limit stops at the first prompt past it, with the limit named, and
+/// nothing is stored.
+#[tokio::test]
+async fn a_batch_over_the_prompt_limit_stops_at_the_limit() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone()).await;
+    let c = client(addr, TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.txt");
+    let max = farm_proto::limits::MAX_PROMPTS_PER_JOB;
+    std::fs::write(&big, "1girl\n".repeat(max as usize + 3)).unwrap();
+    let opts = options(10_000);
+    let out = submit::submit_stream(c.service(), vec![Input::File(big)], opts.clone(), indicatif::ProgressBar::hidden())
+        .await
+        .unwrap();
+    assert_eq!(out.local_errors.len(), 1);
+    let e = &out.local_errors[0];
+    assert_eq!((e.index, e.source_line, e.code.as_str()), (max, max as u32 + 1, "too_many_prompts"));
+    assert!(e.message.contains(&format!("at most {max} prompts")), "{}", e.message);
+    assert_eq!(out.prompts, max + 1, "reading stopped at the first prompt past the limit");
+    assert_eq!(submit::report(&out, &opts, Ui::silent()).unwrap_err().exit_code(), exit::INVALID_INPUT);
+    let seen = fake.seen.lock().unwrap();
+    assert!(seen.completed.is_empty(), "nothing stored");
+    let sent: usize = seen.chunks.iter().sum();
+    assert!(sent as u64 <= max, "{sent} prompts sent");
 }
 
 #[tokio::test]

@@ -41,7 +41,7 @@ impl Error {
     /// True for failures that a caller may retry (database or storage unavailable).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Database(e) => !is_data_exception(e),
+            Error::Database(e) => is_outage(e),
             Error::Storage(_) => true,
             _ => false,
         }
@@ -52,6 +52,27 @@ impl Error {
 /// hold, such as a NUL byte in text). Retrying such a request cannot help.
 fn is_data_exception(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))
+}
+
+/// Whether a database error means the database is (for now) out of reach or too busy, so the same
+/// request may succeed later: a broken or refused connection, an exhausted pool, and the SQLSTATE
+/// classes of connection exceptions (08), rolled-back transactions such as serialization failures
+/// and deadlocks (40), insufficient resources (53), operator intervention such as a shutdown or a
+/// statement or lock timeout (57, 55P03) and system errors (58). Anything else (a constraint,
+/// a broken query, a row that was expected) would fail again the same way.
+fn is_outage(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| ["08", "40", "53", "57", "58"].iter().any(|class| c.starts_with(class)) || c == "55P03"),
+        _ => false,
+    }
 }
 
 impl From<Error> for Status {
@@ -70,9 +91,13 @@ impl From<Error> for Status {
                     "the job store cannot hold a value of this request (text with a NUL byte, or a number out of range)",
                 )
             }
-            Error::Database(err) => {
+            Error::Database(err) if is_outage(&err) => {
                 tracing::error!(error = %err, "database error");
                 Status::new(Code::Unavailable, "the job store is unavailable; retry later")
+            }
+            Error::Database(err) => {
+                tracing::error!(error = %err, "database error that a retry would not mend");
+                Status::internal("internal error in the job store")
             }
             Error::Storage(err) => {
                 tracing::error!(error = %err, "result storage error");
@@ -83,5 +108,52 @@ impl From<Error> for Status {
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: Error) -> Code {
+        Status::from(e).code()
+    }
+
+    #[test]
+    fn pool_and_connection_failures_are_outages_and_other_driver_errors_are_not() {
+        for e in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed, sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())] {
+            let e = Error::Database(e);
+            assert!(e.is_transient(), "{e}");
+            assert_eq!(code_of(e), Code::Unavailable);
+        }
+        let e = Error::Database(sqlx::Error::RowNotFound);
+        assert!(!e.is_transient());
+        assert_eq!(code_of(e), Code::Internal);
+    }
+
+    /// SQLSTATEs from a real server: a retry mends a timeout, not a broken query or a constraint.
+    #[tokio::test]
+    async fn database_errors_map_by_their_sqlstate_class() {
+        let pg = tokio::task::spawn_blocking(|| xtask::postgres::PgServer::start().expect("PostgreSQL for the test"))
+            .await
+            .unwrap();
+        let url = pg.url();
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        let fail = |sql: &'static str| {
+            let pool = pool.clone();
+            async move { Error::Database(sqlx::raw_sql(sql).execute(&pool).await.expect_err(sql)) }
+        };
+        let undefined = fail("select * from no_such_table_here").await;
+        assert!(!undefined.is_transient());
+        assert_eq!(code_of(undefined), Code::Internal);
+        let unique =
+            fail("create temp table u (k int primary key); insert into u values (1); insert into u values (1)").await;
+        assert!(!unique.is_transient());
+        assert_eq!(code_of(unique), Code::Internal);
+        let data = fail("select 1 / 0").await;
+        assert_eq!(code_of(data), Code::InvalidArgument);
+        let timeout = fail("set statement_timeout = 10; select pg_sleep(5)").await;
+        assert!(timeout.is_transient(), "{timeout}");
+        assert_eq!(code_of(timeout), Code::Unavailable);
     }
 }

@@ -172,7 +172,7 @@ fn prepare(
         p.steps = s;
     }
     if let Some(c) = spec.cfg_scale {
-        p.cfg_scale = c;
+        p.cfg_scale = Some(c);
     }
     limits::check_params(&p).map_err(|LimitError(m)| issue(index, spec, 0, 0, "limit", m))?;
     Ok((parsed.text, p))
@@ -189,7 +189,9 @@ pub async fn submit(
     let defaults = check_header(&header)?;
     let max_attempts = if header.max_attempts == 0 { limits::DEFAULT_MAX_ATTEMPTS } else { header.max_attempts };
     let job_id = Uuid::new_v4();
-    let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
+    // A validate-only call stores nothing, so it neither claims the key nor answers with the job
+    // that holds it: its prompts are checked whatever the key.
+    let key = (!header.idempotency_key.is_empty() && !header.validate_only).then(|| header.idempotency_key.clone());
     let mut tx = store.pool.begin().await?;
 
     let inserted = sqlx::query(
@@ -401,7 +403,8 @@ pub async fn submit(
     match tx.commit().await {
         Ok(()) => {}
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(crate::error::SQLSTATE_UNIQUE_VIOLATION) => {
-            return Err(Error::FailedPrecondition("a job with this idempotency key is being stored; retry".into()));
+            // Another submission with the key committed first: a race, not bad input.
+            return Err(Error::Aborted("a job with this idempotency key was stored concurrently; submit again to get it".into()));
         }
         Err(e) => return Err(e.into()),
     }
@@ -454,6 +457,15 @@ mod tests {
         let h = SubmitHeader { defaults: Some(RenderParams { width: 1000, ..Default::default() }), ..Default::default() };
         assert!(check_header(&h).unwrap_err().to_string().contains("multiples of 16"));
         assert!(check_header(&SubmitHeader::default()).is_ok());
+        // An explicit 0 is kept (guidance on no step), and survives the stored shape.
+        let h = SubmitHeader {
+            defaults: Some(RenderParams { cfg_trunc: Some(0.0), cfg_scale: Some(0.0), ..Default::default() }),
+            ..Default::default()
+        };
+        let d = check_header(&h).unwrap();
+        assert_eq!((d.cfg_trunc, d.cfg_scale), (Some(0.0), Some(0.0)));
+        let stored = crate::params::params_of(&crate::params::shape_of(&d));
+        assert_eq!((stored.cfg_trunc, stored.cfg_scale), (Some(0.0), Some(0.0)));
     }
 
     #[test]

@@ -994,6 +994,14 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     assert!(again.duplicate, "{again:?}");
     assert_eq!(again.accepted, 5, "the first job's size");
     assert_eq!(row_counts(&pool).await, before, "a repeated key inserts nothing");
+    // A validate-only call under the stored job's key still checks its prompts (and stores nothing).
+    let mut check = keyed.clone();
+    check.validate_only = true;
+    let bad = PromptSpec { text: "<character_1><n>miku</x></character_1>".into(), ..prompt(0) };
+    let checked = submit(&ch, &alice, check, vec![prompt(1), bad]).await.unwrap();
+    assert!(!checked.duplicate && checked.job_id.is_empty(), "{checked:?}");
+    assert_eq!(checked.errors.iter().map(|e| e.index).collect::<Vec<_>>(), [1], "{checked:?}");
+    assert_eq!(row_counts(&pool).await, before, "validate_only stores nothing");
     // Keys are per tenant: bob's identical key is a new job.
     let bobs = submit(&ch, &bob, keyed, prompts(2)).await.unwrap();
     assert!(!bobs.duplicate && bobs.job_id != first.job_id, "{bobs:?}");
