@@ -735,11 +735,12 @@ impl Gemma3TextModel {
 // Prompt preparation (NewBie finetune.py `T2IItemProcessor` / demo.py)
 // ---------------------------------------------------------------------------------------------
 
-/// Training system prompt for XML captions (note the trailing space).
-pub const SYSTEM_PROMPT_XML: &str = "You are an assistant designed to generate high-quality anime images based on xml format prompts. <Prompt Start> ";
+/// Training system prompt for XML captions (note the trailing space); defined once, with the prompt
+/// language, in `farm_proto::prompt`.
+pub const SYSTEM_PROMPT_XML: &str = farm_proto::prompt::XML_SYSTEM_PROMPT;
 
 /// Training system prompt for plain-text / tag captions (note the trailing space).
-pub const SYSTEM_PROMPT_TEXT: &str = "You are an assistant designed to generate high-quality anime images with the highest degree of image-text alignment based on textual prompts. <Prompt Start> ";
+pub const SYSTEM_PROMPT_TEXT: &str = farm_proto::prompt::TEXT_SYSTEM_PROMPT;
 
 /// Longest Gemma sequence, BOS included.
 pub const MAX_GEMMA_TOKENS: usize = 512;
@@ -755,10 +756,10 @@ pub enum PromptFormat {
 }
 
 impl PromptFormat {
-    /// XML if the trimmed prompt starts with a tag and closes one somewhere (`<...>` ... `</...>`).
+    /// XML when the prompt contains markup, by the same rule the renderer and the coordinator use
+    /// ([`farm_proto::prompt::looks_like_xml`]).
     pub fn detect(prompt: &str) -> Self {
-        let p = prompt.trim_start();
-        if p.starts_with('<') && p.contains("</") {
+        if farm_proto::prompt::looks_like_xml(prompt) {
             PromptFormat::Xml
         } else {
             PromptFormat::Text

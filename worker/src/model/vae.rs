@@ -736,13 +736,14 @@ fn from_bfl_names(raw: BTreeMap<String, Tensor>, cfg: &VaeConfig) -> BTreeMap<St
 }
 
 /// Converts images [B, 3, H, W] in [-1, 1] to interleaved RGB bytes (one `Vec` of H·W·3 bytes per
-/// image, rows top to bottom): `round(clamp((x + 1) / 2, 0, 1) · 255)`, rounding half to even as
-/// numpy does.
+/// image, rows top to bottom): `trunc(clamp((x + 1) / 2, 0, 1) · 255)` in f32, as the official demo
+/// converts its decode (`to_pil_image` of a float tensor is `mul(255).byte()`), so the bytes equal
+/// the reference's for the same decoded image.
 pub fn to_rgb8(image: &Tensor) -> Vec<Vec<u8>> {
     tch::no_grad(|| {
         let x = image.to_device(Device::Cpu).to_kind(Kind::Float);
         let x = ((x + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
-        let bytes = x.round().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous();
+        let bytes = x.trunc().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous();
         let b = bytes.size()[0];
         (0..b)
             .map(|i| {
