@@ -12,7 +12,7 @@
 //! * task: `task_id`, `job_id`, `index`, `state`, `prompt`, `negative_prompt`, `params`, `seed`,
 //!   `failures`, `current_step`, `last_error`, `result` (result or null), `attempts` [{`attempt`,
 //!   `worker_id`, `worker_name`, `started_at_ms`, `ended_at_ms` (null while running), `outcome`, `error`,
-//!   `lease_token`}].
+//!   `lease_token`, `metadata` (the worker's render metadata, or null)}].
 //! * result: `job_id`, `index`, `size_bytes`, `sha256`, `content_type`, `created_at_ms`, `worker_id`.
 //! * worker: `worker_id`, `name`, `connected`, `device`, `device_name`, `vram_total_bytes`,
 //!   `vram_free_bytes`, `model_name`, `model_hash`, `precision`, `max_batch`, `max_pixels`, `version`,
@@ -122,6 +122,8 @@ pub fn attempt_json(a: &Attempt) -> Value {
         "started_at_ms": a.started_at_ms,
         "ended_at_ms": if a.ended_at_ms > 0 { json!(a.ended_at_ms) } else { Value::Null },
         "outcome": a.outcome, "error": a.error, "lease_token": a.lease_token,
+        // The worker's render metadata, as an object (null when the attempt has none).
+        "metadata": serde_json::from_str::<Value>(&a.metadata_json).unwrap_or(Value::Null),
     })
 }
 
@@ -374,6 +376,23 @@ pub fn jobs_table(jobs: &[Job]) -> String {
     t.render()
 }
 
+/// How a result was rendered, from an attempt's metadata: time, batch, precision and worker.
+fn render_line(metadata_json: &str) -> Option<String> {
+    let m: Value = serde_json::from_str(metadata_json).ok()?;
+    let ms = m.get("render_ms")?.as_u64()?;
+    let mut line = format!("in {:.1} s ", ms as f64 / 1000.0);
+    match m.get("batch_size").and_then(Value::as_u64) {
+        Some(n) if n > 1 => line.push_str(&format!("(a batch of {n})")),
+        _ => line.push_str("(alone)"),
+    }
+    for (key, label) in [("precision", ""), ("worker", "on ")] {
+        if let Some(v) = m.get(key).and_then(Value::as_str).filter(|v| !v.is_empty()) {
+            line.push_str(&format!(", {label}{v}"));
+        }
+    }
+    Some(line)
+}
+
 /// Human description of a task with its attempt history (`farm task`).
 pub fn task_human(t: &Task) -> String {
     let mut s = String::new();
@@ -403,6 +422,9 @@ pub fn task_human(t: &Task) -> String {
                 r.sha256
             ),
         );
+    }
+    if let Some(line) = t.attempts.iter().rev().find_map(|a| render_line(&a.metadata_json)) {
+        kv("rendered", line);
     }
     kv("prompt", t.prompt.clone());
     if !t.negative_prompt.is_empty() {
@@ -603,6 +625,22 @@ mod tests {
     }
 
     #[test]
+    fn render_metadata_of_an_attempt_is_shown() {
+        let meta = r#"{"render_ms":12345,"batch_size":4,"precision":"bf16","worker":"gpu-a","seed":7}"#;
+        let t = Task {
+            state: TaskState::Succeeded as i32,
+            attempts: vec![Attempt { attempt: 1, outcome: "succeeded".into(), metadata_json: meta.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let h = task_human(&t);
+        assert!(h.contains("rendered    in 12.3 s (a batch of 4), bf16, on gpu-a"), "{h}");
+        let v = task_json(&t);
+        assert_eq!(v["attempts"][0]["metadata"]["seed"], 7);
+        let none = Task { attempts: vec![Attempt::default()], ..Default::default() };
+        assert!(task_json(&none)["attempts"][0]["metadata"].is_null());
+    }
+
+    #[test]
     fn task_and_workers_render() {
         use farm_proto::pb::{TaskRef, WorkerCapabilities};
         let t = Task {
@@ -634,6 +672,7 @@ mod tests {
             ..Default::default()
         };
         let h = task_human(&t);
+        assert!(!h.contains("rendered"), "no attempt has render metadata: {h}");
         assert!(h.contains("state       failed"), "{h}");
         assert!(h.contains("last error  out of memory"), "{h}");
         let rows: Vec<&str> = h.lines().skip_while(|l| !l.starts_with("ATTEMPT")).collect();

@@ -27,6 +27,27 @@ use crate::store::{Claimed, HeldLease, Transition, WorkerSlot, TASK_CANCELLED, T
 
 /// Largest result accepted.
 pub const MAX_RESULT_BYTES: u64 = 256 << 20;
+/// Largest render metadata (`UploadHeader.metadata_json`) accepted.
+pub const MAX_METADATA_BYTES: usize = 16 << 10;
+
+/// The render metadata of an upload: `None` when empty, else it must be a JSON object of at most
+/// [`MAX_METADATA_BYTES`].
+fn check_metadata(json: &str) -> Result<Option<&str>, Status> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    if json.len() > MAX_METADATA_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "metadata_json: {} bytes exceed the limit of {MAX_METADATA_BYTES} bytes",
+            json.len()
+        )));
+    }
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Object(_)) => Ok(Some(json)),
+        Ok(_) => Err(Status::invalid_argument("metadata_json: must be a JSON object")),
+        Err(e) => Err(Status::invalid_argument(format!("metadata_json: not JSON ({e})"))),
+    }
+}
 
 pub struct WorkerApi {
     pub shared: Arc<Shared>,
@@ -169,6 +190,7 @@ impl WorkerService for WorkerApi {
         if header.size_bytes > MAX_RESULT_BYTES {
             return Err(Status::invalid_argument(format!("result exceeds the limit of {MAX_RESULT_BYTES} bytes")));
         }
+        let metadata = check_metadata(&header.metadata_json)?.map(str::to_string);
         let key = BlobStore::key_for(&job_id, idx as u64, token as u64);
         let mut blob = shared.blobs.create(&key).await.map_err(Status::from)?;
         let received: Result<(), Status> = async {
@@ -208,7 +230,9 @@ impl WorkerService for WorkerApi {
         // meanwhile must not leave a published blob behind without its commit or its removal.
         let placing = {
             let (shared, key, sha, tenant) = (shared.clone(), key.clone(), sha.clone(), principal.tenant.clone());
-            tokio::spawn(async move { place_result(&shared, blob, &key, task_id, token, &tenant, size, &sha).await })
+            tokio::spawn(async move {
+                place_result(&shared, blob, &key, task_id, token, &tenant, size, &sha, metadata.as_deref()).await
+            })
         };
         match placing.await {
             Ok(Ok(())) => {}
@@ -245,9 +269,10 @@ async fn place_result(
     tenant: &str,
     size: u64,
     sha: &str,
+    metadata: Option<&str>,
 ) -> Result<(), Status> {
     shared.blobs.publish(blob, key).await.map_err(Status::from)?;
-    match shared.store.commit_result(task_id, token, tenant, key, size as i64, sha).await {
+    match shared.store.commit_result(task_id, token, tenant, key, size as i64, sha, metadata).await {
         Ok(t) => {
             forget_lease(shared, task_id, token);
             Metrics::add(&shared.metrics.tasks_succeeded, 1);
@@ -404,7 +429,7 @@ async fn handle_message(
                     Err(s) => tracing::warn!(%worker_id, error = %s.message(), "heartbeat entry ignored"),
                 }
             }
-            shared.store.heartbeat(worker_id, &leases).await?
+            shared.store.heartbeat(worker_id, &leases, h.vram_free_bytes).await?
         }
         worker_message::Msg::Progress(p) => {
             if let Some((job_id, idx)) = shared.store.progress(held(&p.lease)?, p.step as i32).await? {
@@ -528,5 +553,22 @@ async fn dispatch_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_metadata_is_an_object_within_the_limit_or_nothing() {
+        assert_eq!(check_metadata("").unwrap(), None);
+        assert_eq!(check_metadata(r#"{"seed":1}"#).unwrap(), Some(r#"{"seed":1}"#));
+        for bad in ["[1]", "7", "{\"seed\":"] {
+            assert_eq!(check_metadata(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_METADATA_BYTES));
+        let e = check_metadata(&big).unwrap_err();
+        assert!(e.message().contains(&MAX_METADATA_BYTES.to_string()), "{}", e.message());
     }
 }

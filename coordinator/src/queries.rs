@@ -230,7 +230,7 @@ pub async fn get_task(pool: &PgPool, tenant: &str, job_id: Uuid, index: u64) -> 
     let task_id: Uuid = row.get("id");
     let attempts = sqlx::query(
         "select attempt, worker_id, worker_name, started_at, ended_at, outcome, coalesce(error, '') as error,
-                lease_token
+                lease_token, coalesce(metadata::text, '') as metadata
          from task_attempts where task_id = $1 order by id",
     )
     .bind(task_id)
@@ -246,6 +246,7 @@ pub async fn get_task(pool: &PgPool, tenant: &str, job_id: Uuid, index: u64) -> 
         outcome: a.get("outcome"),
         error: a.get("error"),
         lease_token: a.get::<i64, _>("lease_token") as u64,
+        metadata_json: a.get("metadata"),
     })
     .collect();
     let state: i16 = row.get("state");

@@ -296,18 +296,26 @@ impl Store {
     /// TTL and the sweep requeues it, though the session stays up. A lease assigned after the
     /// worker built its list is still fresh and gets listed by the next heartbeat (the TTL is at
     /// least two heartbeat intervals).
-    pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) -> Result<()> {
+    ///
+    /// `vram_free_bytes`, when the worker measured it (non-zero), replaces the hello's figure in
+    /// the worker's capabilities, so listings show the memory free now.
+    pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)], vram_free_bytes: u64) -> Result<()> {
         let (ids, tokens): (Vec<Uuid>, Vec<i64>) = leases.iter().copied().unzip();
         sqlx::query(
             "with t as (update tasks t set lease_expires_at = now() + $2 * interval '1 millisecond'
                         from unnest($3::uuid[], $4::bigint[]) as l(id, token)
                         where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2)
-             update workers set last_heartbeat = now() where id = $1",
+             update workers set last_heartbeat = now(),
+                    capabilities = case when $5 > 0
+                                        then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))
+                                        else capabilities end
+             where id = $1",
         )
         .bind(worker_id)
         .bind(self.ttl_ms())
         .bind(&ids)
         .bind(&tokens)
+        .bind(i64::try_from(vram_free_bytes).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -540,7 +548,9 @@ impl Store {
     }
 
     /// Marks the task succeeded with its stored result if `token` is still its current lease (one
-    /// statement); FAILED_PRECONDITION otherwise.
+    /// statement); FAILED_PRECONDITION otherwise. `metadata` (a JSON object, checked by the caller)
+    /// is kept with the attempt.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_result(
         &self,
         task_id: Uuid,
@@ -549,6 +559,7 @@ impl Store {
         key: &str,
         size: i64,
         sha256: &str,
+        metadata: Option<&str>,
     ) -> Result<Transition> {
         // One statement: the task and its open attempt (the attempt only if the task was updated).
         let row = sqlx::query(
@@ -563,7 +574,7 @@ impl Store {
                    and exists (select 1 from workers w where w.id = tasks.lease_owner and w.tenant_id = $6)
                  returning job_id, idx),
              a as (
-                 update task_attempts set ended_at = now(), outcome = 'succeeded'
+                 update task_attempts set ended_at = now(), outcome = 'succeeded', metadata = $7::jsonb
                  where lease_token = $2 and ended_at is null and exists (select 1 from t)
                  returning worker_id)
              select t.job_id, t.idx, (select worker_id from a limit 1) from t",
@@ -574,6 +585,7 @@ impl Store {
         .bind(size)
         .bind(sha256)
         .bind(tenant)
+        .bind(metadata)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Err(stale_lease()) };

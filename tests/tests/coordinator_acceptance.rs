@@ -394,9 +394,14 @@ impl Session {
 
     /// A heartbeat listing `leases`.
     async fn heartbeat(&self, leases: Vec<farm_proto::pb::Lease>) {
+        self.heartbeat_reporting(leases, 0).await
+    }
+
+    /// A heartbeat that also reports the device memory free now (0: not measured).
+    async fn heartbeat_reporting(&self, leases: Vec<farm_proto::pb::Lease>, vram_free_bytes: u64) {
         self.out
             .send(WorkerMessage {
-                msg: Some(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes: 0 })),
+                msg: Some(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes })),
             })
             .await
             .expect("the session is open");
@@ -899,6 +904,21 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
             assert_eq!(w.current_tasks[0].task_id, lease.task_id);
         }
     }
+    // A heartbeat's free-memory figure replaces the hello's in the listing; one without a figure
+    // (0) keeps it.
+    async fn free_vram(ch: &Channel, token: &str) -> u64 {
+        let listed = jobs(ch).list_workers(authed(token, ListWorkersRequest::default())).await.unwrap().into_inner();
+        let w = listed.workers.into_iter().find(|w| w.name == "hand-worker").expect("the hand worker is listed");
+        w.capabilities.unwrap_or_default().vram_free_bytes
+    }
+    session.heartbeat_reporting(vec![lease.clone()], 7 << 30).await;
+    wait_for("the heartbeat's free VRAM in ListWorkers", Duration::from_secs(10), || async {
+        free_vram(&ch, &alice).await == 7 << 30
+    })
+    .await;
+    session.heartbeat(vec![lease.clone()]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(free_vram(&ch, &alice).await, 7 << 30, "a heartbeat without a figure keeps the last one");
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));

@@ -150,6 +150,14 @@ async fn batch_renders_with_metadata_and_is_deterministic() {
         assert_eq!(meta["index"].as_u64(), Some(i as u64));
         assert_eq!(meta["model"].as_str(), Some("tiny"));
     }
+    // The worker's render metadata is kept with the succeeded attempt (without the prompt texts,
+    // which the task holds) and shown by `farm task`.
+    let task = cli.run(&["task", &job, "7", "--json"]).expect_success().json();
+    let attempt = task["attempts"].as_array().unwrap().iter().find(|a| a["outcome"] == "succeeded").expect("a succeeded attempt");
+    let m = &attempt["metadata"];
+    assert_eq!((m["seed"].as_u64(), m["index"].as_u64(), m["steps"].as_u64()), (Some(ps[7].1), Some(7), Some(3)), "{m}");
+    assert!(m["render_ms"].as_u64().is_some_and(|ms| ms > 0) && m["batch_size"].as_u64().is_some_and(|n| n >= 1), "{m}");
+    assert!(m.get("prompt").is_none(), "{m}");
 
     // Same prompts, seeds and parameters in a second job: byte-identical image data.
     let job2 = submit(&cli, &file, &common);

@@ -6,22 +6,40 @@ use tch::Device;
 /// (libtorch's C API exposes no memory query through tch), 0 when unknown.
 pub fn describe(device: Device) -> (String, u64, u64) {
     match device {
-        Device::Cuda(i) => {
-            let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits", "-i", &i.to_string()])
-                .output();
-            if let Ok(o) = out {
-                let s = String::from_utf8_lossy(&o.stdout);
-                let parts: Vec<&str> = s.trim().split(", ").collect();
-                if parts.len() == 3 {
-                    let mib = |p: &str| p.trim().parse::<u64>().unwrap_or(0) * 1024 * 1024;
-                    return (parts[0].to_string(), mib(parts[1]), mib(parts[2]));
-                }
-            }
-            (format!("cuda:{i}"), 0, 0)
-        }
+        Device::Cuda(i) => match query_gpu(i, "name,memory.total,memory.free").as_deref() {
+            Some([name, total, free]) => (name.clone(), mib(total), mib(free)),
+            _ => (format!("cuda:{i}"), 0, 0),
+        },
         _ => ("cpu".to_string(), 0, 0),
     }
+}
+
+/// Device memory free now, in bytes (all processes counted), or `None` on the CPU or when
+/// `nvidia-smi` cannot tell. Sent with every heartbeat.
+pub fn free_vram_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => match query_gpu(i, "memory.free").as_deref() {
+            Some([free]) => Some(mib(free)).filter(|b| *b > 0),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// One `nvidia-smi --query-gpu` row of GPU `index`, split into its fields.
+fn query_gpu(index: usize, fields: &str) -> Option<Vec<String>> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits", "-i", &index.to_string()])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let row = String::from_utf8_lossy(&out.stdout);
+    let parts: Vec<String> = row.trim().split(", ").map(str::to_string).collect();
+    (parts.len() == fields.split(',').count()).then_some(parts)
+}
+
+fn mib(field: &str) -> u64 {
+    field.trim().parse::<u64>().unwrap_or(0) * 1024 * 1024
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`.

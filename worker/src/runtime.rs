@@ -22,6 +22,7 @@
 //!   lasted [`STABLE_SESSION`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,8 @@ struct PendingUpload {
     task: TaskAssignment,
     png: Arc<Vec<u8>>,
     sha256: String,
+    /// The render metadata (the PNG's `farm` chunk) sent with the upload, kept with the attempt.
+    metadata_json: Arc<str>,
     uploading: bool,
     /// Failed attempts so far.
     failures: u32,
@@ -642,12 +645,14 @@ impl Controller {
         let png_tx = self.png_tx.clone();
         let id = task_id(&t);
         let token = lease_of(&t).lease_token;
+        let metadata_json: Arc<str> = upload_metadata(&meta).into();
         self.uploads.insert(
             id.clone(),
             PendingUpload {
                 task: t,
                 png: Arc::new(Vec::new()),
                 sha256: String::new(),
+                metadata_json,
                 uploading: true,
                 failures: 0,
                 next_try: Instant::now(),
@@ -681,9 +686,10 @@ impl Controller {
             u.epoch = self.session_epoch;
             let (id, lease, png, sha, tx, c) =
                 (id.clone(), lease_of(&u.task), u.png.clone(), u.sha256.clone(), self.upload_tx.clone(), client.clone());
+            let metadata = u.metadata_json.clone();
             tokio::spawn(async move {
                 let token = lease.lease_token;
-                let outcome = upload(c, lease, png, sha).await;
+                let outcome = upload(c, lease, png, sha, &metadata).await;
                 let _ = tx.send((id, token, outcome)).await;
             });
         }
@@ -766,15 +772,26 @@ fn code_name(c: Code) -> String {
     format!("{c:?}")
 }
 
+/// The render metadata sent with an upload: the PNG's `farm` chunk without the prompt texts, which
+/// the task already holds (and which could exceed the coordinator's 16 KiB limit on metadata).
+fn upload_metadata(meta: &ResultMetadata) -> String {
+    let mut v = serde_json::to_value(meta).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("prompt");
+        o.remove("negative_prompt");
+    }
+    v.to_string()
+}
+
 /// Streams one result to the coordinator in 1 MiB chunks.
-async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: String) -> UploadOutcome {
+async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: String, metadata: &str) -> UploadOutcome {
     let header = UploadResultRequest {
         msg: Some(upload_result_request::Msg::Header(UploadHeader {
             lease: Some(lease),
             content_type: "image/png".into(),
             size_bytes: png.len() as u64,
             sha256,
-            metadata_json: String::new(),
+            metadata_json: metadata.to_string(),
         })),
     };
     let mut msgs = vec![header];
@@ -789,12 +806,40 @@ async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: Str
 }
 
 /// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
+/// How often the free device memory is measured for heartbeats.
+const VRAM_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// The device memory free now (0: unknown, as on the CPU), refreshed every
+/// [`VRAM_SAMPLE_EVERY`] off the runtime's threads (`nvidia-smi` takes tens of milliseconds).
+fn spawn_vram_sampler(info: &RendererInfo) -> Arc<AtomicU64> {
+    let free = Arc::new(AtomicU64::new(info.vram_free_bytes));
+    if let Ok(device @ tch::Device::Cuda(_)) = crate::device::parse_device(&info.device) {
+        let shared = free.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(VRAM_SAMPLE_EVERY);
+            loop {
+                tick.tick().await;
+                let now = tokio::task::spawn_blocking(move || crate::device::free_vram_bytes(device)).await;
+                if let Ok(Some(bytes)) = now {
+                    shared.store(bytes, Ordering::Relaxed);
+                }
+                // The worker is gone when only this task holds the value.
+                if Arc::strong_count(&shared) == 1 {
+                    return;
+                }
+            }
+        });
+    }
+    free
+}
+
 pub async fn run(
     opts: WorkerOptions,
     renderer: Box<dyn Renderer>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let info = renderer.info();
+    let vram_free = spawn_vram_sampler(&info);
     let cancelled = Arc::new(Mutex::new(HashSet::new()));
     let (job_tx, mut gpu_rx) = spawn_gpu_thread(renderer, cancelled.clone());
     let (upload_tx, mut upload_rx) = mpsc::channel::<(String, u64, UploadOutcome)>(1024);
@@ -906,7 +951,8 @@ pub async fn run(
             _ = heartbeat.tick() => {
                 if ctl.session.is_some() {
                     let leases = ctl.held_leases();
-                    ctl.send(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes: 0 })).await;
+                    let vram_free_bytes = vram_free.load(Ordering::Relaxed);
+                    ctl.send(worker_message::Msg::Heartbeat(Heartbeat { leases, vram_free_bytes })).await;
                 }
             }
             _ = retry_tick.tick() => ctl.retry_uploads(),
