@@ -117,6 +117,12 @@ struct ServeArgs {
     /// new calls and by open worker sessions (checked on each heartbeat).
     #[arg(long, env = "FARM_AUTH_CACHE_MS", default_value_t = 30_000)]
     auth_cache_ms: u64,
+    /// Most prompts one job may hold, 1 to 1,000,000 (the protocol's ceiling, which `farm submit`
+    /// also checks before sending); a larger submission is refused with this limit named, and the
+    /// coordinator stops reading it at the first prompt past the limit.
+    #[arg(long, env = "FARM_MAX_PROMPTS_PER_JOB", default_value_t = farm_proto::limits::MAX_PROMPTS_PER_JOB,
+          value_parser = clap::value_parser!(u64).range(1..=farm_proto::limits::MAX_PROMPTS_PER_JOB))]
+    max_prompts_per_job: u64,
     /// PEM certificate chain (leaf first) for TLS on the gRPC listener; with --tls-key the listener
     /// speaks TLS only. The metrics endpoint stays plain HTTP.
     #[arg(long, env = "FARM_TLS_CERT", requires = "tls_key", value_name = "PEM")]
@@ -188,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
                 db_pool_size: a.db_pool,
                 auth_cache: Duration::from_millis(a.auth_cache_ms),
                 metrics_listen: a.metrics_listen,
+                max_prompts_per_job: a.max_prompts_per_job,
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
             let addr = listener.local_addr()?;

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a token lookup is trusted (revocations take effect within it).
     pub auth_cache: Duration,
+    /// Most prompts one job may hold (at most [`farm_proto::limits::MAX_PROMPTS_PER_JOB`]).
+    pub max_prompts_per_job: u64,
 }
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -84,7 +86,7 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         auth: Authenticator::new(pool, opts.auth_cache),
         events,
         blobs,
-        limits: SubmitLimits::default(),
+        limits: SubmitLimits { max_prompts: opts.max_prompts_per_job, ..SubmitLimits::default() },
         sessions: Mutex::new(HashMap::new()),
         new_work: Notify::new(),
         replica,

@@ -282,18 +282,17 @@ pub async fn submit(
                 let index = count;
                 count += 1;
                 if count > limits.max_prompts {
-                    if !over_limit {
-                        over_limit = true;
-                        errors.push(issue(
-                            index,
-                            spec,
-                            0,
-                            0,
-                            "too_many_prompts",
-                            format!("a job holds at most {} prompts", limits.max_prompts),
-                        ));
-                    }
-                    continue;
+                    // Nothing past the limit can be stored: stop reading here.
+                    over_limit = true;
+                    errors.push(issue(
+                        index,
+                        spec,
+                        0,
+                        0,
+                        "too_many_prompts",
+                        format!("a job holds at most {} prompts; split the batch into several jobs", limits.max_prompts),
+                    ));
+                    break;
                 }
                 match prepare(index, spec, &defaults, limits, &mut warnings) {
                     Err(e) => {
@@ -345,8 +344,13 @@ pub async fn submit(
                     c.abort("invalid prompts").await.ok();
                 }
             }
+            if over_limit {
+                break;
+            }
         }
         match ended {
+            // Refused at the limit: the rest of the stream (and its end marker) was not read.
+            _ if over_limit => {}
             None => {
                 if let Some(c) = copy.take() {
                     c.abort("no end marker").await.ok();
@@ -403,7 +407,8 @@ pub async fn submit(
     match tx.commit().await {
         Ok(()) => {}
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(crate::error::SQLSTATE_UNIQUE_VIOLATION) => {
-            // Another submission with the key committed first: a race, not bad input.
+            // Not expected: the insert above waits for a concurrent submission with the key and then
+            // answers with its job. Kept as a safety net, answered as a race, not as bad input.
             return Err(Error::Aborted("a job with this idempotency key was stored concurrently; submit again to get it".into()));
         }
         Err(e) => return Err(e.into()),

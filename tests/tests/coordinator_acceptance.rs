@@ -564,6 +564,40 @@ struct PromptCase {
     message: &'static str,
 }
 
+/// A submission past the coordinator's prompt limit is refused with the limit named, at the first
+/// prompt past it: the coordinator answers without waiting for the rest of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_over_the_prompt_limit_is_refused_without_reading_the_rest() {
+    let db = fresh_database("acc_prompt_limit");
+    let coord = coordinator(&db, &["--max-prompts-per-job", "5"]);
+    let pool = pool(&db).await;
+    let alice = coord.token("alice", "client").unwrap();
+    let ch = channel(&coord.url()).await;
+    let before = row_counts(&pool).await;
+    // Eight prompts, then a stream that never ends (no end marker): the answer must not wait for it.
+    let sent = submit_messages_without_end(Some(header("too big", 2)), prompts(8));
+    let endless = tokio_stream::StreamExt::chain(tokio_stream::iter(sent), tokio_stream::pending());
+    let r = tokio::time::timeout(Duration::from_secs(20), jobs(&ch).submit_job(authed(&alice, endless)))
+        .await
+        .expect("answered without the rest of the stream")
+        .unwrap()
+        .into_inner();
+    assert!(r.job_id.is_empty() && r.accepted == 0, "{r:?}");
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    assert_eq!((r.errors[0].index, r.errors[0].code.as_str()), (5, "too_many_prompts"));
+    assert!(r.errors[0].message.contains("at most 5 prompts"), "{}", r.errors[0].message);
+    assert_eq!(row_counts(&pool).await, before, "nothing stored");
+    // Within the limit the same coordinator stores the job.
+    assert_eq!(submit(&ch, &alice, header("fits", 2), prompts(5)).await.unwrap().accepted, 5);
+    // The limit cannot be raised past the protocol's ceiling.
+    let refused = std::process::Command::new(farm_tests::binary("farm-coordinator"))
+        .args(["serve", "--max-prompts-per-job", "1000001", "--database-url", &db])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("1000000"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let db = fresh_database("acc_bad_input");
@@ -906,19 +940,25 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     }
     // A heartbeat's free-memory figure replaces the hello's in the listing; one without a figure
     // (0) keeps it.
-    async fn free_vram(ch: &Channel, token: &str) -> u64 {
+    /// (free VRAM, last heartbeat) of the hand worker as listed.
+    async fn free_vram(ch: &Channel, token: &str) -> (u64, i64) {
         let listed = jobs(ch).list_workers(authed(token, ListWorkersRequest::default())).await.unwrap().into_inner();
         let w = listed.workers.into_iter().find(|w| w.name == "hand-worker").expect("the hand worker is listed");
-        w.capabilities.unwrap_or_default().vram_free_bytes
+        (w.capabilities.unwrap_or_default().vram_free_bytes, w.last_heartbeat_ms)
     }
     session.heartbeat_reporting(vec![lease.clone()], 7 << 30).await;
     wait_for("the heartbeat's free VRAM in ListWorkers", Duration::from_secs(10), || async {
-        free_vram(&ch, &alice).await == 7 << 30
+        free_vram(&ch, &alice).await.0 == 7 << 30
     })
     .await;
+    let (_, seen) = free_vram(&ch, &alice).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     session.heartbeat(vec![lease.clone()]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(free_vram(&ch, &alice).await, 7 << 30, "a heartbeat without a figure keeps the last one");
+    wait_for("the next heartbeat to be recorded", Duration::from_secs(10), || async {
+        free_vram(&ch, &alice).await.1 > seen
+    })
+    .await;
+    assert_eq!(free_vram(&ch, &alice).await.0, 7 << 30, "a heartbeat without a figure keeps the last one");
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
