@@ -216,6 +216,8 @@ pub struct SubmitOutcome {
     /// Messages carrying prompts that were handed to the call.
     pub chunks: u64,
     pub elapsed_secs: f64,
+    /// Local checking stopped at `--max-errors`, so the error count is not the total.
+    pub stopped_at_max_errors: bool,
 }
 
 impl SubmitOutcome {
@@ -268,6 +270,8 @@ struct ProducerReport {
     failure: Option<String>,
     /// The inputs held no prompt at all (named for the message); the call was aborted.
     empty: Option<String>,
+    /// Checking stopped at `--max-errors`: the rest of the input was not read.
+    stopped_at_max_errors: bool,
 }
 
 impl Producer {
@@ -279,6 +283,7 @@ impl Producer {
             chunks: 0,
             failure: None,
             empty: None,
+            stopped_at_max_errors: false,
         };
         let limits = PromptLimits::default();
         let defaults = limits::with_defaults(
@@ -347,6 +352,7 @@ impl Producer {
                             self.abort.send_replace(true);
                         }
                         if report.errors.len() >= self.opts.max_errors {
+                            report.stopped_at_max_errors = true;
                             break 'inputs;
                         }
                         continue;
@@ -377,6 +383,7 @@ impl Producer {
                         self.abort.send_replace(true);
                     }
                     if report.errors.len() >= self.opts.max_errors {
+                        report.stopped_at_max_errors = true;
                         break 'inputs;
                     }
                     continue;
@@ -706,6 +713,7 @@ pub async fn submit_stream(
     let mut outcome = SubmitOutcome {
         response: None,
         local_errors: report.errors,
+        stopped_at_max_errors: report.stopped_at_max_errors,
         prompts: report.prompts,
         chunks: report.chunks,
         elapsed_secs,
@@ -759,6 +767,7 @@ pub fn outcome_json(outcome: &SubmitOutcome, opts: &SubmitOptions) -> serde_json
         "seed_base": opts.seeds.base,
         "warnings": resp.warnings.iter().map(output::issue_json).collect::<Vec<_>>(),
         "errors": outcome.errors().iter().map(|i| output::issue_json(i)).collect::<Vec<_>>(),
+        "stopped_at_max_errors": outcome.stopped_at_max_errors,
     })
 }
 
@@ -781,7 +790,7 @@ pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResul
             "found"
         };
         // Local checking stops at --max-errors: the count is then a lower bound.
-        let stopped = if outcome.local_errors.len() >= opts.max_errors {
+        let stopped = if outcome.stopped_at_max_errors {
             format!(" (stopped after --max-errors {})", opts.max_errors)
         } else {
             String::new()

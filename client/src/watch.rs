@@ -19,6 +19,8 @@ use crate::errors::{tls_failure, CliError, CliResult};
 use crate::output::{self, job_is_final, job_state_name, task_state_name};
 use crate::ui::Ui;
 
+/// How long the stream is still read after GetJob showed the job final, for the events in flight.
+pub const FINAL_GRACE: Duration = Duration::from_secs(2);
 /// A stream that stayed up this long resets the backoff even if it carried no event.
 pub const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// First reconnect delay.
@@ -391,6 +393,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                 return Err(CliError::from_status(&s, "watch"));
             }
         };
+        let mut final_grace: Option<tokio::time::Instant> = None;
         let ended_with: Option<tonic::Status> = loop {
             tokio::select! {
                 msg = stream.message() => match msg {
@@ -404,6 +407,9 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                     Ok(None) => break None,
                     Err(s) => break Some(s),
                 },
+                _ = tokio::time::sleep_until(final_grace.unwrap_or_else(tokio::time::Instant::now)), if final_grace.is_some() => {
+                    break None;
+                }
                 _ = refresh.tick() => {
                     let due = if live.dirty { Duration::from_millis(750) } else { Duration::from_secs(3) };
                     if last_refresh.elapsed() >= due {
@@ -412,10 +418,10 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                         if let Ok(r) = client.get_job(GetJobRequest { job_id: job_id.to_string() }).await {
                             job = r.into_inner();
                             display.show_job(&job);
-                            // Final already (its closing event may have been lost): stop waiting
-                            // for the server to close the stream.
-                            if job_is_final(job.state) {
-                                break None;
+                            // Final already: the closing events normally follow within moments;
+                            // if they were lost, stop waiting for the server after a short grace.
+                            if job_is_final(job.state) && final_grace.is_none() {
+                                final_grace = Some(tokio::time::Instant::now() + FINAL_GRACE);
                             }
                         }
                         display.refresh_names(client, &live).await;
@@ -441,6 +447,13 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
             Some(s) if backoff.exhausted() => {
                 display.finish();
                 return Err(CliError::from_status(&s, "watch"));
+            }
+            None if backoff.exhausted() => {
+                display.finish();
+                return Err(CliError::failure(format!(
+                    "watch: the event stream of job {job_id} kept ending before the job did; gave up after {} minutes",
+                    GIVE_UP_AFTER.as_secs() / 60
+                )));
             }
             other => {
                 let d = backoff.next_delay();
