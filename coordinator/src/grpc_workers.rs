@@ -42,6 +42,10 @@ fn check_metadata(json: &str) -> Result<Option<&str>, Status> {
             json.len()
         )));
     }
+    // PostgreSQL's jsonb cannot hold U+0000 (which JSON text can escape).
+    if json.contains("\\u0000") {
+        return Err(Status::invalid_argument("metadata_json: U+0000 is not allowed"));
+    }
     match serde_json::from_str::<serde_json::Value>(json) {
         Ok(serde_json::Value::Object(_)) => Ok(Some(json)),
         Ok(_) => Err(Status::invalid_argument("metadata_json: must be a JSON object")),
@@ -564,7 +568,7 @@ mod tests {
     fn upload_metadata_is_an_object_within_the_limit_or_nothing() {
         assert_eq!(check_metadata("").unwrap(), None);
         assert_eq!(check_metadata(r#"{"seed":1}"#).unwrap(), Some(r#"{"seed":1}"#));
-        for bad in ["[1]", "7", "{\"seed\":"] {
+        for bad in ["[1]", "7", "{\"seed\":", r#"{"worker":"a\u0000b"}"#] {
             assert_eq!(check_metadata(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
         }
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_METADATA_BYTES));

@@ -26,16 +26,40 @@ pub fn free_vram_bytes(device: Device) -> Option<u64> {
     }
 }
 
+/// Device memory in use now, in bytes (all processes, the CUDA contexts included), from
+/// `nvidia-smi`; `None` on the CPU or when it cannot tell.
+pub fn used_vram_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => match query_gpu(i, "memory.used").as_deref() {
+            Some([used]) => Some(mib(used)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// One `nvidia-smi --query-gpu` row of GPU `index`, split into its fields.
+///
+/// `index` is the CUDA index this process sees; with `CUDA_VISIBLE_DEVICES` set it names the GPU by
+/// that list's entry (an index or a UUID, both of which `nvidia-smi -i` takes), since `nvidia-smi`
+/// ignores the variable.
 fn query_gpu(index: usize, fields: &str) -> Option<Vec<String>> {
+    let id = smi_id(index, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
     let out = std::process::Command::new("nvidia-smi")
-        .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits", "-i", &index.to_string()])
+        .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits", "-i", &id])
         .output()
         .ok()
         .filter(|o| o.status.success())?;
     let row = String::from_utf8_lossy(&out.stdout);
     let parts: Vec<String> = row.trim().split(", ").map(str::to_string).collect();
     (parts.len() == fields.split(',').count()).then_some(parts)
+}
+
+/// The `nvidia-smi -i` id of CUDA device `index` under `CUDA_VISIBLE_DEVICES` (`visible`).
+fn smi_id(index: usize, visible: Option<&str>) -> String {
+    visible
+        .and_then(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()).nth(index))
+        .map_or_else(|| index.to_string(), str::to_string)
 }
 
 fn mib(field: &str) -> u64 {
@@ -129,5 +153,22 @@ mod allocator_tests {
             assert!(after.allocated_peak >= after.allocated && after.reserved >= after.allocated);
             drop(t);
         }
+    }
+}
+
+#[cfg(test)]
+mod smi_tests {
+    use super::*;
+
+    #[test]
+    fn cuda_indexes_map_through_the_visible_devices() {
+        assert_eq!(smi_id(0, None), "0");
+        assert_eq!(smi_id(1, Some("3,5")), "5");
+        assert_eq!(smi_id(0, Some("GPU-8f1e, 2")), "GPU-8f1e");
+        // An index past the list (or an empty list) is taken as it is.
+        assert_eq!(smi_id(2, Some("3,5")), "2");
+        assert_eq!(smi_id(0, Some("")), "0");
+        assert_eq!(free_vram_bytes(Device::Cpu), None);
+        assert_eq!(used_vram_bytes(Device::Cpu), None);
     }
 }

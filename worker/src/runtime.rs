@@ -267,6 +267,8 @@ struct Session {
 struct Controller {
     opts: WorkerOptions,
     info: RendererInfo,
+    /// Device memory free now (see [`spawn_vram_sampler`]); 0 when unknown.
+    vram_free: Arc<AtomicU64>,
     client: Option<Client>,
     session: Option<Session>,
     /// Counts session starts and losses: an upload refused as stale while it changed may still be
@@ -298,7 +300,7 @@ impl Controller {
             device: self.info.device.clone(),
             device_name: self.info.device_name.clone(),
             vram_total_bytes: self.info.vram_total_bytes,
-            vram_free_bytes: self.info.vram_free_bytes,
+            vram_free_bytes: self.vram_free.load(Ordering::Relaxed),
             model_name: self.info.model_name.clone(),
             model_hash: self.info.model_hash.clone(),
             precision: self.info.precision as i32,
@@ -805,7 +807,6 @@ async fn upload(mut client: Client, lease: Lease, png: Arc<Vec<u8>>, sha256: Str
     }
 }
 
-/// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
 /// How often the free device memory is measured for heartbeats.
 const VRAM_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
@@ -833,6 +834,7 @@ fn spawn_vram_sampler(info: &RendererInfo) -> Arc<AtomicU64> {
     free
 }
 
+/// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
 pub async fn run(
     opts: WorkerOptions,
     renderer: Box<dyn Renderer>,
@@ -849,6 +851,7 @@ pub async fn run(
         gather_until: None,
         opts,
         info,
+        vram_free: vram_free.clone(),
         client: None,
         session: None,
         session_epoch: 0,

@@ -198,7 +198,7 @@ fn forward_flops(cfg: &DitConfig, cap_len: i64, n_img: i64) -> f64 {
 /// to `nvidia-smi`. Includes the CUDA context and the caching allocator's reserve.
 fn device_memory_used(device: Device) -> Option<u64> {
     let Device::Cuda(index) = device else { return None };
-    driver_memory_used().or_else(|| nvidia_smi_memory_used(index))
+    driver_memory_used().or_else(|| farm_worker::device::used_vram_bytes(Device::Cuda(index)))
 }
 
 fn driver_memory_used() -> Option<u64> {
@@ -220,15 +220,6 @@ fn driver_memory_used() -> Option<u64> {
         let (mut free, mut total) = (0usize, 0usize);
         (f(&mut free, &mut total) == 0).then(|| (total - free) as u64)
     }
-}
-
-fn nvidia_smi_memory_used(index: usize) -> Option<u64> {
-    let out = Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", &format!("--id={index}")])
-        .output()
-        .ok()?;
-    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-    Some(mib << 20)
 }
 
 /// Raw `n×n×n` matmul rate (TFLOP/s) in `kind` on `device`.
