@@ -297,6 +297,11 @@ impl Store {
     /// worker built its list is still fresh and gets listed by the next heartbeat (the TTL is at
     /// least two heartbeat intervals).
     ///
+    /// A listed lease whose task the sweep requeued (its renewals did not reach the database within
+    /// the TTL, say during a database outage) and that no other worker has claimed since (the token
+    /// is still the task's) is taken back, as a hello would: the worker is still rendering it, and
+    /// its result can still be committed.
+    ///
     /// `vram_free_bytes`, when the worker measured it (non-zero), replaces the hello's figure in
     /// the worker's capabilities, so listings show the memory free now.
     pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)], vram_free_bytes: u64) -> Result<()> {
@@ -304,7 +309,15 @@ impl Store {
         sqlx::query(
             "with t as (update tasks t set lease_expires_at = now() + $2 * interval '1 millisecond'
                         from unnest($3::uuid[], $4::bigint[]) as l(id, token)
-                        where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2)
+                        where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2),
+                  back as (update tasks t set state = 2, lease_owner = $1,
+                                  lease_expires_at = now() + $2 * interval '1 millisecond'
+                           from unnest($3::uuid[], $4::bigint[]) as l(id, token), jobs j
+                           where t.id = l.id and t.lease_token = l.token and t.state = 1 and t.lease_owner is null
+                             and j.id = t.job_id and j.cancelled_at is null
+                           returning t.lease_token),
+                  att as (update task_attempts a set worker_id = $1, outcome = 'running', ended_at = null
+                          from back where a.lease_token = back.lease_token)
              update workers set last_heartbeat = now(),
                     capabilities = case when $5 > 0
                                         then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))

@@ -1175,6 +1175,8 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
 
 /// Heartbeats renew only the leases they list: a task the worker stops listing (one it lost track
 /// of) expires after the TTL and is requeued while the session stays up and keeps its other lease.
+/// Listed again before another worker claimed it (the worker was only late), it is taken back and
+/// its result commits; once another worker claimed it, the old lease stays stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others() {
     let db = fresh_database("acc_heartbeat_lists");
@@ -1183,48 +1185,66 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     let client = coord.token("dave", "client").unwrap();
     let worker = bearer(&coord.token("dave", "worker").unwrap());
     let ch = channel(&coord.url()).await;
-    let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(2)).await;
+    let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(3)).await;
 
-    let mut session = Session::open(&ch, Some(&worker), "lister", 2).await.unwrap();
-    session.credits(2).await;
+    let mut session = Session::open(&ch, Some(&worker), "lister", 3).await.unwrap();
+    session.credits(3).await;
     let mut leases = Vec::new();
-    while leases.len() < 2 {
+    while leases.len() < 3 {
         let assign = session.next_assign(Duration::from_secs(10)).await;
         leases.extend(assign.tasks.into_iter().map(|t| t.lease.expect("an assignment carries its lease")));
     }
-    let (kept, dropped) = (leases[0].clone(), leases[1].clone());
+    let kept = leases[0].clone();
+    let dropped = [leases[1].clone(), leases[2].clone()];
     let assigned = Instant::now();
-    let expired = || async { attempt_outcome(&pool, dropped.lease_token as i64).await == "expired" };
+    let expired = || async {
+        attempt_outcome(&pool, dropped[0].lease_token as i64).await == "expired"
+            && attempt_outcome(&pool, dropped[1].lease_token as i64).await == "expired"
+    };
     while !expired().await {
-        assert!(assigned.elapsed() < Duration::from_secs(10), "the unlisted lease did not expire");
+        assert!(assigned.elapsed() < Duration::from_secs(10), "the unlisted leases did not expire");
         session.heartbeat(vec![kept.clone()]).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let after = assigned.elapsed();
-    assert!(after >= Duration::from_millis(1400), "the unlisted lease expired {after:?} after its assignment (TTL 1.5 s)");
+    assert!(after >= Duration::from_millis(1400), "the unlisted leases expired {after:?} after their assignment (TTL 1.5 s)");
     // The listed lease was renewed all along and is still the session's.
     assert_eq!(attempt_outcome(&pool, kept.lease_token as i64).await, "running");
     let held = leases_of(&pool, "lister").await;
     assert_eq!(held.iter().map(|h| h.2).collect::<Vec<_>>(), vec![kept.lease_token as i64]);
 
-    // Listing the expired lease again does not bring it back; the kept one still commits.
-    session.heartbeat(vec![kept.clone(), dropped.clone()]).await;
-    upload_ok(&ch, &worker, &kept, b"\x89PNG\r\n\x1a\nkept").await;
-    let again = {
-        session.credits(1).await;
-        session.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap()
-    };
-    assert_eq!(again.task_id, dropped.task_id, "the requeued task is assigned again");
-    assert_ne!(again.lease_token, dropped.lease_token);
+    // Another worker claims one of the requeued tasks, under a new token.
+    let mut other = Session::open(&ch, Some(&worker), "other", 1).await.unwrap();
+    other.credits(1).await;
+    let taken = other.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap();
+    let (claimed, free) =
+        if taken.task_id == dropped[0].task_id { (&dropped[0], &dropped[1]) } else { (&dropped[1], &dropped[0]) };
+    assert_eq!(taken.task_id, claimed.task_id, "a requeued task is assigned again");
+    assert_ne!(taken.lease_token, claimed.lease_token);
+
+    // Listing both again: the task nobody claimed comes back to the session; the claimed one does not.
+    session.heartbeat(vec![kept.clone(), dropped[0].clone(), dropped[1].clone()]).await;
+    wait_for("the unclaimed lease to be taken back", Duration::from_secs(10), || async {
+        leases_of(&pool, "lister").await.len() == 2
+    })
+    .await;
+    let mut held: Vec<i64> = leases_of(&pool, "lister").await.iter().map(|h| h.2).collect();
+    held.sort();
+    let mut want = vec![kept.lease_token as i64, free.lease_token as i64];
+    want.sort();
+    assert_eq!(held, want);
+    assert_eq!(attempt_outcome(&pool, free.lease_token as i64).await, "running");
     assert_status(
-        upload(&ch, Some(&worker), &dropped.task_id, dropped.lease_token, b"stale").await,
+        upload(&ch, Some(&worker), &claimed.task_id, claimed.lease_token, b"stale").await,
         Code::FailedPrecondition,
         "lease is not current",
-        "upload under the expired lease",
+        "upload under the lease another worker's claim replaced",
     );
-    upload_ok(&ch, &worker, &again, b"\x89PNG\r\n\x1a\nagain").await;
+    upload_ok(&ch, &worker, &kept, b"\x89PNG\r\n\x1a\nkept").await;
+    upload_ok(&ch, &worker, free, b"\x89PNG\r\n\x1a\ntaken back").await;
+    upload_ok(&ch, &worker, &taken, b"\x89PNG\r\n\x1a\nclaimed").await;
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
-    assert_each_task_succeeded_once(&pool, job, 2, coord.results_dir()).await;
+    assert_each_task_succeeded_once(&pool, job, 3, coord.results_dir()).await;
 }
 
 /// The same result uploaded twice at once under one lease (a worker retrying while its first upload
