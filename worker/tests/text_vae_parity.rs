@@ -490,6 +490,12 @@ fn gemma3_config_layouts_resolve_to_the_same_layers() {
     ] {
         assert_eq!(a, b);
     }
+    // The older key `type` in rope_scaling reads the same.
+    let mut older = released.clone();
+    older["text_config"]["rope_scaling"] = serde_json::json!({"factor": 8.0, "type": "linear"});
+    std::fs::write(&path, older.to_string()).unwrap();
+    let older = Gemma3Config::from_json_file(&path).unwrap();
+    assert_eq!(older.layer_attention().unwrap(), parsed.layer_attention().unwrap());
     let l = preset.layer_attention().unwrap();
     assert_eq!(l.iter().filter(|a| a.sliding_window.is_none()).count(), 5);
     assert_eq!(l[5].rope_theta, 1e6);

@@ -51,6 +51,8 @@ fn default_rope_type() -> String {
 /// Legacy `rope_scaling` entry (transformers 4.x configs, e.g. the released gemma-3-4b-it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
+    /// transformers also reads the older key `type`.
+    #[serde(alias = "type")]
     pub rope_type: String,
     #[serde(default)]
     pub factor: Option<f64>,
