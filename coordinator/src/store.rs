@@ -315,9 +315,11 @@ impl Store {
                            from unnest($3::uuid[], $4::bigint[]) as l(id, token), jobs j
                            where t.id = l.id and t.lease_token = l.token and t.state = 1 and t.lease_owner is null
                              and j.id = t.job_id and j.cancelled_at is null
-                           returning t.lease_token),
+                             and exists (select 1 from task_attempts a where a.task_id = t.id and a.lease_token = l.token
+                                                                       and a.outcome in ('expired', 'lost'))
+                           returning t.id, t.lease_token),
                   att as (update task_attempts a set worker_id = $1, outcome = 'running', ended_at = null
-                          from back where a.lease_token = back.lease_token)
+                          from back where a.task_id = back.id and a.lease_token = back.lease_token)
              update workers set last_heartbeat = now(),
                     capabilities = case when $5 > 0
                                         then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))
@@ -550,9 +552,17 @@ impl Store {
     // ------------------------------------------------------------------------------------------------
     // Results
 
-    /// Job and index of a task whose lease `token` is current; FAILED_PRECONDITION otherwise.
+    /// Job and index of a task whose lease `token` is current, or was requeued without its worker
+    /// giving it up and nobody claimed it since (see [`Store::commit_result`]); FAILED_PRECONDITION
+    /// otherwise.
     pub async fn check_lease(&self, task_id: Uuid, token: i64) -> Result<(Uuid, i64)> {
-        let row = sqlx::query("select job_id, idx from tasks where id = $1 and lease_token = $2 and state = 2")
+        let row = sqlx::query(
+            "select job_id, idx from tasks t where id = $1 and lease_token = $2
+               and (state = 2
+                    or (state = 1 and lease_owner is null
+                        and exists (select 1 from task_attempts a
+                                    where a.task_id = t.id and a.lease_token = $2 and a.outcome in ('expired', 'lost'))))",
+        )
             .bind(task_id)
             .bind(token)
             .fetch_optional(&self.pool)
@@ -563,6 +573,11 @@ impl Store {
     /// Marks the task succeeded with its stored result if `token` is still its current lease (one
     /// statement); FAILED_PRECONDITION otherwise. `metadata` (a JSON object, checked by the caller)
     /// is kept with the attempt.
+    ///
+    /// A lease the sweep requeued (its renewals missed the TTL) or a lost session gave back, and that
+    /// nobody claimed since, is still current: the token is still the task's, and its worker may have
+    /// rendered the image. Its result is committed too, if the job was not cancelled, so a worker
+    /// that was only late (a database outage longer than the TTL) loses nothing.
     #[allow(clippy::too_many_arguments)]
     pub async fn commit_result(
         &self,
@@ -578,17 +593,26 @@ impl Store {
         let row = sqlx::query(
             "with t as (
                  update tasks set state = 3, result_key = $3, result_size = $4, result_sha256 = $5,
-                        result_worker = coalesce((select w.name from workers w where w.id = tasks.lease_owner), ''),
+                        result_worker = coalesce((select w.name from workers w where w.id = tasks.lease_owner),
+                                                 (select a.worker_name from task_attempts a
+                                                  where a.task_id = tasks.id and a.lease_token = $2 limit 1), ''),
                         result_at = clock_timestamp(), finished_at = clock_timestamp(), current_step = steps,
                         lease_owner = null, lease_expires_at = null
-                 where id = $1 and lease_token = $2 and state = 2
+                 where id = $1 and lease_token = $2
                    -- Only a worker of the lease holder's tenant commits (task ids and tokens are
                    -- not secrets).
-                   and exists (select 1 from workers w where w.id = tasks.lease_owner and w.tenant_id = $6)
+                   and ((state = 2 and exists (select 1 from workers w
+                                               where w.id = tasks.lease_owner and w.tenant_id = $6))
+                        -- Requeued by the sweep or a lost session, not claimed since.
+                        or (state = 1 and lease_owner is null
+                            and exists (select 1 from task_attempts a join workers w on w.id = a.worker_id
+                                        where a.task_id = tasks.id and a.lease_token = $2
+                                          and a.outcome in ('expired', 'lost') and w.tenant_id = $6)
+                            and exists (select 1 from jobs j where j.id = tasks.job_id and j.cancelled_at is null)))
                  returning job_id, idx),
              a as (
                  update task_attempts set ended_at = now(), outcome = 'succeeded', metadata = $7::jsonb
-                 where lease_token = $2 and ended_at is null and exists (select 1 from t)
+                 where task_id = $1 and lease_token = $2 and exists (select 1 from t)
                  returning worker_id)
              select t.job_id, t.idx, (select worker_id from a limit 1) from t",
         )
