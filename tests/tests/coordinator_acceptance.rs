@@ -1175,8 +1175,9 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
 
 /// Heartbeats renew only the leases they list: a task the worker stops listing (one it lost track
 /// of) expires after the TTL and is requeued while the session stays up and keeps its other lease.
-/// Listed again before another worker claimed it (the worker was only late), it is taken back and
-/// its result commits; once another worker claimed it, the old lease stays stale.
+/// Until another worker claims it (the worker was only late), its result still commits, uploaded
+/// before the next heartbeat or after one that lists it again and so takes it back; once another
+/// worker claimed it, the old lease is stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others() {
     let db = fresh_database("acc_heartbeat_lists");
@@ -1185,21 +1186,25 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     let client = coord.token("dave", "client").unwrap();
     let worker = bearer(&coord.token("dave", "worker").unwrap());
     let ch = channel(&coord.url()).await;
-    let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(3)).await;
+    let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(4)).await;
 
-    let mut session = Session::open(&ch, Some(&worker), "lister", 3).await.unwrap();
-    session.credits(3).await;
+    let mut session = Session::open(&ch, Some(&worker), "lister", 4).await.unwrap();
+    session.credits(4).await;
     let mut leases = Vec::new();
-    while leases.len() < 3 {
+    while leases.len() < 4 {
         let assign = session.next_assign(Duration::from_secs(10)).await;
         leases.extend(assign.tasks.into_iter().map(|t| t.lease.expect("an assignment carries its lease")));
     }
     let kept = leases[0].clone();
-    let dropped = [leases[1].clone(), leases[2].clone()];
+    let dropped = [leases[1].clone(), leases[2].clone(), leases[3].clone()];
     let assigned = Instant::now();
     let expired = || async {
-        attempt_outcome(&pool, dropped[0].lease_token as i64).await == "expired"
-            && attempt_outcome(&pool, dropped[1].lease_token as i64).await == "expired"
+        for d in &dropped {
+            if attempt_outcome(&pool, d.lease_token as i64).await != "expired" {
+                return false;
+            }
+        }
+        true
     };
     while !expired().await {
         assert!(assigned.elapsed() < Duration::from_secs(10), "the unlisted leases did not expire");
@@ -1217,13 +1222,17 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     let mut other = Session::open(&ch, Some(&worker), "other", 1).await.unwrap();
     other.credits(1).await;
     let taken = other.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap();
-    let (claimed, free) =
-        if taken.task_id == dropped[0].task_id { (&dropped[0], &dropped[1]) } else { (&dropped[1], &dropped[0]) };
-    assert_eq!(taken.task_id, claimed.task_id, "a requeued task is assigned again");
+    let claimed = dropped.iter().find(|d| d.task_id == taken.task_id).expect("a requeued task is assigned again");
     assert_ne!(taken.lease_token, claimed.lease_token);
+    let mut unclaimed = dropped.iter().filter(|d| d.task_id != taken.task_id);
+    let (early, free) = (unclaimed.next().unwrap(), unclaimed.next().unwrap());
 
-    // Listing both again: the task nobody claimed comes back to the session; the claimed one does not.
-    session.heartbeat(vec![kept.clone(), dropped[0].clone(), dropped[1].clone()]).await;
+    // An upload under a requeued lease nobody claimed commits, before any heartbeat lists it.
+    upload_ok(&ch, &worker, early, b"\x89PNG\r\n\x1a\nearly").await;
+    assert_eq!(attempt_outcome(&pool, early.lease_token as i64).await, "succeeded");
+    // Listing the rest again: the task nobody claimed comes back to the session; the claimed one
+    // does not.
+    session.heartbeat(dropped.iter().cloned().chain([kept.clone()]).collect()).await;
     wait_for("the unclaimed lease to be taken back", Duration::from_secs(10), || async {
         leases_of(&pool, "lister").await.len() == 2
     })
@@ -1244,7 +1253,7 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     upload_ok(&ch, &worker, free, b"\x89PNG\r\n\x1a\ntaken back").await;
     upload_ok(&ch, &worker, &taken, b"\x89PNG\r\n\x1a\nclaimed").await;
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
-    assert_each_task_succeeded_once(&pool, job, 3, coord.results_dir()).await;
+    assert_each_task_succeeded_once(&pool, job, 4, coord.results_dir()).await;
 }
 
 /// The same result uploaded twice at once under one lease (a worker retrying while its first upload
@@ -1403,6 +1412,33 @@ async fn a_failing_worker_is_excluded_only_while_another_can_take_the_job() {
         .await
         .unwrap();
     assert_eq!(failures, 3, "the failed task used its three attempts");
+}
+
+/// One prompt whose render fails (the synthetic renderer's NaN marker; on the model, a latent that
+/// turns NaN) does not fail the prompts batched with it: a worker renders a failed batch again one
+/// task at a time, so only the failing task is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_prompt_does_not_fail_its_batchmates() {
+    let db = fresh_database("acc_failing_prompt");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("erin", "client").unwrap();
+    let worker_token = coord.token("erin", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+    let mut ps = prompts(4);
+    ps[2].text.push_str(", [synthetic:nan]");
+    let mut h = header("one failing prompt", 2);
+    h.max_attempts = 2;
+    let job = submit_ok(&ch, &client, h, ps).await;
+    let _worker = synthetic_worker(&coord.url(), &worker_token, "batcher", 5, 4);
+    wait_job_finished(&pool, job, Duration::from_secs(60)).await;
+    let rows: Vec<(i64, i16, i32)> =
+        sqlx::query_as("select idx, state, failures from tasks where job_id = $1 order by idx")
+            .bind(job)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(0, 3, 0), (1, 3, 0), (2, 4, 2), (3, 3, 0)], "(index, state, failures charged)");
 }
 
 /// Running out of GPU memory is not charged the first six times (workers retry with smaller batches

@@ -24,7 +24,8 @@ enum PrecisionArg {
 enum RendererArg {
     /// The NewBie-image pipeline (default).
     Model,
-    /// A deterministic pattern without a model, for control-plane load tests only.
+    /// A deterministic pattern without a model, for control-plane load tests only (a prompt
+    /// containing "[synthetic:nan]" fails its batch, to exercise failure handling).
     Synthetic,
 }
 

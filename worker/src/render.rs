@@ -157,8 +157,12 @@ impl Renderer for ModelRenderer {
     }
 }
 
+/// A prompt holding this makes the synthetic renderer fail its whole batch with a numerical
+/// anomaly, as a prompt whose latent turns NaN fails a model batch (for tests of failure handling).
+pub const SYNTHETIC_FAILURE_MARKER: &str = "[synthetic:nan]";
+
 /// Deterministic pattern images with no model, for control-plane load tests. `step_ms` simulates
-/// the time of one denoising step.
+/// the time of one denoising step. A prompt containing [`SYNTHETIC_FAILURE_MARKER`] fails its batch.
 pub struct SyntheticRenderer {
     pub step_ms: u64,
     pub model_name: String,
@@ -195,6 +199,9 @@ impl Renderer for SyntheticRenderer {
                     alive[d] = false;
                 }
             }
+        }
+        if let Some(i) = items.iter().position(|it| it.prompt.contains(SYNTHETIC_FAILURE_MARKER)) {
+            return Err(RenderError::Numerical(format!("NaN or Inf in the final latent of request(s) [{i}]")));
         }
         // Small images keep load tests about the control plane, not PNG encoding.
         let (w, h) = (16u32, 16u32);

@@ -269,6 +269,8 @@ struct Controller {
     info: RendererInfo,
     /// Device memory free now (see [`spawn_vram_sampler`]); 0 when unknown.
     vram_free: Arc<AtomicU64>,
+    /// Queued tasks of a failed batch, to be rendered one at a time (cleared with the queue).
+    solo: HashSet<String>,
     client: Option<Client>,
     session: Option<Session>,
     /// Counts session starts and losses: an upload refused as stale while it changed may still be
@@ -320,6 +322,21 @@ impl Controller {
             .chain(self.uploads.values().map(|u| &u.task))
             .map(lease_of)
             .collect()
+    }
+
+    /// Sends a message that may be lost (step progress): when the stream's buffer is full (the
+    /// coordinator is behind) it is dropped instead of stalling the controller.
+    fn send_lossy(&mut self, msg: worker_message::Msg) {
+        if let Some(s) = &self.session {
+            match s.out.try_send(WorkerMessage { msg: Some(msg) }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => tracing::debug!("coordinator stream full; progress dropped"),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::warn!("coordinator stream closed");
+                    self.lost_session();
+                }
+            }
+        }
     }
 
     async fn send(&mut self, msg: worker_message::Msg) {
@@ -456,15 +473,25 @@ impl Controller {
     /// Hands the next batch (first queued task and others of its shape) to the GPU thread when idle.
     fn start_batch(&mut self) {
         self.gather_until = None;
+        if self.queue.is_empty() {
+            self.solo.clear();
+        }
         if !self.running.is_empty() || self.queue.is_empty() {
             return;
         }
         let first = self.queue.pop_front().expect("non-empty");
+        if self.solo.remove(&task_id(&first)) {
+            self.running = vec![first.clone()];
+            if self.job_tx.send(vec![first]).is_err() {
+                tracing::error!("the GPU thread is gone");
+            }
+            return;
+        }
         let key = shape_key(&first);
         let mut batch = vec![first];
         let mut rest = VecDeque::new();
         while let Some(t) = self.queue.pop_front() {
-            if batch.len() < self.batch_limit as usize && shape_key(&t) == key {
+            if batch.len() < self.batch_limit as usize && shape_key(&t) == key && !self.solo.contains(&task_id(&t)) {
                 batch.push(t);
             } else {
                 rest.push_back(t);
@@ -573,7 +600,7 @@ impl Controller {
     async fn on_gpu(&mut self, ev: GpuEvent) {
         match ev {
             GpuEvent::Progress { lease, step, total } => {
-                self.send(worker_message::Msg::Progress(StepProgress { lease: Some(lease), step, total_steps: total })).await;
+                self.send_lossy(worker_message::Msg::Progress(StepProgress { lease: Some(lease), step, total_steps: total }));
             }
             GpuEvent::Finished { tasks, images, render_ms } => {
                 self.running.clear();
@@ -582,11 +609,11 @@ impl Controller {
                     let id = task_id(&t);
                     let was_cancelled = self.cancelled.lock().unwrap().remove(&id);
                     match img {
-                        None => {
-                            if was_cancelled {
-                                self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
-                            }
+                        // A cancel that came after the last step (during the decode) still wins.
+                        None | Some(_) if was_cancelled => {
+                            self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
                         }
+                        None => {}
                         Some(img) => {
                             self.send(worker_message::Msg::Rendered(TaskRendered { lease: Some(lease_of(&t)), render_ms })).await;
                             self.encode_and_upload(t, img, render_ms, batch_size);
@@ -602,6 +629,24 @@ impl Controller {
                 if matches!(error, RenderError::OutOfMemory(_)) && self.batch_limit > 1 {
                     self.batch_limit = (self.batch_limit / 2).max(1);
                     tracing::warn!(batch_limit = self.batch_limit, "out of memory: smaller batches from now on");
+                }
+                // Any other failure of a batch may come from one of its prompts (a latent or text
+                // encoding that turns NaN): its tasks are rendered again one at a time before any
+                // is charged, so one bad prompt does not fail its batchmates.
+                if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) && !self.draining {
+                    tracing::warn!(tasks = tasks.len(), "batch failed; rendering its tasks one at a time");
+                    for t in tasks.into_iter().rev() {
+                        let id = task_id(&t);
+                        if self.cancelled.lock().unwrap().remove(&id) {
+                            self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
+                        } else {
+                            self.solo.insert(id);
+                            self.queue.push_front(t);
+                        }
+                    }
+                    self.start_batch();
+                    self.top_up().await;
+                    return;
                 }
                 // Out of memory with a single task: a smaller batch cannot help on this worker, so
                 // the failure is charged like a render failure (another card may fit it).
@@ -852,6 +897,7 @@ pub async fn run(
         opts,
         info,
         vram_free: vram_free.clone(),
+        solo: HashSet::new(),
         client: None,
         session: None,
         session_epoch: 0,
