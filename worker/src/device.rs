@@ -38,6 +38,9 @@ pub fn used_vram_bytes(device: Device) -> Option<u64> {
     }
 }
 
+/// Longest wait for one `nvidia-smi` query.
+const SMI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One `nvidia-smi --query-gpu` row of GPU `index`, split into its fields.
 ///
 /// `index` is the CUDA index this process sees; with `CUDA_VISIBLE_DEVICES` set it names the GPU by
@@ -45,12 +48,35 @@ pub fn used_vram_bytes(device: Device) -> Option<u64> {
 /// ignores the variable.
 fn query_gpu(index: usize, fields: &str) -> Option<Vec<String>> {
     let id = smi_id(index, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
-    let out = std::process::Command::new("nvidia-smi")
-        .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits", "-i", &id])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    let row = String::from_utf8_lossy(&out.stdout);
+    run_query("nvidia-smi", &id, fields, SMI_TIMEOUT)
+}
+
+/// Runs `program` as `nvidia-smi --query-gpu=FIELDS ... -i ID`, at most `timeout` long.
+fn run_query(program: &str, id: &str, fields: &str, timeout: std::time::Duration) -> Option<Vec<String>> {
+    let mut child = std::process::Command::new(program)
+        .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits", "-i", id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    // A wedged GPU can hang nvidia-smi: give up after a few seconds rather than hold the caller
+    // (and, at exit, the runtime's blocking pool) for ever.
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut stdout).ok()?;
+    let row = stdout;
     let parts: Vec<String> = row.trim().split(", ").map(str::to_string).collect();
     (parts.len() == fields.split(',').count()).then_some(parts)
 }
@@ -170,5 +196,29 @@ mod smi_tests {
         assert_eq!(smi_id(0, Some("")), "0");
         assert_eq!(free_vram_bytes(Device::Cpu), None);
         assert_eq!(used_vram_bytes(Device::Cpu), None);
+    }
+
+    #[test]
+    fn a_query_reads_one_row_and_gives_up_on_a_hung_tool() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p.display().to_string()
+        };
+        let answers = script("answers", "echo 'NVIDIA H200, 143771, 1024'");
+        let fields = "name,memory.total,memory.free";
+        let row = run_query(&answers, "0", fields, std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(row, ["NVIDIA H200", "143771", "1024"]);
+        assert_eq!(mib(&row[2]), 1024 << 20);
+        assert_eq!(run_query(&answers, "0", "memory.free", std::time::Duration::from_secs(10)), None, "wrong field count");
+        let fails = script("fails", "echo 'No devices were found'; exit 6");
+        assert_eq!(run_query(&fails, "0", "memory.free", std::time::Duration::from_secs(10)), None);
+        let hangs = script("hangs", "sleep 30");
+        let started = std::time::Instant::now();
+        assert_eq!(run_query(&hangs, "0", "memory.free", std::time::Duration::from_millis(300)), None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "gave up after {:?}", started.elapsed());
     }
 }
