@@ -1108,8 +1108,10 @@ async fn a_revoked_worker_token_ends_its_open_session() {
 }
 
 /// A lease lost while its upload is in flight (the header passed the lease check, then the worker's
-/// session dropped and the task was requeued): the commit is refused with FAILED_PRECONDITION and the
-/// blob published under that lease's key is removed again; the task is then done by someone else.
+/// session dropped, the task was requeued and another worker claimed it): the commit is refused with
+/// FAILED_PRECONDITION and the blob published under that lease's key is removed again; the task is
+/// done by the other worker. (Had nobody claimed it, the upload would have committed: see
+/// `a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
     let db = fresh_database("acc_lost_mid_upload");
@@ -1151,6 +1153,10 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
         count(&pool, "select count(*) from tasks where job_id = $1 and state = 1", job).await == 1
     })
     .await;
+    let mut other = Session::open(&ch, Some(&worker), "next", 1).await.unwrap();
+    other.credits(1).await;
+    let next = other.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap();
+    assert_ne!(next.lease_token, lease.lease_token);
     tx.send(UploadResultRequest { msg: Some(upload_result_request::Msg::Data(data)) }).await.unwrap();
     drop(tx);
     assert_status(
@@ -1162,11 +1168,7 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
     assert_eq!(stored_blobs(coord.results_dir(), job), (0, 0), "the refused upload's blob was removed");
     assert_eq!(count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await, 0);
 
-    // The task is still there for another worker, and its result commits under the new lease.
-    let mut other = Session::open(&ch, Some(&worker), "next", 1).await.unwrap();
-    other.credits(1).await;
-    let next = other.next_assign(Duration::from_secs(10)).await.tasks[0].lease.clone().unwrap();
-    assert_ne!(next.lease_token, lease.lease_token);
+    // The other worker's result commits under the new lease.
     let good = b"\x89PNG\r\n\x1a\nthe result".to_vec();
     upload_ok(&ch, &worker, &next, &good).await;
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
