@@ -273,6 +273,11 @@ impl Store {
                 from held, jobs j
                 where t.id = held.id and t.lease_token = held.token and t.state in (1, 2)
                   and j.id = t.job_id and j.cancelled_at is null
+                  -- Only a lease a worker of this tenant held (task ids and tokens are not secrets).
+                  and exists (select 1 from task_attempts a
+                              join workers w on w.id = a.worker_id
+                              join workers me on me.id = $3
+                              where a.task_id = t.id and a.lease_token = held.token and w.tenant_id = me.tenant_id)
                 returning t.id, t.lease_token
             ),
             att as (
@@ -315,12 +320,16 @@ impl Store {
                            from unnest($3::uuid[], $4::bigint[]) as l(id, token), jobs j
                            where t.id = l.id and t.lease_token = l.token and t.state = 1 and t.lease_owner is null
                              and j.id = t.job_id and j.cancelled_at is null
-                             and exists (select 1 from task_attempts a where a.task_id = t.id and a.lease_token = l.token
-                                                                       and a.outcome in ('expired', 'lost'))
+                             -- Given up by neither side, and held before by a worker of this tenant.
+                             and exists (select 1 from task_attempts a
+                                         join workers w on w.id = a.worker_id
+                                         join workers me on me.id = $1
+                                         where a.task_id = t.id and a.lease_token = l.token
+                                           and a.outcome in ('expired', 'lost') and w.tenant_id = me.tenant_id)
                            returning t.id, t.lease_token),
                   att as (update task_attempts a set worker_id = $1, outcome = 'running', ended_at = null
                           from back where a.task_id = back.id and a.lease_token = back.lease_token)
-             update workers set last_heartbeat = now(),
+             update workers set last_heartbeat = now(), disconnected_at = null,
                     capabilities = case when $5 > 0
                                         then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))
                                         else capabilities end
@@ -814,13 +823,16 @@ impl Store {
                  which queues its cancelled tasks with the failed ones"
             )));
         }
+        // In a cancelled job, a task still queued (requeued from a lost worker before the sweep
+        // cancelled it) counts as cancelled: it starts afresh too, and its old lease ends here.
         let n = sqlx::query(
             "update tasks set state = 1, failures = 0, not_before = null, last_error = null, finished_at = null,
                     current_step = 0, lease_token = null
-             where job_id = $1 and (state = 4 or ($2 and state = 5))",
+             where job_id = $1 and (state = 4 or ($2 and state = 5) or ($3 and state = 1))",
         )
         .bind(job_id)
         .bind(include_cancelled)
+        .bind(cancelled)
         .execute(&mut *tx)
         .await?
         .rows_affected();

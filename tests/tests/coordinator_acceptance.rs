@@ -959,6 +959,16 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     })
     .await;
     assert_eq!(free_vram(&ch, &alice).await.0, 7 << 30, "a heartbeat without a figure keeps the last one");
+    // A worker the sweep marked disconnected (its heartbeats did not reach the database in time)
+    // is connected again at its next heartbeat.
+    sqlx::query("update workers set disconnected_at = now() where name = 'hand-worker'").execute(&pool).await.unwrap();
+    session.heartbeat(vec![lease.clone()]).await;
+    wait_for("the worker to be listed as connected again", Duration::from_secs(10), || async {
+        let listed =
+            jobs(&ch).list_workers(authed(&alice, ListWorkersRequest::default())).await.unwrap().into_inner();
+        listed.workers.iter().any(|w| w.name == "hand-worker" && w.connected)
+    })
+    .await;
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
@@ -1232,6 +1242,13 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     // An upload under a requeued lease nobody claimed commits, before any heartbeat lists it.
     upload_ok(&ch, &worker, early, b"\x89PNG\r\n\x1a\nearly").await;
     assert_eq!(attempt_outcome(&pool, early.lease_token as i64).await, "succeeded");
+    // A worker of another tenant that names the requeued lease does not get it (task ids and tokens
+    // are not secrets).
+    let stranger = bearer(&coord.token("eve", "worker").unwrap());
+    let eve = Session::open(&ch, Some(&stranger), "stranger", 1).await.unwrap();
+    eve.heartbeat(vec![free.clone()]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(leases_of(&pool, "stranger").await.is_empty(), "another tenant's worker took the lease");
     // Listing the rest again: the task nobody claimed comes back to the session; the claimed one
     // does not.
     session.heartbeat(dropped.iter().cloned().chain([kept.clone()]).collect()).await;

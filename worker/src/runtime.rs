@@ -479,6 +479,11 @@ impl Controller {
         if !self.running.is_empty() || self.queue.is_empty() {
             return;
         }
+        if !self.solo.is_empty() {
+            // Tasks that left the queue otherwise (cancelled, released) lose their mark.
+            let queued: HashSet<String> = self.queue.iter().map(task_id).collect();
+            self.solo.retain(|id| queued.contains(id));
+        }
         let first = self.queue.pop_front().expect("non-empty");
         if self.solo.remove(&task_id(&first)) {
             self.running = vec![first.clone()];
@@ -633,7 +638,18 @@ impl Controller {
                 // Any other failure of a batch may come from one of its prompts (a latent or text
                 // encoding that turns NaN): its tasks are rendered again one at a time before any
                 // is charged, so one bad prompt does not fail its batchmates.
-                if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) && !self.draining {
+                if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) && self.draining {
+                    // No time to find the failing prompt: the tasks go back to the farm uncharged.
+                    for t in &tasks {
+                        self.cancelled.lock().unwrap().remove(&task_id(t));
+                        let reason = format!("batch failed while draining: {error}");
+                        self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(t)), reason, retry_after_ms: 0 }))
+                            .await;
+                    }
+                    self.top_up().await;
+                    return;
+                }
+                if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) {
                     tracing::warn!(tasks = tasks.len(), "batch failed; rendering its tasks one at a time");
                     for t in tasks.into_iter().rev() {
                         let id = task_id(&t);
