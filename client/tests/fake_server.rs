@@ -372,6 +372,11 @@ async fn client(addr: SocketAddr, token: &str) -> Conn {
     Conn::new(channel, AuthInterceptor::new(Some(token)).unwrap())
 }
 
+/// A client with the right token, connected to a fresh server of `fake`.
+async fn connected(fake: &Fake) -> Conn {
+    client(serve(fake.clone()).await, TOKEN).await
+}
+
 fn jsonl_line(text: &str) -> String {
     serde_json::json!({ "prompt": text }).to_string()
 }
@@ -411,8 +416,7 @@ fn options(chunk_size: usize) -> SubmitOptions {
 #[tokio::test]
 async fn submit_streams_header_then_chunks() {
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.jsonl");
     let b = dir.path().join("b.txt");
@@ -456,8 +460,7 @@ async fn submit_streams_header_then_chunks() {
 #[tokio::test]
 async fn invalid_prompt_mid_file_aborts_and_nothing_is_stored() {
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.jsonl");
     write_jsonl(&a, 5000, Some(3000));
@@ -515,8 +518,7 @@ async fn invalid_prompt_mid_file_aborts_and_nothing_is_stored() {
 #[tokio::test]
 async fn server_side_errors_exit_3() {
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.txt");
     std::fs::write(&a, "fine\nSERVER_REJECTS this\nfine again\n").unwrap();
@@ -579,8 +581,7 @@ async fn exit_codes_for_auth_and_not_found() {
 #[tokio::test]
 async fn watch_resumes_after_disconnect_from_last_sequence() {
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let job = tokio::time::timeout(
         Duration::from_secs(20),
         farm::watch::watch(&mut c.jobs(), "job-1", Ui::silent(), false),
@@ -599,8 +600,7 @@ async fn watch_resumes_after_disconnect_from_last_sequence() {
 #[tokio::test]
 async fn watch_backs_off_when_streams_keep_ending_while_get_job_answers() {
     let fake = Fake { watch_mode: WatchMode::EndsAtOnce, ..Default::default() };
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let mut jobs = c.jobs();
     let watching = farm::watch::watch(&mut jobs, "job-1", Ui::silent(), false);
     assert!(tokio::time::timeout(Duration::from_millis(2200), watching).await.is_err(), "the job never ends");
@@ -613,8 +613,7 @@ async fn watch_backs_off_when_streams_keep_ending_while_get_job_answers() {
 #[tokio::test]
 async fn watch_ends_when_get_job_shows_the_final_state_on_a_silent_stream() {
     let fake = Fake { watch_mode: WatchMode::SilentWhileFinal, ..Default::default() };
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     // The closing event was lost: the stream stays open, but the periodic GetJob (every 3 s
     // without events) sees the final state.
     let job = tokio::time::timeout(Duration::from_secs(15), farm::watch::watch(&mut c.jobs(), "job-1", Ui::silent(), false))
@@ -651,8 +650,7 @@ fn results_options(dir: &Path) -> ResultsOptions {
 #[tokio::test]
 async fn results_skip_files_with_matching_sha256() {
     let (fake, results) = fake_with_results();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     // 0: already complete; 1: wrong content (same length); 2: truncated; 3, 4: missing.
     std::fs::write(dir.path().join("000000.png"), &results[&0]).unwrap();
@@ -699,8 +697,7 @@ async fn results_skip_files_with_matching_sha256() {
 async fn corrupted_download_leaves_no_file() {
     let (mut fake, results) = fake_with_results();
     fake.bad_sha = Arc::new(vec![2]);
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let mut opts = results_options(dir.path());
     opts.since = true;
@@ -735,8 +732,7 @@ async fn a_refused_download_exits_with_its_kind_and_the_usual_wording() {
     let (mut fake, _) = fake_with_results();
     fake.bad_sha = Arc::new(vec![2]);
     fake.denied = Arc::new(vec![1]);
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let s = farm::results::download(&mut c.jobs(), "job-1", &results_options(dir.path()), Ui::silent())
         .await
@@ -752,8 +748,7 @@ async fn a_refused_download_exits_with_its_kind_and_the_usual_wording() {
 #[tokio::test]
 async fn a_job_that_does_not_exist_leaves_the_directory_unclaimed() {
     let (fake, _) = fake_with_results();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let opts = results_options(dir.path());
     let e = farm::results::download(&mut c.jobs(), "job-typo", &opts, Ui::silent()).await.unwrap_err();
@@ -767,8 +762,7 @@ async fn a_job_that_does_not_exist_leaves_the_directory_unclaimed() {
 #[tokio::test]
 async fn since_remembers_the_newest_result() {
     let (fake, _) = fake_with_results();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let mut opts = results_options(dir.path());
     opts.since = true;
@@ -790,8 +784,7 @@ async fn since_remembers_the_newest_result() {
 async fn submit_command_exit_codes() {
     use clap::Parser;
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.txt");
     let bad = dir.path().join("bad.txt");
@@ -872,8 +865,7 @@ async fn submit_command_exit_codes() {
 #[tokio::test]
 async fn a_batch_over_the_prompt_limit_stops_at_the_limit() {
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big.txt");
     let max = farm_proto::limits::MAX_PROMPTS_PER_JOB;
@@ -898,8 +890,7 @@ async fn a_batch_over_the_prompt_limit_stops_at_the_limit() {
 async fn directory_of_xml_and_jsonl_batches() {
     use clap::Parser;
     let fake = Fake::default();
-    let addr = serve(fake.clone()).await;
-    let c = client(addr, TOKEN).await;
+    let c = connected(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("a.xml"),
