@@ -789,11 +789,9 @@ impl NextDit {
     /// `1 + 0.1·N(0,1)`, biases `0.1·N(0,1)`, matrices `N(0,1)/sqrt(fan_in)`. Seeds torch's global
     /// generator with `seed`.
     pub fn randomize(vs: &nn::VarStore, seed: i64) {
-        let _generator = super::rng::lock();
-        tch::manual_seed(seed);
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        tch::no_grad(|| {
+        super::rng::seeded(seed, || tch::no_grad(|| {
             for (name, mut v) in vars {
                 let size = v.size();
                 let r = Tensor::randn(size.as_slice(), (Kind::Float, v.device()));
@@ -806,7 +804,7 @@ impl NextDit {
                 };
                 v.copy_(&r);
             }
-        });
+        }));
     }
 
     /// Velocity `[B, C, H, W]` (f32) for latents `x` `[B, C, H, W]`, times `t` `[B]` in [0,1]

@@ -572,23 +572,23 @@ fn random_module<T, E: std::fmt::Display>(
     randomize: impl FnOnce(&nn::VarStore),
 ) -> Result<(T, nn::VarStore), PipelineError> {
     let err = |e: String| PipelineError::load(format!("{what}: {e}"));
-    let _generator = super::rng::lock();
-    tch::manual_seed(seed);
-    let source_device = if draw_on_cpu { Device::Cpu } else { device };
-    let mut source = nn::VarStore::new(source_device);
-    source.set_kind(kind);
-    let module = build(&source.root()).map_err(|e| err(e.to_string()))?;
-    randomize(&source);
-    if source_device == device {
-        source.freeze();
-        return Ok((module, source));
-    }
-    let mut target = nn::VarStore::new(device);
-    target.set_kind(kind);
-    let module = build(&target.root()).map_err(|e| err(e.to_string()))?;
-    target.copy(&source).map_err(|e| err(e.to_string()))?;
-    target.freeze();
-    Ok((module, target))
+    super::rng::seeded(seed, || {
+        let source_device = if draw_on_cpu { Device::Cpu } else { device };
+        let mut source = nn::VarStore::new(source_device);
+        source.set_kind(kind);
+        let module = build(&source.root()).map_err(|e| err(e.to_string()))?;
+        randomize(&source);
+        if source_device == device {
+            source.freeze();
+            return Ok((module, source));
+        }
+        let mut target = nn::VarStore::new(device);
+        target.set_kind(kind);
+        let module = build(&target.root()).map_err(|e| err(e.to_string()))?;
+        target.copy(&source).map_err(|e| err(e.to_string()))?;
+        target.freeze();
+        Ok((module, target))
+    })
 }
 
 impl Pipeline {

@@ -139,13 +139,13 @@ pub fn random_frozen<M>(
     seed: i64,
     build: impl FnOnce(&nn::Path) -> Result<M, WeightsError>,
 ) -> Result<M, WeightsError> {
-    let _generator = super::rng::lock();
-    tch::manual_seed(seed);
-    let mut vs = nn::VarStore::new(device);
-    vs.set_kind(kind);
-    let model = build(&vs.root())?;
-    vs.freeze();
-    Ok(model)
+    super::rng::seeded(seed, || {
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let model = build(&vs.root())?;
+        vs.freeze();
+        Ok(model)
+    })
 }
 
 /// Reads and parses a JSON file.
