@@ -17,23 +17,20 @@ pub fn describe(device: Device) -> (String, u64, u64) {
 /// Device memory free now, in bytes (all processes counted), or `None` on the CPU or when
 /// `nvidia-smi` cannot tell. Sent with every heartbeat.
 pub fn free_vram_bytes(device: Device) -> Option<u64> {
-    match device {
-        Device::Cuda(i) => match query_gpu(i, "memory.free").as_deref() {
-            Some([free]) => Some(mib(free)).filter(|b| *b > 0),
-            _ => None,
-        },
-        _ => None,
-    }
+    memory_field(device, "memory.free").filter(|b| *b > 0)
 }
 
 /// Device memory in use now, in bytes (all processes, the CUDA contexts included), from
 /// `nvidia-smi`; `None` on the CPU or when it cannot tell.
 pub fn used_vram_bytes(device: Device) -> Option<u64> {
-    match device {
-        Device::Cuda(i) => match query_gpu(i, "memory.used").as_deref() {
-            Some([used]) => Some(mib(used)),
-            _ => None,
-        },
+    memory_field(device, "memory.used")
+}
+
+/// One MiB-valued `nvidia-smi` memory field of `device`, in bytes.
+fn memory_field(device: Device, field: &str) -> Option<u64> {
+    let Device::Cuda(i) = device else { return None };
+    match query_gpu(i, field).as_deref() {
+        Some([value]) => Some(mib(value)),
         _ => None,
     }
 }

@@ -638,29 +638,28 @@ impl Controller {
                 // Any other failure of a batch may come from one of its prompts (a latent or text
                 // encoding that turns NaN): its tasks are rendered again one at a time before any
                 // is charged, so one bad prompt does not fail its batchmates.
-                if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) && self.draining {
-                    // No time to find the failing prompt: the tasks go back to the farm uncharged.
-                    for t in &tasks {
-                        self.cancelled.lock().unwrap().remove(&task_id(t));
-                        let reason = format!("batch failed while draining: {error}");
-                        self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(t)), reason, retry_after_ms: 0 }))
-                            .await;
-                    }
-                    self.top_up().await;
-                    return;
-                }
                 if tasks.len() > 1 && !matches!(error, RenderError::OutOfMemory(_)) {
-                    tracing::warn!(tasks = tasks.len(), "batch failed; rendering its tasks one at a time");
-                    for t in tasks.into_iter().rev() {
-                        let id = task_id(&t);
-                        if self.cancelled.lock().unwrap().remove(&id) {
-                            self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
-                        } else {
-                            self.solo.insert(id);
-                            self.queue.push_front(t);
+                    if self.draining {
+                        // No time to find the failing prompt: the tasks go back to the farm uncharged.
+                        for t in &tasks {
+                            self.cancelled.lock().unwrap().remove(&task_id(t));
+                            let reason = format!("batch failed while draining: {error}");
+                            let lease = Some(lease_of(t));
+                            self.send(worker_message::Msg::Released(TaskReleased { lease, reason, retry_after_ms: 0 })).await;
                         }
+                    } else {
+                        tracing::warn!(tasks = tasks.len(), "batch failed; rendering its tasks one at a time");
+                        for t in tasks.into_iter().rev() {
+                            let id = task_id(&t);
+                            if self.cancelled.lock().unwrap().remove(&id) {
+                                self.report_failure(&t, "cancelled during rendering", false, "cancelled").await;
+                            } else {
+                                self.solo.insert(id);
+                                self.queue.push_front(t);
+                            }
+                        }
+                        self.start_batch();
                     }
-                    self.start_batch();
                     self.top_up().await;
                     return;
                 }
