@@ -56,9 +56,14 @@ fn coordinator(database_url: &str, extra: &[&str]) -> Coordinator {
 
 /// A synthetic worker process (`step_ms` per denoising step) named `name`.
 fn synthetic_worker(url: &str, token: &str, name: &str, step_ms: u64, max_batch: u32) -> Worker {
+    synthetic_worker_with(url, token, name, step_ms, max_batch, &[])
+}
+
+/// [`synthetic_worker`] with extra arguments.
+fn synthetic_worker_with(url: &str, token: &str, name: &str, step_ms: u64, max_batch: u32, extra: &[&str]) -> Worker {
     let step_ms = step_ms.to_string();
     let max_batch = max_batch.to_string();
-    let args = [
+    let mut args = vec![
         "--renderer",
         "synthetic",
         "--synthetic-step-ms",
@@ -73,6 +78,7 @@ fn synthetic_worker(url: &str, token: &str, name: &str, step_ms: u64, max_batch:
         "--max-backoff-ms",
         "200",
     ];
+    args.extend_from_slice(extra);
     Worker::spawn(url, token, &args).expect("start a worker")
 }
 
@@ -1458,6 +1464,73 @@ async fn one_failing_prompt_does_not_fail_its_batchmates() {
             .await
             .unwrap();
     assert_eq!(rows, vec![(0, 3, 0), (1, 3, 0), (2, 4, 2), (3, 3, 0)], "(index, state, failures charged)");
+}
+
+/// A render that stops making progress (the synthetic renderer's hang marker; on a GPU, a wedged
+/// device or a hung kernel) trips the worker's watchdog: the task is charged with a "stalled" error,
+/// the rest of the worker's tasks go back uncharged, and the worker exits with status 3 for its
+/// supervisor to restart it. A prompt that always hangs ends after its attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_render_is_charged_and_its_worker_exits() {
+    let db = fresh_database("acc_stall");
+    let coord = coordinator(&db, &[]);
+    let pool = pool(&db).await;
+    let client = coord.token("hana", "client").unwrap();
+    let worker_token = coord.token("hana", "worker").unwrap();
+    let ch = channel(&coord.url()).await;
+    let mut ps = prompts(2);
+    ps[0].text.push_str(", [synthetic:hang]");
+    let mut h = header("one hanging prompt", 2);
+    h.max_attempts = 2;
+    let job = submit_ok(&ch, &client, h, ps).await;
+    let task_row = |idx: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i16, i32, Option<String>)>(
+                "select state, failures, last_error from tasks where job_id = $1 and idx = $2",
+            )
+            .bind(job)
+            .bind(idx)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let stall = ["--stall-timeout-s", "1"];
+    let mut first = synthetic_worker_with(&coord.url(), &worker_token, "wedged", 5, 1, &stall);
+    // Wait until the hanging task is running, so that the exit below is the watchdog's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while task_row(0).await.0 != 2 {
+        assert!(Instant::now() < deadline, "the hanging task was never leased; log:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = first.wait_exit(Duration::from_secs(30)).expect("the stalled worker exits by itself");
+    assert_eq!(status.code(), Some(3), "exit status of a stalled worker; log:\n{}", first.log());
+    let (state, failures, error) = task_row(0).await;
+    assert_eq!((state, failures), (1, 1), "the stalled task is queued again with one attempt charged");
+    assert!(error.as_deref().unwrap_or("").contains("stalled"), "last error: {error:?}");
+    assert_eq!(task_row(1).await.1, 0, "the worker's other task is not charged");
+    // Restarted workers (as a supervisor would) finish the job: the hanging prompt fails after its
+    // second attempt, the other one renders.
+    for n in 0..4 {
+        let mut w = synthetic_worker_with(&coord.url(), &worker_token, &format!("restarted-{n}"), 5, 1, &stall);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.is_running() && Instant::now() < deadline {
+            let done: bool = sqlx::query_scalar("select finished_at is not null from jobs where id = $1")
+                .bind(job)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    let (state, failures, _) = task_row(0).await;
+    assert_eq!((state, failures), (4, 2), "the always-hanging task failed after its two attempts");
+    assert_eq!(task_row(1).await.0, 3, "the other task rendered");
 }
 
 /// Running out of GPU memory is not charged the first six times (workers retry with smaller batches

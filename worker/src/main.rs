@@ -11,7 +11,7 @@ use farm_proto::pb::{Precision, RenderParams};
 use farm_worker::device::parse_device;
 use farm_worker::model::pipeline::{Pipeline, PipelineOptions, Preset};
 use farm_worker::render::{ModelRenderer, RenderItem, Renderer, SyntheticRenderer};
-use farm_worker::runtime::{coordinator_endpoint, run, WorkerOptions};
+use farm_worker::runtime::{coordinator_endpoint, run, RenderStalled, WorkerOptions};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -25,7 +25,8 @@ enum RendererArg {
     /// The NewBie-image pipeline (default).
     Model,
     /// A deterministic pattern without a model, for control-plane load tests only (a prompt
-    /// containing "[synthetic:nan]" fails its batch, to exercise failure handling).
+    /// containing "[synthetic:nan]" fails its batch and one containing "[synthetic:hang]" hangs it,
+    /// to exercise failure handling and the stall watchdog).
     Synthetic,
 }
 
@@ -90,6 +91,12 @@ struct Args {
     /// exits at once.
     #[arg(long, env = "FARM_DRAIN_TIMEOUT_S", default_value_t = 240)]
     drain_timeout_s: u64,
+    /// Stall watchdog, in seconds: a batch that goes this long without finishing a denoising step
+    /// (or its decode) is reported failed (charged, retryable elsewhere) and the worker drains and
+    /// exits with status 3, for its supervisor to restart it; a wedged GPU cannot be recovered from
+    /// inside the process. 0 turns the watchdog off (e.g. for the full model on a CPU).
+    #[arg(long, env = "FARM_STALL_TIMEOUT_S", default_value_t = 600)]
+    stall_timeout_s: u64,
     /// Skip the warm-up render at start.
     #[arg(long)]
     no_warmup: bool,
@@ -297,6 +304,7 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(a.drain_timeout_s),
         verified,
         ca_cert_pem,
+        stall_timeout: (a.stall_timeout_s > 0).then(|| Duration::from_secs(a.stall_timeout_s)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -310,6 +318,14 @@ fn main() -> anyhow::Result<()> {
             });
         };
         run(opts, renderer, shutdown).await
+    })
+    .inspect_err(|e| {
+        if let Some(stalled) = e.downcast_ref::<RenderStalled>() {
+            tracing::error!("{stalled}; exiting with status 3");
+            // Plain exit would run libtorch's and CUDA's exit-time teardown, which can wait for
+            // the stuck kernel for ever.
+            unsafe { libc::_exit(3) }
+        }
     })
 }
 

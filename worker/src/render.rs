@@ -161,8 +161,13 @@ impl Renderer for ModelRenderer {
 /// anomaly, as a prompt whose latent turns NaN fails a model batch (for tests of failure handling).
 pub const SYNTHETIC_FAILURE_MARKER: &str = "[synthetic:nan]";
 
+/// A prompt holding this makes the synthetic renderer hang before its first step and never return,
+/// as a wedged GPU does (for tests of the worker's stall watchdog).
+pub const SYNTHETIC_HANG_MARKER: &str = "[synthetic:hang]";
+
 /// Deterministic pattern images with no model, for control-plane load tests. `step_ms` simulates
-/// the time of one denoising step. A prompt containing [`SYNTHETIC_FAILURE_MARKER`] fails its batch.
+/// the time of one denoising step. A prompt containing [`SYNTHETIC_FAILURE_MARKER`] fails its batch;
+/// one containing [`SYNTHETIC_HANG_MARKER`] hangs it.
 pub struct SyntheticRenderer {
     pub step_ms: u64,
     pub model_name: String,
@@ -190,6 +195,11 @@ impl Renderer for SyntheticRenderer {
     ) -> Result<Vec<Option<Image>>, RenderError> {
         let steps = params.steps.max(1) as usize;
         let mut alive = vec![true; items.len()];
+        if items.iter().any(|it| it.prompt.contains(SYNTHETIC_HANG_MARKER)) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         for s in 0..steps {
             if self.step_ms > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(self.step_ms));

@@ -20,6 +20,11 @@
 //!   with what is left (the coordinator requeues those tasks without charge when the stream ends).
 //! * Reconnects back off (doubling up to `max_backoff`); the wait resets only after a session has
 //!   lasted [`STABLE_SESSION`].
+//! * Stall watchdog: the GPU thread stamps the time when a batch starts and after every step. A
+//!   batch with no stamp for `stall_timeout` (a wedged GPU, a hung kernel) is reported failed
+//!   (`kind "stalled"`, charged and retryable, so a prompt that always hangs ends after its
+//!   attempts), the worker drains what it can and [`run`] returns [`RenderStalled`]: a stuck thread
+//!   cannot be stopped from inside the process, so the process exits and its supervisor restarts it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +80,37 @@ pub struct WorkerOptions {
     /// PEM of the CA that signed the coordinator's TLS certificate (`--ca-cert`); an `https://`
     /// coordinator then trusts only it, else the system's roots.
     pub ca_cert_pem: Option<String>,
+    /// Longest time a batch may go without starting or finishing a step (see the module docs);
+    /// `None`: no watchdog.
+    pub stall_timeout: Option<Duration>,
+}
+
+/// [`run`]'s error when a render stalled: the GPU thread is stuck, so the process must end.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("a render made no progress for {seconds} s (a wedged GPU or a hung kernel); its tasks were reported failed")]
+pub struct RenderStalled {
+    pub seconds: u64,
+}
+
+/// When the GPU thread last showed progress, in milliseconds since `origin`.
+#[derive(Clone)]
+struct Liveness {
+    origin: Instant,
+    stamp_ms: Arc<AtomicU64>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness { origin: Instant::now(), stamp_ms: Arc::new(AtomicU64::new(0)) }
+    }
+    fn stamp(&self) {
+        self.stamp_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// Time since the last stamp.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.stamp_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
 }
 
 /// The coordinator endpoint: plaintext for `http://`, TLS for `https://` (trusting `ca_cert_pem` when
@@ -204,6 +240,7 @@ fn upload_retry_wait(failures: u32) -> Duration {
 fn spawn_gpu_thread(
     mut renderer: Box<dyn Renderer>,
     cancelled: Arc<Mutex<HashSet<String>>>,
+    alive: Liveness,
 ) -> (std::sync::mpsc::SyncSender<Vec<TaskAssignment>>, mpsc::Receiver<GpuEvent>) {
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Vec<TaskAssignment>>(1);
     let (ev_tx, ev_rx) = mpsc::channel::<GpuEvent>(1024);
@@ -211,6 +248,7 @@ fn spawn_gpu_thread(
         .name("gpu".into())
         .spawn(move || {
             while let Ok(tasks) = job_rx.recv() {
+                alive.stamp();
                 let params = tasks[0].params.clone().unwrap_or_default();
                 let items: Vec<RenderItem> = tasks
                     .iter()
@@ -221,6 +259,7 @@ fn spawn_gpu_thread(
                 let mut dropped: HashSet<usize> = HashSet::new();
                 let result = {
                     let mut on_step = |step: usize, total: usize| -> Vec<usize> {
+                        alive.stamp();
                         let c = cancelled.lock().unwrap();
                         let mut drop_now = Vec::new();
                         for (i, id) in ids.iter().enumerate() {
@@ -290,6 +329,9 @@ struct Controller {
     /// join it (the coordinator sends claims back to back).
     gather_until: Option<Instant>,
     draining: bool,
+    /// Set when the running batch stalled: the drain then ends in [`RenderStalled`].
+    stalled: Option<Duration>,
+    alive: Liveness,
     job_tx: std::sync::mpsc::SyncSender<Vec<TaskAssignment>>,
     /// (task id, lease token, outcome): an outcome of an older lease of the same task is ignored.
     upload_tx: mpsc::Sender<(String, u64, UploadOutcome)>,
@@ -485,6 +527,8 @@ impl Controller {
             self.solo.retain(|id| queued.contains(id));
         }
         let first = self.queue.pop_front().expect("non-empty");
+        // The watchdog counts from here, not from the GPU thread's last stamp of an earlier batch.
+        self.alive.stamp();
         if self.solo.remove(&task_id(&first)) {
             self.running = vec![first.clone()];
             if self.job_tx.send(vec![first]).is_err() {
@@ -602,7 +646,35 @@ impl Controller {
         }
     }
 
+    /// The watchdog: a running batch quiet for longer than `stall_timeout` is failed and the worker
+    /// drains, to exit with [`RenderStalled`].
+    async fn check_stall(&mut self) {
+        let Some(limit) = self.opts.stall_timeout else { return };
+        let quiet = self.alive.quiet_for();
+        if self.running.is_empty() || self.stalled.is_some() || quiet < limit {
+            return;
+        }
+        self.stalled = Some(quiet);
+        tracing::error!(quiet_s = quiet.as_secs(), stall_timeout_s = limit.as_secs(), tasks = self.running.len(),
+                        "render stalled: failing its tasks, draining and exiting");
+        let error = format!(
+            "render stalled on worker {}: no denoising step finished in {} s (stall timeout {} s); the worker exits to be restarted",
+            self.opts.name,
+            quiet.as_secs(),
+            limit.as_secs()
+        );
+        for t in std::mem::take(&mut self.running) {
+            self.cancelled.lock().unwrap().remove(&task_id(&t));
+            self.report_failure(&t, &error, true, "stalled").await;
+        }
+        self.begin_drain().await;
+    }
+
     async fn on_gpu(&mut self, ev: GpuEvent) {
+        if self.stalled.is_some() && !matches!(ev, GpuEvent::Progress { .. }) {
+            // A batch that ends after it was declared stalled: its tasks were already reported.
+            return;
+        }
         match ev {
             GpuEvent::Progress { lease, step, total } => {
                 self.send_lossy(worker_message::Msg::Progress(StepProgress { lease: Some(lease), step, total_steps: total }));
@@ -903,7 +975,8 @@ pub async fn run(
     let info = renderer.info();
     let vram_free = spawn_vram_sampler(&info);
     let cancelled = Arc::new(Mutex::new(HashSet::new()));
-    let (job_tx, mut gpu_rx) = spawn_gpu_thread(renderer, cancelled.clone());
+    let alive = Liveness::new();
+    let (job_tx, mut gpu_rx) = spawn_gpu_thread(renderer, cancelled.clone(), alive.clone());
     let (upload_tx, mut upload_rx) = mpsc::channel::<(String, u64, UploadOutcome)>(1024);
     let (png_tx, mut png_rx) = mpsc::channel::<(String, u64, Result<Vec<u8>, String>)>(1024);
     let mut ctl = Controller {
@@ -924,6 +997,8 @@ pub async fn run(
         uploads: HashMap::new(),
         cancelled,
         draining: false,
+        stalled: None,
+        alive,
         job_tx,
         upload_tx,
         png_tx,
@@ -931,6 +1006,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stall_tick = tokio::time::interval(Duration::from_millis(250));
     let mut shutdown_seen = false;
     let mut drain_deadline: Option<Instant> = None;
     loop {
@@ -943,11 +1019,15 @@ pub async fn run(
                     tracing::warn!(running = ctl.running.len(), uploads = ctl.uploads.len(),
                                    timeout_s = ctl.opts.drain_timeout.as_secs(), "drain timeout; exiting with work left");
                 }
-                ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: "drained".into() })).await;
-                tracing::info!("drained; exiting");
+                let reason = if ctl.stalled.is_some() { "render stalled" } else { "drained" };
+                ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: reason.into() })).await;
+                tracing::info!(reason, "exiting");
                 // Give the goodbye a moment to leave before the stream closes.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                return Ok(());
+                return match ctl.stalled {
+                    Some(quiet) => Err(RenderStalled { seconds: quiet.as_secs() }.into()),
+                    None => Ok(()),
+                };
             }
         }
         if ctl.session.is_none() && Instant::now() >= ctl.next_connect {
@@ -1020,6 +1100,7 @@ pub async fn run(
                 }
             }
             _ = retry_tick.tick() => ctl.retry_uploads(),
+            _ = stall_tick.tick(), if ctl.opts.stall_timeout.is_some() && !ctl.running.is_empty() => ctl.check_stall().await,
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ctl.gather_until.unwrap_or_else(Instant::now))),
                 if ctl.gather_until.is_some() => ctl.start_batch(),
             _ = tokio::time::sleep(reconnect_wait), if ctl.session.is_none() => {}
