@@ -200,6 +200,24 @@ async fn submit_ok(ch: &Channel, token: &str, header: SubmitHeader, prompts: Vec
     Uuid::parse_str(&response.job_id).expect("a job id")
 }
 
+/// A fresh database with a coordinator on it, a pool on the database and a channel to the coordinator.
+struct Farm {
+    db: String,
+    coord: Coordinator,
+    pool: PgPool,
+    ch: Channel,
+}
+
+impl Farm {
+    async fn start(prefix: &str, coordinator_args: &[&str]) -> Farm {
+        let db = fresh_database(prefix);
+        let coord = coordinator(&db, coordinator_args);
+        let pool = pool(&db).await;
+        let ch = channel(&coord.url()).await;
+        Farm { db, coord, pool, ch }
+    }
+}
+
 async fn pool(database_url: &str) -> PgPool {
     PgPoolOptions::new()
         .max_connections(4)
@@ -574,11 +592,8 @@ struct PromptCase {
 /// prompt past it: the coordinator answers without waiting for the rest of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_over_the_prompt_limit_is_refused_without_reading_the_rest() {
-    let db = fresh_database("acc_prompt_limit");
-    let coord = coordinator(&db, &["--max-prompts-per-job", "5"]);
-    let pool = pool(&db).await;
+    let Farm { db, coord, pool, ch } = Farm::start("acc_prompt_limit", &["--max-prompts-per-job", "5"]).await;
     let alice = coord.token("alice", "client").unwrap();
-    let ch = channel(&coord.url()).await;
     let before = row_counts(&pool).await;
     // Eight prompts, then a stream that never ends (no end marker): the answer must not wait for it.
     let sent = submit_messages_without_end(Some(header("too big", 2)), prompts(8));
@@ -606,13 +621,10 @@ async fn a_submission_over_the_prompt_limit_is_refused_without_reading_the_rest(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_documented_status_and_stores_nothing() {
-    let db = fresh_database("acc_bad_input");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_bad_input", &[]).await;
     let alice = coord.token("alice", "client").unwrap();
     let bob = coord.token("bob", "client").unwrap();
     let alice_worker = coord.token("alice", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
 
     // --- Invalid prompts: SubmitJobResponse.errors, no job id, nothing stored.
     let with = |i: usize, f: &dyn Fn(&mut PromptSpec)| {
@@ -1090,13 +1102,10 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
 /// cache has expired (here 200 ms), its lease goes back to the queue, and it cannot connect again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_worker_token_ends_its_open_session() {
-    let db = fresh_database("acc_revoked_session");
-    let coord = coordinator(&db, &["--auth-cache-ms", "200"]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_revoked_session", &["--auth-cache-ms", "200"]).await;
     let client = coord.token("kim", "client").unwrap();
     let raw = coord.token("kim", "worker").unwrap();
     let worker = bearer(&raw);
-    let ch = channel(&coord.url()).await;
     let job = submit_ok(&ch, &client, header("revoked", 2), prompts(1)).await;
     let mut session = Session::open(&ch, Some(&worker), "revoked-worker", 1).await.unwrap();
     session.credits(1).await;
@@ -1130,12 +1139,9 @@ async fn a_revoked_worker_token_ends_its_open_session() {
 /// `a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
-    let db = fresh_database("acc_lost_mid_upload");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_lost_mid_upload", &[]).await;
     let client = coord.token("carol", "client").unwrap();
     let worker = bearer(&coord.token("carol", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let job = submit_ok(&ch, &client, header("lost mid-upload", 2), prompts(1)).await;
 
     let mut session = Session::open(&ch, Some(&worker), "mid-upload", 1).await.unwrap();
@@ -1198,12 +1204,9 @@ async fn a_lease_lost_during_its_upload_commits_nothing_and_leaves_no_blob() {
 /// worker claimed it, the old lease is stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_others() {
-    let db = fresh_database("acc_heartbeat_lists");
-    let coord = coordinator(&db, &["--lease-ttl-ms", "1500", "--heartbeat-ms", "500"]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_heartbeat_lists", &["--lease-ttl-ms", "1500", "--heartbeat-ms", "500"]).await;
     let client = coord.token("dave", "client").unwrap();
     let worker = bearer(&coord.token("dave", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let job = submit_ok(&ch, &client, header("heartbeat lists", 2), prompts(4)).await;
 
     let mut session = Session::open(&ch, Some(&worker), "lister", 4).await.unwrap();
@@ -1287,12 +1290,9 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_uploaded_twice_at_once_commits_once_and_keeps_its_blob() {
     const TASKS: usize = 12;
-    let db = fresh_database("acc_double_upload");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_double_upload", &[]).await;
     let client = coord.token("dave", "client").unwrap();
     let worker = bearer(&coord.token("dave", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let job = submit_ok(&ch, &client, header("double upload", 2), prompts(TASKS)).await;
     let mut session = Session::open(&ch, Some(&worker), "twice", 4).await.unwrap();
     session.credits(TASKS as u32).await;
@@ -1323,12 +1323,9 @@ async fn a_lease_uploaded_twice_at_once_commits_once_and_keeps_its_blob() {
 /// fits (a larger worker takes the big one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_get_only_tasks_within_their_pixel_limit() {
-    let db = fresh_database("acc_pixels");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_pixels", &[]).await;
     let client = coord.token("erin", "client").unwrap();
     let worker = bearer(&coord.token("erin", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let mut big_header = header("big images", 2);
     if let Some(d) = big_header.defaults.as_mut() {
         (d.width, d.height) = (512, 512);
@@ -1392,12 +1389,9 @@ async fn jobs_that_ask_for_a_precision_go_only_to_workers_rendering_in_it() {
 /// there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_worker_is_excluded_only_while_another_can_take_the_job() {
-    let db = fresh_database("acc_exclusion");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_exclusion", &[]).await;
     let client = coord.token("frank", "client").unwrap();
     let worker = bearer(&coord.token("frank", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let mut h = header("flaky", 2);
     h.max_attempts = 3;
     let job = submit_ok(&ch, &client, h, prompts(2)).await;
@@ -1444,12 +1438,9 @@ async fn a_failing_worker_is_excluded_only_while_another_can_take_the_job() {
 /// task at a time, so only the failing task is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_prompt_does_not_fail_its_batchmates() {
-    let db = fresh_database("acc_failing_prompt");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_failing_prompt", &[]).await;
     let client = coord.token("erin", "client").unwrap();
     let worker_token = coord.token("erin", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
     let mut ps = prompts(4);
     ps[2].text.push_str(", [synthetic:nan]");
     let mut h = header("one failing prompt", 2);
@@ -1472,12 +1463,9 @@ async fn one_failing_prompt_does_not_fail_its_batchmates() {
 /// supervisor to restart it. A prompt that always hangs ends after its attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_render_is_charged_and_its_worker_exits() {
-    let db = fresh_database("acc_stall");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_stall", &[]).await;
     let client = coord.token("hana", "client").unwrap();
     let worker_token = coord.token("hana", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
     let mut ps = prompts(2);
     ps[0].text.push_str(", [synthetic:hang]");
     let mut h = header("one hanging prompt", 2);
@@ -1537,12 +1525,9 @@ async fn a_stalled_render_is_charged_and_its_worker_exits() {
 /// and charge one at batch size 1 themselves); after that it is, so that no task loops for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
-    let db = fresh_database("acc_oom");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_oom", &[]).await;
     let client = coord.token("gina", "client").unwrap();
     let worker = bearer(&coord.token("gina", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let mut h = header("too big", 2);
     h.max_attempts = 2;
     let job = submit_ok(&ch, &client, h, prompts(1)).await;
@@ -1572,12 +1557,9 @@ async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
 /// FAILED_PRECONDITION (the sweep would cancel the failed tasks again at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_retry_never_rewrite_a_finished_outcome() {
-    let db = fresh_database("acc_cancel_retry");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_cancel_retry", &[]).await;
     let client = coord.token("hana", "client").unwrap();
     let worker = bearer(&coord.token("hana", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let done = submit_ok(&ch, &client, header("done", 2), prompts(1)).await;
     let mut session = Session::open(&ch, Some(&worker), "finisher", 1).await.unwrap();
     session.credits(1).await;
@@ -1726,12 +1708,9 @@ async fn killed_worker_tasks_are_requeued_at_once_and_finish_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_worker_loses_its_leases_after_the_ttl_and_its_late_upload_is_refused() {
-    let db = fresh_database("acc_silent_worker");
-    let coord = coordinator(&db, &["--lease-ttl-ms", "2000", "--heartbeat-ms", "500"]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_silent_worker", &["--lease-ttl-ms", "2000", "--heartbeat-ms", "500"]).await;
     let client = coord.token("acme", "client").unwrap();
     let worker_token = coord.token("acme", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
 
     let mut victim = synthetic_worker(&coord.url(), &worker_token, "silent", 400, 2);
     wait_connected(&[&victim]);
@@ -1912,12 +1891,9 @@ async fn finished_at(pool: &PgPool, job: Uuid) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_share_lets_a_small_job_finish_long_before_a_big_one() {
-    let db = fresh_database("acc_fair_share");
-    let coord = coordinator(&db, &[]);
-    let pool = pool(&db).await;
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_fair_share", &[]).await;
     let client = coord.token("acme", "client").unwrap();
     let worker_token = coord.token("acme", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
     let workers: Vec<Worker> = (0..4)
         .map(|i| synthetic_worker(&coord.url(), &worker_token, &format!("w{i}"), 0, 16))
         .collect();
