@@ -1458,15 +1458,16 @@ async fn one_failing_prompt_does_not_fail_its_batchmates() {
 }
 
 /// A render that stops making progress (the synthetic renderer's hang marker; on a GPU, a wedged
-/// device or a hung kernel) trips the worker's watchdog: the task is charged with a "stalled" error,
-/// the rest of the worker's tasks go back uncharged, and the worker exits with status 3 for its
-/// supervisor to restart it. A prompt that always hangs ends after its attempts.
+/// device or a hung kernel) trips the worker's watchdog: the batch's tasks are charged with a
+/// "stalled" error, the worker's queued tasks go back uncharged, and the worker exits with status 3
+/// for its supervisor to restart it. Tasks that failed before render alone, so the batchmate of the
+/// hanging prompt then renders, and a prompt that always hangs ends after its attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_render_is_charged_and_its_worker_exits() {
     let Farm { coord, pool, ch, .. } = Farm::start("acc_stall", &[]).await;
     let client = coord.token("hana", "client").unwrap();
     let worker_token = coord.token("hana", "worker").unwrap();
-    let mut ps = prompts(2);
+    let mut ps = prompts(3);
     ps[0].text.push_str(", [synthetic:hang]");
     let mut h = header("one hanging prompt", 2);
     h.max_attempts = 2;
@@ -1485,7 +1486,7 @@ async fn a_stalled_render_is_charged_and_its_worker_exits() {
         }
     };
     let stall = ["--stall-timeout-s", "1"];
-    let mut first = synthetic_worker_with(&coord.url(), &worker_token, "wedged", 5, 1, &stall);
+    let mut first = synthetic_worker_with(&coord.url(), &worker_token, "wedged", 5, 2, &stall);
     // Wait until the hanging task is running, so that the exit below is the watchdog's.
     let deadline = Instant::now() + Duration::from_secs(30);
     while task_row(0).await.0 != 2 {
@@ -1494,31 +1495,38 @@ async fn a_stalled_render_is_charged_and_its_worker_exits() {
     }
     let status = first.wait_exit(Duration::from_secs(30)).expect("the stalled worker exits by itself");
     assert_eq!(status.code(), Some(3), "exit status of a stalled worker; log:\n{}", first.log());
+    // The worker waits for the coordinator to end the session, so its report is handled by now.
     let (state, failures, error) = task_row(0).await;
     assert_eq!((state, failures), (1, 1), "the stalled task is queued again with one attempt charged");
     assert!(error.as_deref().unwrap_or("").contains("stalled"), "last error: {error:?}");
-    assert_eq!(task_row(1).await.1, 0, "the worker's other task is not charged");
+    let (state, failures, _) = task_row(1).await;
+    assert_eq!((state, failures), (1, 1), "the batchmate is charged too");
+    let (state, failures, _) = task_row(2).await;
+    assert_eq!((state, failures), (1, 0), "the worker's queued task goes back uncharged");
     // Restarted workers (as a supervisor would) finish the job: the hanging prompt fails after its
     // second attempt, the other one renders.
+    let finished = || async {
+        sqlx::query_scalar::<_, bool>("select finished_at is not null from jobs where id = $1")
+            .bind(job)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
     for n in 0..4 {
-        let mut w = synthetic_worker_with(&coord.url(), &worker_token, &format!("restarted-{n}"), 5, 1, &stall);
+        if finished().await {
+            break;
+        }
+        let mut w = synthetic_worker_with(&coord.url(), &worker_token, &format!("restarted-{n}"), 5, 2, &stall);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while w.is_running() && Instant::now() < deadline {
-            let done: bool = sqlx::query_scalar("select finished_at is not null from jobs where id = $1")
-                .bind(job)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            if done {
-                break;
-            }
+        while w.is_running() && Instant::now() < deadline && !finished().await {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     wait_job_finished(&pool, job, Duration::from_secs(10)).await;
     let (state, failures, _) = task_row(0).await;
     assert_eq!((state, failures), (4, 2), "the always-hanging task failed after its two attempts");
-    assert_eq!(task_row(1).await.0, 3, "the other task rendered");
+    assert_eq!(task_row(1).await.0, 3, "the batchmate rendered alone");
+    assert_eq!(task_row(2).await.0, 3, "the queued task rendered");
 }
 
 /// Running out of GPU memory is not charged the first six times (workers retry with smaller batches

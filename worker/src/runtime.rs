@@ -4,7 +4,8 @@
 //! * Credits: the controller asks for at most `2 x max_batch` tasks beyond what it holds, so one batch
 //!   renders while the next waits.
 //! * Batching: queued tasks of one shape (equal `RenderParams`) go to the GPU thread together, up to the
-//!   current batch limit (halved after an out-of-memory failure).
+//!   current batch limit (halved after an out-of-memory failure). A task that failed before
+//!   (`attempt > 1`), and each task of a batch that just failed, renders alone.
 //! * Progress after every step; cancels are honoured between steps, the rest of the batch goes on.
 //! * PNG encoding and uploads run off the GPU thread, overlapping the next batch. Uploads start only
 //!   while a session is up; a render finished while the coordinator is away is uploaded after
@@ -23,8 +24,11 @@
 //! * Stall watchdog: the GPU thread stamps the time when a batch starts and after every step. A
 //!   batch with no stamp for `stall_timeout` (a wedged GPU, a hung kernel) is reported failed
 //!   (`kind "stalled"`, charged and retryable, so a prompt that always hangs ends after its
-//!   attempts), the worker drains what it can and [`run`] returns [`RenderStalled`]: a stuck thread
-//!   cannot be stopped from inside the process, so the process exits and its supervisor restarts it.
+//!   attempts; its batchmates are charged too, and render alone when claimed again), the worker
+//!   drains what it can and [`run`] returns [`RenderStalled`]: a stuck thread cannot be stopped
+//!   from inside the process, so the process exits and its supervisor restarts it.
+//! * Exit: after its goodbye the worker closes its side of the session and waits (up to 5 s) for
+//!   the coordinator to end its side, which it does after handling every message sent before.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +63,8 @@ const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a task handed back after failed uploads waits before it is claimed again.
 const UPLOAD_HANDBACK_DELAY: Duration = Duration::from_secs(30);
+/// Longest wait at exit for the coordinator to end the session (see `Controller::close_session`).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
@@ -567,6 +573,9 @@ impl Controller {
                     }
                     return;
                 }
+                // A task that failed before renders alone: if its prompt broke (or hung) the batch
+                // it was in, it cannot take batchmates down with it again.
+                self.solo.extend(a.tasks.iter().filter(|t| t.attempt > 1).map(task_id));
                 self.queue.extend(a.tasks);
                 if self.running.is_empty() {
                     if self.queue.len() >= self.batch_limit as usize {
@@ -643,6 +652,18 @@ impl Controller {
             let reason = "worker draining".into();
             self.send(worker_message::Msg::Released(TaskReleased { lease: Some(lease_of(&t)), reason, retry_after_ms: 0 }))
                 .await;
+        }
+    }
+
+    /// Ends the session so that what was sent is known to be handled: the coordinator handles a
+    /// session's messages in order and ends its side after the last one, so the worker closes its
+    /// side and waits (at most [`CLOSE_WAIT`]) for the coordinator's to end.
+    async fn close_session(&mut self) {
+        let Some(Session { out, mut inbound, .. }) = self.session.take() else { return };
+        drop(out);
+        let ended = tokio::time::timeout(CLOSE_WAIT, async { while inbound.recv().await.is_some() {} }).await;
+        if ended.is_err() {
+            tracing::warn!(wait_ms = CLOSE_WAIT.as_millis() as u64, "the coordinator did not end the session in time");
         }
     }
 
@@ -1021,9 +1042,8 @@ pub async fn run(
                 }
                 let reason = if ctl.stalled.is_some() { "render stalled" } else { "drained" };
                 ctl.send(worker_message::Msg::Goodbye(Goodbye { reason: reason.into() })).await;
+                ctl.close_session().await;
                 tracing::info!(reason, "exiting");
-                // Give the goodbye a moment to leave before the stream closes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
                 return match ctl.stalled {
                     Some(quiet) => Err(RenderStalled { seconds: quiet.as_secs() }.into()),
                     None => Ok(()),
@@ -1100,7 +1120,13 @@ pub async fn run(
                 }
             }
             _ = retry_tick.tick() => ctl.retry_uploads(),
-            _ = stall_tick.tick(), if ctl.opts.stall_timeout.is_some() && !ctl.running.is_empty() => ctl.check_stall().await,
+            _ = stall_tick.tick(), if ctl.opts.stall_timeout.is_some() && !ctl.running.is_empty() => {
+                // A batch that has just finished is not a stall: its events are handled first.
+                while let Ok(ev) = gpu_rx.try_recv() {
+                    ctl.on_gpu(ev).await;
+                }
+                ctl.check_stall().await;
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ctl.gather_until.unwrap_or_else(Instant::now))),
                 if ctl.gather_until.is_some() => ctl.start_batch(),
             _ = tokio::time::sleep(reconnect_wait), if ctl.session.is_none() => {}
