@@ -22,6 +22,9 @@ use crate::state::{Metrics, Shared};
 use crate::store::parse_job_id;
 use crate::submit::{submit, ChunkStream, SubmitItem};
 
+/// How long a watch waits after a final-state event for anything that follows it (see `watch_job`).
+const FINAL_SETTLE: Duration = Duration::from_millis(200);
+
 pub struct JobApi {
     pub shared: Arc<Shared>,
 }
@@ -98,14 +101,29 @@ impl JobService for JobApi {
         let stream = async_stream::stream! {
             let mut last = after;
             let mut check = tokio::time::interval(Duration::from_secs(2));
+            // An event that arrived while deciding whether a final-state event ends the watch.
+            let mut next_up: Option<JobEvent> = None;
             loop {
                 tokio::select! {
-                    ev = events.next() => {
+                    ev = async { match next_up.take() { Some(ev) => Some(ev), None => events.next().await } } => {
                         let Some(ev) = ev else { break };
                         last = last.max(ev.sequence);
-                        let done = matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state));
+                        if matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state)) {
+                            // A final state ends the watch only if it is the job's last word: the
+                            // job has finished (a cancel announces itself before its running tasks
+                            // stop) and nothing follows it (a replayed final state that a retry
+                            // has since superseded is followed by the retry's events).
+                            if matches!(queries::job_finished(&shared.store.pool, id).await, Ok(false)) {
+                                continue;
+                            }
+                            if let Ok(Some(following)) = tokio::time::timeout(FINAL_SETTLE, events.next()).await {
+                                next_up = Some(following);
+                                continue;
+                            }
+                            yield Ok(ev);
+                            break;
+                        }
                         yield Ok(ev);
-                        if done { break; }
                     }
                     _ = check.tick() => {
                         // The final event may have been published before this watch started (or lost
@@ -117,15 +135,27 @@ impl JobService for JobApi {
                         match queries::get_job(&shared.store.pool, None, id).await {
                             Ok(job) if is_final(job.state) => {
                                 // Drain what is already published, then close with the final state.
-                                while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+                                // (Final-state events among them are history: the job's state
+                                // as read now closes the watch.)
+                                let mut pending = next_up.take();
+                                loop {
+                                    let ev = match pending.take() {
+                                        Some(ev) => ev,
+                                        None => match tokio::time::timeout(FINAL_SETTLE, events.next()).await {
+                                            Ok(Some(ev)) => ev,
+                                            _ => break,
+                                        },
+                                    };
                                     last = last.max(ev.sequence);
-                                    let done = matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state));
-                                    yield Ok(ev);
-                                    if done { return; }
+                                    if !matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state)) {
+                                        yield Ok(ev);
+                                    }
                                 }
+                                // A sequence of its own: clients drop an event whose sequence they
+                                // have seen.
                                 yield Ok(JobEvent {
                                     job_id: id.to_string(),
-                                    sequence: last,
+                                    sequence: last + 1,
                                     at_ms: chrono::Utc::now().timestamp_millis(),
                                     event: Some(job_event::Event::Job(JobStateChanged { state: job.state, counts: job.counts })),
                                 });
@@ -162,6 +192,13 @@ impl JobService for JobApi {
         let id = parse_job_id(&req.get_ref().job_id)?;
         let n = self.shared.store.retry_job(&p.tenant, id, req.get_ref().include_cancelled).await?;
         if n > 0 {
+            // Watchers learn that the job runs again (and a watch replaying its earlier final state
+            // does not stop there).
+            let counts = queries::get_job(&self.shared.store.pool, None, id).await.ok().and_then(|j| j.counts);
+            self.shared
+                .events
+                .publish(id, job_event::Event::Job(JobStateChanged { state: JobState::Running as i32, counts }))
+                .await;
             self.shared.store.notify_new_work().await?;
         }
         Ok(Response::new(RetryJobResponse { requeued: n }))

@@ -1560,6 +1560,69 @@ async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
     assert_eq!(states(&pool, job).await, vec![(4, 1)], "the task failed");
 }
 
+/// A watch ends at the job's last word only: not at a final state a retry has since superseded
+/// (replayed from the job's history), and not at a cancel while a cancelled task is still running;
+/// it ends with the state the job finally reaches, with its counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_only_at_the_final_state_the_job_keeps() {
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_watch_final", &[]).await;
+    let client = coord.token("ivan", "client").unwrap();
+    let worker = bearer(&coord.token("ivan", "worker").unwrap());
+    let is_final_event = |e: &JobEvent| {
+        matches!(&e.event, Some(job_event::Event::Job(j))
+            if [JobState::Succeeded, JobState::Failed, JobState::Cancelled].iter().any(|s| *s as i32 == j.state))
+    };
+    let mut h = header("failed, then retried", 2);
+    h.max_attempts = 1;
+    let job = submit_ok(&ch, &client, h, prompts(1)).await;
+    let mut session = Session::open(&ch, Some(&worker), "watched", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    session.failed(a.tasks[0].lease.as_ref().unwrap(), "render", false).await;
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    jobs(&ch)
+        .retry_job(authed(&client, RetryJobRequest { job_id: job.to_string(), include_cancelled: false }))
+        .await
+        .expect("RetryJob");
+    let watch = tokio::spawn(collect_events(ch.clone(), client.clone(), job, Duration::from_secs(60)));
+    // Past the watch's 2 s look at the job store.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!watch.is_finished(), "the watch ended at the final state the retry superseded: {:?}", watch.await);
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\nretried").await;
+    let events = watch.await.unwrap();
+    assert_eq!(final_state(&events), Some(JobState::Succeeded as i32), "events: {events:?}");
+    assert_eq!(events.iter().filter(|e| is_final_event(e)).count(), 1, "one final state, the last event: {events:?}");
+    assert!(
+        events.iter().any(|e| matches!(&e.event, Some(job_event::Event::Job(j)) if j.state == JobState::Running as i32)),
+        "the retry is announced: {events:?}"
+    );
+    let counts = match &events.last().unwrap().event {
+        Some(job_event::Event::Job(j)) => j.counts.clone().expect("the final event has counts"),
+        _ => unreachable!(),
+    };
+    assert_eq!((counts.succeeded, counts.failed, counts.total), (1, 0, 1), "final counts");
+
+    // A cancel while its task runs: the watch waits for the task to stop.
+    let job = submit_ok(&ch, &client, header("cancelled while running", 2), prompts(1)).await;
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    jobs(&ch).cancel_job(authed(&client, CancelJobRequest { job_id: job.to_string() })).await.expect("CancelJob");
+    let watch = tokio::spawn(collect_events(ch.clone(), client.clone(), job, Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!watch.is_finished(), "the watch ended while a cancelled task still ran: {:?}", watch.await);
+    session.failed(a.tasks[0].lease.as_ref().unwrap(), "cancelled", false).await;
+    let events = watch.await.unwrap();
+    assert_eq!(final_state(&events), Some(JobState::Cancelled as i32), "events: {events:?}");
+    assert_eq!(events.iter().filter(|e| is_final_event(e)).count(), 1, "one final state, the last event: {events:?}");
+    let counts = match &events.last().unwrap().event {
+        Some(job_event::Event::Job(j)) => j.counts.clone().expect("the final event has counts"),
+        _ => unreachable!(),
+    };
+    assert_eq!((counts.cancelled, counts.total), (1, 1), "final counts");
+}
+
 /// `CancelJob` on a job that already succeeded is FAILED_PRECONDITION and keeps the outcome; on a
 /// cancelled job it changes nothing. `RetryJob` of a cancelled job without its cancelled tasks is
 /// FAILED_PRECONDITION (the sweep would cancel the failed tasks again at once).
