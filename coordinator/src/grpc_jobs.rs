@@ -24,6 +24,8 @@ use crate::submit::{submit, ChunkStream, SubmitItem};
 
 /// How long a watch waits after a final-state event for anything that follows it (see `watch_job`).
 const FINAL_SETTLE: Duration = Duration::from_millis(200);
+/// How long a submission waits for a turn to be stored (see `--max-concurrent-submissions`).
+const SUBMIT_TURN_WAIT: Duration = Duration::from_secs(30);
 
 pub struct JobApi {
     pub shared: Arc<Shared>,
@@ -54,15 +56,37 @@ impl JobService for JobApi {
 
     async fn submit_job(&self, req: Request<Streaming<SubmitJobRequest>>) -> Result<Response<SubmitJobResponse>, Status> {
         let p = self.client(&req).await?;
+        let idle = self.shared.limits.idle_timeout;
+        let quiet = move || {
+            Error::Aborted(format!(
+                "the submission sent nothing for {} s (the coordinator's limit between messages, \
+                 --submit-idle-timeout-s); nothing was stored",
+                idle.as_secs()
+            ))
+        };
+        // Each submission stored at once holds a database connection: they take turns, so that
+        // many large or slow ones cannot take the connections that dispatch needs.
+        let _turn = match tokio::time::timeout(SUBMIT_TURN_WAIT, self.shared.submit_slots.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(Status::unavailable(format!(
+                    "{} submissions are being stored (the coordinator's limit, --max-concurrent-submissions); \
+                     nothing was stored, try again",
+                    self.shared.max_concurrent_submissions
+                )))
+            }
+        };
         let mut inbound = req.into_inner();
-        let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header)) }) = inbound.message().await? else {
+        let first = tokio::time::timeout(idle, inbound.message()).await.map_err(|_| Status::from(quiet()))?;
+        let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header)) }) = first? else {
             return Err(Status::invalid_argument("the first SubmitJob message must be a header"));
         };
-        let chunks: ChunkStream<'_> = Box::pin(inbound.map(|m| match m {
-            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) }) => Ok(SubmitItem::Prompts(c.prompts)),
-            Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::End(e)) }) => Ok(SubmitItem::End(e.prompt_count)),
-            Ok(_) => Err(Error::InvalidArgument("only prompt chunks and the end marker may follow the header".into())),
-            Err(s) => Err(Error::Aborted(format!("submission stream broke ({}); nothing was stored", s.message()))),
+        let chunks: ChunkStream<'_> = Box::pin(inbound.timeout(idle).map(move |m| match m {
+            Ok(Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) })) => Ok(SubmitItem::Prompts(c.prompts)),
+            Ok(Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::End(e)) })) => Ok(SubmitItem::End(e.prompt_count)),
+            Ok(Ok(_)) => Err(Error::InvalidArgument("only prompt chunks and the end marker may follow the header".into())),
+            Ok(Err(s)) => Err(Error::Aborted(format!("submission stream broke ({}); nothing was stored", s.message()))),
+            Err(_) => Err(quiet()),
         }));
         let out = submit(&self.shared.store, &self.shared.limits, &p.tenant, header, chunks).await?;
         if let Some(job) = out.created {

@@ -123,6 +123,14 @@ struct ServeArgs {
     #[arg(long, env = "FARM_MAX_PROMPTS_PER_JOB", default_value_t = farm_proto::limits::MAX_PROMPTS_PER_JOB,
           value_parser = clap::value_parser!(u64).range(1..=farm_proto::limits::MAX_PROMPTS_PER_JOB))]
     max_prompts_per_job: u64,
+    /// Longest wait between two messages of a submission, in seconds; a stream quiet for longer is
+    /// refused (ABORTED, nothing stored), so a stalled client does not hold a database connection.
+    #[arg(long, env = "FARM_SUBMIT_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    submit_idle_timeout_s: u64,
+    /// Submissions stored at once by this replica (each holds a database connection while its
+    /// prompts stream in); more wait up to 30 s for a turn, then are refused as UNAVAILABLE.
+    #[arg(long, env = "FARM_MAX_CONCURRENT_SUBMISSIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_submissions: u32,
     /// PEM certificate chain (leaf first) for TLS on the gRPC listener; with --tls-key the listener
     /// speaks TLS only. The metrics endpoint stays plain HTTP.
     #[arg(long, env = "FARM_TLS_CERT", requires = "tls_key", value_name = "PEM")]
@@ -195,6 +203,8 @@ async fn main() -> anyhow::Result<()> {
                 auth_cache: Duration::from_millis(a.auth_cache_ms),
                 metrics_listen: a.metrics_listen,
                 max_prompts_per_job: a.max_prompts_per_job,
+                submit_idle_timeout: Duration::from_secs(a.submit_idle_timeout_s),
+                max_concurrent_submissions: a.max_concurrent_submissions,
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
             let addr = listener.local_addr()?;

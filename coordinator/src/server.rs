@@ -47,6 +47,10 @@ pub struct ServeOptions {
     pub auth_cache: Duration,
     /// Most prompts one job may hold (at most [`farm_proto::limits::MAX_PROMPTS_PER_JOB`]).
     pub max_prompts_per_job: u64,
+    /// Longest wait between two messages of a submission.
+    pub submit_idle_timeout: Duration,
+    /// Submissions stored at once by this replica.
+    pub max_concurrent_submissions: u32,
 }
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -86,7 +90,13 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         auth: Authenticator::new(pool, opts.auth_cache),
         events,
         blobs,
-        limits: SubmitLimits { max_prompts: opts.max_prompts_per_job, ..SubmitLimits::default() },
+        limits: SubmitLimits {
+            max_prompts: opts.max_prompts_per_job,
+            idle_timeout: opts.submit_idle_timeout,
+            ..SubmitLimits::default()
+        },
+        submit_slots: tokio::sync::Semaphore::new(opts.max_concurrent_submissions.max(1) as usize),
+        max_concurrent_submissions: opts.max_concurrent_submissions.max(1),
         sessions: Mutex::new(HashMap::new()),
         new_work: Notify::new(),
         replica,

@@ -44,6 +44,9 @@ pub struct Shared {
     pub events: Events,
     pub blobs: BlobStore,
     pub limits: SubmitLimits,
+    /// Turns to store a submission (`--max-concurrent-submissions`).
+    pub submit_slots: tokio::sync::Semaphore,
+    pub max_concurrent_submissions: u32,
     /// Worker sessions connected to this replica.
     pub sessions: Mutex<HashMap<Uuid, mpsc::Sender<CoordinatorMessage>>>,
     /// Leases this replica handed out and has not seen end, by task id (see [`IssuedLease`]).

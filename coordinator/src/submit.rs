@@ -6,6 +6,8 @@
 //! reply lists the errors (index, line, column) and nothing is stored. A repeated idempotency key
 //! returns the job stored first.
 
+use std::time::Duration;
+
 use farm_proto::limits::{self, LimitError};
 use farm_proto::pb::{PromptIssue, PromptSpec, RenderParams, SubmitHeader, SubmitJobResponse};
 use farm_proto::prompt::{check_characters, parse_prompt, PromptLimits};
@@ -26,11 +28,17 @@ pub const MAX_ISSUES: usize = 1000;
 pub struct SubmitLimits {
     pub max_prompts: u64,
     pub prompt: PromptLimits,
+    /// Longest wait between two messages of a submission.
+    pub idle_timeout: Duration,
 }
 
 impl Default for SubmitLimits {
     fn default() -> Self {
-        SubmitLimits { max_prompts: limits::MAX_PROMPTS_PER_JOB, prompt: PromptLimits::default() }
+        SubmitLimits {
+            max_prompts: limits::MAX_PROMPTS_PER_JOB,
+            prompt: PromptLimits::default(),
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 

@@ -619,6 +619,37 @@ async fn a_submission_over_the_prompt_limit_is_refused_without_reading_the_rest(
     assert!(String::from_utf8_lossy(&refused.stderr).contains("1000000"));
 }
 
+/// A submission that stops sending is refused after the coordinator's limit between messages,
+/// with the limit named and nothing stored; while it waits it holds one of the coordinator's turns
+/// to store submissions, so with one turn the next submission is stored only after it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_turn() {
+    let args = ["--submit-idle-timeout-s", "2", "--max-concurrent-submissions", "1"];
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_stalled_submit", &args).await;
+    let alice = coord.token("alice", "client").unwrap();
+    let before = row_counts(&pool).await;
+    // A header and some prompts, then silence (no end marker, the stream stays open).
+    let sent = submit_messages_without_end(Some(header("stalled", 2)), prompts(3));
+    let stalled = tokio_stream::StreamExt::chain(tokio_stream::iter(sent), tokio_stream::pending());
+    let (ch2, alice2) = (ch.clone(), alice.clone());
+    let first = tokio::spawn(async move {
+        let r = jobs(&ch2).submit_job(authed(&alice2, stalled)).await;
+        (r, Instant::now())
+    });
+    // The stalled submission holds the only turn by the time the next one is sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = submit(&ch, &alice, header("next", 2), prompts(2)).await.expect("the next submission is stored");
+    let next_answered = Instant::now();
+    assert_eq!(next.accepted, 2);
+    let (refused, refused_at) = tokio::time::timeout(Duration::from_secs(20), first).await.expect("answered").unwrap();
+    let status = refused.expect_err("a stalled submission is refused");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("--submit-idle-timeout-s") && status.message().contains("2 s"), "{}", status.message());
+    assert!(refused_at <= next_answered, "the next submission was stored while the stalled one held the only turn");
+    let after = row_counts(&pool).await;
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 2), "only the next job and its two tasks are stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let Farm { coord, pool, ch, .. } = Farm::start("acc_bad_input", &[]).await;
