@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use farm_proto::pb::{job_event, JobEvent};
+use farm_proto::pb::{job_event, JobEvent, JobState};
 use futures::Stream;
 use prost::Message;
 use redis::aio::ConnectionManager;
@@ -39,10 +39,34 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return seq
 ";
 
+/// Whether a job state number is final (succeeded, failed or cancelled).
+pub fn is_final_state(state: i32) -> bool {
+    matches!(
+        JobState::try_from(state).unwrap_or(JobState::Unspecified),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
 struct LocalJob {
     seq: u64,
     history: VecDeque<JobEvent>,
     tx: broadcast::Sender<JobEvent>,
+    /// When the last event was published.
+    last_at: Instant,
+}
+
+impl LocalJob {
+    fn new() -> Self {
+        LocalJob { seq: 0, history: VecDeque::new(), tx: broadcast::channel(1024).0, last_at: Instant::now() }
+    }
+
+    /// Nobody watches it, and it holds nothing or its last event closed the job more than `idle` ago.
+    fn prunable(&self, idle: Duration) -> bool {
+        let closed = self.history.back().is_some_and(|e| {
+            matches!(&e.event, Some(job_event::Event::Job(j)) if is_final_state(j.state))
+        });
+        self.tx.receiver_count() == 0 && (self.history.is_empty() || (closed && self.last_at.elapsed() >= idle))
+    }
 }
 
 pub struct Events {
@@ -133,12 +157,9 @@ impl Events {
         match &self.redis {
             None => {
                 let mut map = self.local.lock().unwrap();
-                let entry = map.entry(job).or_insert_with(|| LocalJob {
-                    seq: 0,
-                    history: VecDeque::new(),
-                    tx: broadcast::channel(1024).0,
-                });
+                let entry = map.entry(job).or_insert_with(LocalJob::new);
                 entry.seq += 1;
+                entry.last_at = Instant::now();
                 ev.sequence = entry.seq;
                 if entry.history.len() == HISTORY {
                     entry.history.pop_front();
@@ -191,11 +212,7 @@ impl Events {
             None => {
                 let (history, mut rx) = {
                     let mut map = self.local.lock().unwrap();
-                    let entry = map.entry(job).or_insert_with(|| LocalJob {
-                        seq: 0,
-                        history: VecDeque::new(),
-                        tx: broadcast::channel(1024).0,
-                    });
+                    let entry = map.entry(job).or_insert_with(LocalJob::new);
                     let h: Vec<JobEvent> = entry.history.iter().filter(|e| e.sequence > after).cloned().collect();
                     (h, entry.tx.subscribe())
                 };
@@ -258,10 +275,55 @@ impl Events {
         }
     }
 
-    /// Drops the in-process history of a finished job (Redis keys expire by themselves).
-    pub fn forget(&self, job: Uuid) {
-        if self.redis.is_none() {
-            self.local.lock().unwrap().remove(&job);
+    /// Drops the in-process history of jobs nobody watches that closed more than `idle` ago, and
+    /// the empty entries that watches of quiet jobs left (Redis keys expire by themselves). A job
+    /// that runs again keeps its history, so its sequence numbers go on rising. Returns how many
+    /// were dropped.
+    pub fn prune(&self, idle: Duration) -> usize {
+        let mut map = self.local.lock().unwrap();
+        let before = map.len();
+        map.retain(|_, j| !j.prunable(idle));
+        before - map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use farm_proto::pb::{JobStateChanged, TaskStateChanged};
+    use futures::StreamExt;
+
+    fn job_state(state: JobState) -> job_event::Event {
+        job_event::Event::Job(JobStateChanged { state: state as i32, counts: None })
+    }
+
+    fn task_event() -> job_event::Event {
+        job_event::Event::Task(TaskStateChanged { index: 0, state: 2, worker_id: String::new(), error: String::new() })
+    }
+
+    #[tokio::test]
+    async fn prune_drops_closed_unwatched_histories_and_keeps_the_rest() {
+        let events = Events::local();
+        let (closed, running, watched, looked_at, retried) =
+            (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for job in [closed, watched, retried] {
+            events.publish(job, task_event()).await;
+            events.publish(job, job_state(JobState::Succeeded)).await;
         }
+        events.publish(running, task_event()).await;
+        // A retry after the close: the job runs again.
+        events.publish(retried, job_state(JobState::Running)).await;
+        let mut watch = events.subscribe(watched, 0);
+        assert!(watch.next().await.is_some());
+        drop(events.subscribe(looked_at, 0));
+
+        assert_eq!(events.prune(Duration::from_secs(3600)), 1, "only the empty entry a watch left goes at once");
+        assert_eq!(events.prune(Duration::ZERO), 1, "then the closed, unwatched job");
+        let kept: std::collections::HashSet<Uuid> = events.local.lock().unwrap().keys().copied().collect();
+        assert_eq!(kept, [running, watched, retried].into_iter().collect());
+        // The retried job's sequence numbers go on rising.
+        assert_eq!(events.publish(retried, task_event()).await, Some(4));
+        drop(watch);
+        assert_eq!(events.prune(Duration::ZERO), 1, "the watched job goes once its watch ends");
     }
 }

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Principal;
 use crate::error::Error;
+use crate::events::is_final_state as is_final;
 use crate::queries;
 use crate::state::{Metrics, Shared};
 use crate::store::parse_job_id;
@@ -39,12 +40,6 @@ impl JobApi {
     }
 }
 
-fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state).unwrap_or(JobState::Unspecified),
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled
-    )
-}
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<DownloadResultChunk, Status>> + Send>>;

@@ -177,6 +177,9 @@ pub async fn run(
     Ok(())
 }
 
+/// How long the in-process event history of a closed job is kept for watches that replay it.
+const EVENT_HISTORY_KEPT: Duration = Duration::from_secs(600);
+
 /// Requeues expired leases every second (every replica runs it; the claim is `SKIP LOCKED`) and
 /// writes the per-worker completion counters.
 async fn sweep_loop(shared: Arc<Shared>) {
@@ -209,6 +212,9 @@ async fn sweep_loop(shared: Arc<Shared>) {
         // Leases this replica issued whose uploads went elsewhere or never came.
         let horizon = shared.store.cfg.lease_ttl * 4;
         shared.issued.lock().unwrap().retain(|_, l| l.issued_at.elapsed() < horizon);
+        // In-process event histories of jobs that closed a while ago (a watch that starts later
+        // closes with the state read from the job store).
+        shared.events.prune(EVENT_HISTORY_KEPT);
     }
 }
 
