@@ -245,11 +245,16 @@ impl JobService for JobApi {
         let id = parse_job_id(&req.get_ref().job_id)?;
         let (key, info) = queries::result_of(&self.shared.store.pool, &p.tenant, id, req.get_ref().index).await?;
         let mut blob = self.shared.blobs.open_read(&key).await?;
+        let expected = info.size_bytes;
         let stream = async_stream::stream! {
             let mut first = Some(info);
+            let mut sent: u64 = 0;
             while let Some(chunk) = blob.next().await {
                 match chunk {
-                    Ok(data) => yield Ok(DownloadResultChunk { info: first.take(), data: data.to_vec() }),
+                    Ok(data) => {
+                        sent += data.len() as u64;
+                        yield Ok(DownloadResultChunk { info: first.take(), data: data.to_vec() });
+                    }
                     Err(e) => {
                         yield Err(Status::from(e));
                         return;
@@ -258,6 +263,12 @@ impl JobService for JobApi {
             }
             if let Some(info) = first.take() {
                 yield Ok(DownloadResultChunk { info: Some(info), data: Vec::new() });
+            }
+            // Stored bytes that were cut short or replaced must not end as a complete download.
+            if sent != expected {
+                yield Err(Status::data_loss(format!(
+                    "the stored result has {sent} bytes where {expected} were committed; it is damaged"
+                )));
             }
         };
         Ok(Response::new(Box::pin(stream)))

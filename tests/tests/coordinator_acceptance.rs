@@ -1591,6 +1591,51 @@ async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
     assert_eq!(states(&pool, job).await, vec![(4, 1)], "the task failed");
 }
 
+/// A stored result that was cut short after its commit (a damaged disk, a file truncated by hand)
+/// is not served as a complete download: the stream ends with DATA_LOSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stored_result_ends_its_download_with_data_loss() {
+    let Farm { coord, ch, .. } = Farm::start("acc_damaged_result", &[]).await;
+    let client = coord.token("jo", "client").unwrap();
+    let worker = bearer(&coord.token("jo", "worker").unwrap());
+    let job = submit_ok(&ch, &client, header("damaged", 2), prompts(1)).await;
+    let mut session = Session::open(&ch, Some(&worker), "damager", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n".iter().copied().chain((0..4096u32).map(|i| (i % 251) as u8)).collect();
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), &png).await;
+    let download = || async {
+        let mut stream = jobs(&ch)
+            .download_result(authed(&client, DownloadResultRequest { job_id: job.to_string(), index: 0 }))
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            bytes.extend(chunk.data);
+        }
+        Ok::<_, Status>(bytes)
+    };
+    assert_eq!(download().await.expect("the intact result downloads"), png);
+    // The one stored file of that size, cut in half.
+    let mut files = vec![coord.results_dir().to_path_buf()];
+    let mut stored = Vec::new();
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if std::fs::metadata(&path).unwrap().len() == png.len() as u64 {
+            stored.push(path);
+        }
+    }
+    assert_eq!(stored.len(), 1, "stored files of the result's size: {stored:?}");
+    std::fs::write(&stored[0], &png[..png.len() / 2]).unwrap();
+    let status = match download().await {
+        Ok(bytes) => panic!("a damaged result was served as a complete download of {} bytes", bytes.len()),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(status.message().contains(&format!("{} bytes", png.len() / 2)), "{}", status.message());
+}
+
 /// A watch ends at the job's last word only: not at a final state a retry has since superseded
 /// (replayed from the job's history), and not at a cancel while a cancelled task is still running;
 /// it ends with the state the job finally reaches, with its counts.
