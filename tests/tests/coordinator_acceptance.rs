@@ -1675,7 +1675,7 @@ async fn a_watch_ends_only_at_the_final_state_the_job_keeps() {
         "the retry is announced: {events:?}"
     );
     let counts = match &events.last().unwrap().event {
-        Some(job_event::Event::Job(j)) => j.counts.clone().expect("the final event has counts"),
+        Some(job_event::Event::Job(j)) => j.counts.expect("the final event has counts"),
         _ => unreachable!(),
     };
     assert_eq!((counts.succeeded, counts.failed, counts.total), (1, 0, 1), "final counts");
@@ -1693,7 +1693,7 @@ async fn a_watch_ends_only_at_the_final_state_the_job_keeps() {
     assert_eq!(final_state(&events), Some(JobState::Cancelled as i32), "events: {events:?}");
     assert_eq!(events.iter().filter(|e| is_final_event(e)).count(), 1, "one final state, the last event: {events:?}");
     let counts = match &events.last().unwrap().event {
-        Some(job_event::Event::Job(j)) => j.counts.clone().expect("the final event has counts"),
+        Some(job_event::Event::Job(j)) => j.counts.expect("the final event has counts"),
         _ => unreachable!(),
     };
     assert_eq!((counts.cancelled, counts.total), (1, 1), "final counts");
