@@ -35,7 +35,14 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
     .fetch_optional(pool)
     .await?
     .ok_or_else(|| job_not_found(job_id))?;
-    let mut job = job_from_row(&row);
+    job_status(pool, &row).await
+}
+
+/// A job's status from its `jobs` row (the columns [`get_job`] selects): a finished job's counts
+/// are stored in the row; an unfinished job's are counted from its tasks.
+async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
+    let job_id: Uuid = row.get("id");
+    let mut job = job_from_row(row);
     if let Some(stored) = row.get::<Option<String>, _>("final_counts") {
         // A finished job: its counts were stored when it closed; every task counts its steps.
         let total = job.counts.as_ref().map(|c| c.total).unwrap_or(0);
@@ -165,28 +172,33 @@ pub async fn list_jobs(pool: &PgPool, tenant: &str, req: &ListJobsRequest) -> Re
         0 => 50,
         n => n.min(1000),
     } as i64;
+    // The first page starts after every job: 9999-12-31, in microseconds since 1970.
+    const LAST_CURSOR: i64 = 253_402_300_799_999_999;
     let (cur_ts, cur_id) = if req.page_token.is_empty() {
-        (i64::MAX, Uuid::max())
+        (LAST_CURSOR, Uuid::max())
     } else {
         let (a, b) = req
             .page_token
             .split_once(':')
             .ok_or_else(|| Error::InvalidArgument("page_token: malformed".into()))?;
         (
-            a.parse().map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?,
+            a.parse::<i64>().map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?.min(LAST_CURSOR),
             Uuid::parse_str(b).map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?,
         )
     };
     let states: Vec<i16> = req.states.iter().map(|s| *s as i16).filter(|s| *s != 0).collect();
+    // The cursor compares (created_at, id) as the index `jobs_tenant_created` orders them, so a
+    // page starts where the last one ended without reading the rows before it.
     let rows = sqlx::query(
         "select id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
                 coalesce(idempotency_key, '') as key, total, total_steps, model,
+                case when finished_at is not null then final_counts::text end as final_counts,
                 (extract(epoch from created_at) * 1000000)::bigint as cursor_ts
          from jobs
          where tenant_id = $1
            and (cardinality($2::smallint[]) = 0 or state = any($2))
            and ($3 = '' or strpos(name, $3) > 0)
-           and ((extract(epoch from created_at) * 1000000)::bigint, id) < ($4, $5)
+           and (created_at, id) < (timestamptz 'epoch' + $4 * interval '1 microsecond', $5)
          order by created_at desc, id desc
          limit $6",
     )
@@ -203,9 +215,9 @@ pub async fn list_jobs(pool: &PgPool, tenant: &str, req: &ListJobsRequest) -> Re
     let mut next = String::new();
     for r in rows.iter().take(size as usize) {
         let id: Uuid = r.get("id");
-        // Fill counts and progress the same way GetJob does.
-        let job = get_job(pool, Some(tenant), id).await?;
-        jobs.push(job);
+        // Counts and progress as GetJob fills them, from the row read here (a finished job's are
+        // in it; only unfinished jobs count their tasks).
+        jobs.push(job_status(pool, r).await?);
         if more {
             next = format!("{}:{}", r.get::<i64, _>("cursor_ts"), id);
         }

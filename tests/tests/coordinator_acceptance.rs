@@ -1591,6 +1591,67 @@ async fn repeated_out_of_memory_is_charged_and_the_task_ends() {
     assert_eq!(states(&pool, job).await, vec![(4, 1)], "the task failed");
 }
 
+/// ListJobs pages through a tenant's jobs newest first without skipping or repeating one, and shows
+/// each job as GetJob does (a finished job's stored counts, an unfinished job's counted ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_jobs_pages_newest_first_and_matches_get_job() {
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_list_jobs", &[]).await;
+    let client = coord.token("lena", "client").unwrap();
+    let other = coord.token("mo", "client").unwrap();
+    let worker = bearer(&coord.token("lena", "worker").unwrap());
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(submit_ok(&ch, &client, header(&format!("job {i}"), 2), prompts(1 + i % 2)).await);
+    }
+    submit_ok(&ch, &other, header("someone else's", 2), prompts(1)).await;
+    // Finish the oldest job.
+    let mut session = Session::open(&ch, Some(&worker), "lister", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(a.tasks[0].job_id, ids[0].to_string(), "the oldest job is claimed first");
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\nlisted").await;
+    wait_job_finished(&pool, ids[0], Duration::from_secs(10)).await;
+    drop(session);
+
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = jobs(&ch)
+            .list_jobs(authed(&client, ListJobsRequest { page_size: 3, page_token: token.clone(), ..Default::default() }))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.jobs.len() <= 3, "a page holds at most page_size jobs");
+        listed.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 10, "the listing does not end");
+    }
+    let listed_ids: Vec<String> = listed.iter().map(|j| j.job_id.clone()).collect();
+    let newest_first: Vec<String> = ids.iter().rev().map(Uuid::to_string).collect();
+    assert_eq!(listed_ids, newest_first, "every job of the tenant once, newest first");
+    assert_eq!(pages, 3);
+    for job in &listed {
+        let got = jobs(&ch).get_job(authed(&client, GetJobRequest { job_id: job.job_id.clone() })).await.unwrap().into_inner();
+        assert_eq!((job.state, job.counts, job.progress), (got.state, got.counts, got.progress), "job {}", job.job_id);
+    }
+    let oldest = listed.last().unwrap();
+    assert_eq!(oldest.state, JobState::Succeeded as i32);
+    assert_eq!(oldest.counts.map(|c| (c.succeeded, c.total)), Some((1, 1)));
+    // A state filter pages the same way.
+    let succeeded = jobs(&ch)
+        .list_jobs(authed(&client, ListJobsRequest { states: vec![JobState::Succeeded as i32], page_size: 3, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(succeeded.jobs.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(), vec![ids[0].to_string()]);
+    assert!(succeeded.next_page_token.is_empty());
+}
+
 /// A stored result that was cut short after its commit (a damaged disk, a file truncated by hand)
 /// is not served as a complete download: the stream ends with DATA_LOSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
