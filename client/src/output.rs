@@ -73,6 +73,13 @@ pub fn job_is_final(state: i32) -> bool {
     )
 }
 
+/// Whether a job is over: its state is final and, for a cancelled job, its running tasks have
+/// stopped too (a job reads CANCELLED from the cancel on, and a task that was finishing then may
+/// still commit its result until the job closes).
+pub fn job_is_done(job: &Job) -> bool {
+    job_is_final(job.state) && (job.state != JobState::Cancelled as i32 || job.finished_at_ms > 0)
+}
+
 pub fn counts_json(c: Option<&TaskCounts>) -> Value {
     let c = c.cloned().unwrap_or_default();
     json!({
@@ -312,7 +319,12 @@ pub fn job_human(j: &Job) -> String {
     if !j.name.is_empty() {
         kv("name", j.name.clone());
     }
-    kv("state", job_state_name(j.state).to_string());
+    let state = if job_is_final(j.state) && !job_is_done(j) {
+        format!("{} ({} running tasks stopping)", job_state_name(j.state), c.running)
+    } else {
+        job_state_name(j.state).to_string()
+    };
+    kv("state", state);
     kv(
         "progress",
         format!(
@@ -588,6 +600,10 @@ mod tests {
         assert_eq!(job_state_name(99), "unspecified");
         assert_eq!(task_state_name(TaskState::Running as i32), "running");
         assert!(job_is_final(JobState::Failed as i32));
+        let cancelling = Job { state: JobState::Cancelled as i32, ..Default::default() };
+        assert!(!job_is_done(&cancelling), "a cancelled job with tasks still stopping is not over");
+        assert!(job_is_done(&Job { finished_at_ms: 1, ..cancelling.clone() }));
+        assert!(job_is_done(&Job { state: JobState::Failed as i32, ..Default::default() }));
         assert!(!job_is_final(JobState::Running as i32));
     }
 

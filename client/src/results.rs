@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::connect::Client;
 use crate::errors::{CliError, CliResult, ErrorKind};
-use crate::output::{self, job_is_final};
+use crate::output::{self, job_is_done};
 use crate::ui::Ui;
 use crate::watch::is_transient;
 
@@ -450,7 +450,7 @@ pub async fn download(
                 .await
                 .map_err(|s| CliError::from_status(&s, "results"))?
                 .into_inner();
-            job_is_final(job.state)
+            job_is_done(&job)
         } else {
             true
         };

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::connect::Client;
 use crate::errors::{tls_failure, CliError, CliResult};
-use crate::output::{self, job_is_final, job_state_name, task_state_name};
+use crate::output::{self, job_is_done, job_is_final, job_state_name, task_state_name};
 use crate::ui::Ui;
 
 /// How long the stream is still read after GetJob showed the job final, for the events in flight.
@@ -368,7 +368,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
 
-    while !job_is_final(job.state) {
+    while !job_is_done(&job) {
         let stream = client
             .watch_job(WatchJobRequest {
                 job_id: job_id.to_string(),
@@ -420,7 +420,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                             display.show_job(&job);
                             // Final already: the closing events normally follow within moments;
                             // if they were lost, stop waiting for the server after a short grace.
-                            if job_is_final(job.state) && final_grace.is_none() {
+                            if job_is_done(&job) && final_grace.is_none() {
                                 final_grace = Some(tokio::time::Instant::now() + FINAL_GRACE);
                             }
                         }
@@ -436,7 +436,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
         // The stream ended (normally after the final state) or broke: ask where the job stands.
         job = get_job(client, job_id, &mut backoff, &display).await?;
         display.show_job(&job);
-        if job_is_final(job.state) {
+        if job_is_done(&job) {
             break;
         }
         match ended_with {
