@@ -24,6 +24,8 @@ use uuid::Uuid;
 
 /// Events kept per job for replay.
 pub const HISTORY: usize = 10_000;
+/// See [`Events::prune`].
+const UNCLOSED_IDLE_FACTOR: u32 = 6;
 const REDIS_TTL_SECS: u64 = 7 * 24 * 3600;
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed publish, Redis is not tried again for this long (one probe per interval). Publishing
@@ -60,12 +62,16 @@ impl LocalJob {
         LocalJob { seq: 0, history: VecDeque::new(), tx: broadcast::channel(1024).0, last_at: Instant::now() }
     }
 
-    /// Nobody watches it, and it holds nothing or its last event closed the job more than `idle` ago.
+    /// Nobody watches it, and it holds nothing, or its last event closed the job more than `idle`
+    /// ago, or it has had no event for [`UNCLOSED_IDLE_FACTOR`] times that (a job closed by
+    /// another replica, whose closing event this one never sees).
     fn prunable(&self, idle: Duration) -> bool {
         let closed = self.history.back().is_some_and(|e| {
             matches!(&e.event, Some(job_event::Event::Job(j)) if is_final_state(j.state))
         });
-        self.tx.receiver_count() == 0 && (self.history.is_empty() || (closed && self.last_at.elapsed() >= idle))
+        let quiet = self.last_at.elapsed();
+        self.tx.receiver_count() == 0
+            && (self.history.is_empty() || (closed && quiet >= idle) || quiet >= idle * UNCLOSED_IDLE_FACTOR)
     }
 }
 
@@ -275,10 +281,11 @@ impl Events {
         }
     }
 
-    /// Drops the in-process history of jobs nobody watches that closed more than `idle` ago, and
+    /// Drops the in-process history of jobs nobody watches that closed more than `idle` ago, of
+    /// jobs without an event for six times that (their closing event went to another replica), and
     /// the empty entries that watches of quiet jobs left (Redis keys expire by themselves). A job
-    /// that runs again keeps its history, so its sequence numbers go on rising. Returns how many
-    /// were dropped.
+    /// that runs again soon keeps its history, so its sequence numbers go on rising. Returns how
+    /// many were dropped.
     pub fn prune(&self, idle: Duration) -> usize {
         let mut map = self.local.lock().unwrap();
         let before = map.len();
@@ -318,12 +325,18 @@ mod tests {
         drop(events.subscribe(looked_at, 0));
 
         assert_eq!(events.prune(Duration::from_secs(3600)), 1, "only the empty entry a watch left goes at once");
-        assert_eq!(events.prune(Duration::ZERO), 1, "then the closed, unwatched job");
+        // (Idle times long enough that the unclosed jobs, quiet for six times as long, stay.)
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(events.prune(Duration::from_millis(250)), 1, "then the closed, unwatched job");
         let kept: std::collections::HashSet<Uuid> = events.local.lock().unwrap().keys().copied().collect();
         assert_eq!(kept, [running, watched, retried].into_iter().collect());
         // The retried job's sequence numbers go on rising.
         assert_eq!(events.publish(retried, task_event()).await, Some(4));
         drop(watch);
-        assert_eq!(events.prune(Duration::ZERO), 1, "the watched job goes once its watch ends");
+        assert_eq!(events.prune(Duration::from_millis(250)), 1, "the watched job goes once its watch ends");
+        // Jobs that never saw a closing event here go after six times as long without events.
+        std::thread::sleep(Duration::from_millis(1600));
+        assert_eq!(events.prune(Duration::from_millis(250)), 2, "the unclosed jobs, quiet for long enough");
+        assert!(events.local.lock().unwrap().is_empty());
     }
 }

@@ -52,12 +52,16 @@ impl JobService for JobApi {
     async fn submit_job(&self, req: Request<Streaming<SubmitJobRequest>>) -> Result<Response<SubmitJobResponse>, Status> {
         let p = self.client(&req).await?;
         let idle = self.shared.limits.idle_timeout;
-        let quiet = move || {
-            Error::Aborted(format!(
-                "the submission sent nothing for {} s (the coordinator's limit between messages, \
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(idle, inbound.message()).await.map_err(|_| {
+            Status::aborted(format!(
+                "the submission sent no header for {} s (the coordinator's limit between messages, \
                  --submit-idle-timeout-s); nothing was stored",
                 idle.as_secs()
             ))
+        })?;
+        let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header)) }) = first? else {
+            return Err(Status::invalid_argument("the first SubmitJob message must be a header"));
         };
         // Each submission stored at once holds a database connection: they take turns, so that
         // many large or slow ones cannot take the connections that dispatch needs.
@@ -71,17 +75,12 @@ impl JobService for JobApi {
                 )))
             }
         };
-        let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(idle, inbound.message()).await.map_err(|_| Status::from(quiet()))?;
-        let Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header)) }) = first? else {
-            return Err(Status::invalid_argument("the first SubmitJob message must be a header"));
-        };
         let chunks: ChunkStream<'_> = Box::pin(inbound.timeout(idle).map(move |m| match m {
             Ok(Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) })) => Ok(SubmitItem::Prompts(c.prompts)),
             Ok(Ok(SubmitJobRequest { msg: Some(submit_job_request::Msg::End(e)) })) => Ok(SubmitItem::End(e.prompt_count)),
             Ok(Ok(_)) => Err(Error::InvalidArgument("only prompt chunks and the end marker may follow the header".into())),
             Ok(Err(s)) => Err(Error::Aborted(format!("submission stream broke ({}); nothing was stored", s.message()))),
-            Err(_) => Err(quiet()),
+            Err(_) => Ok(SubmitItem::Idle),
         }));
         let out = submit(&self.shared.store, &self.shared.limits, &p.tenant, header, chunks).await?;
         if let Some(job) = out.created {
@@ -198,10 +197,8 @@ impl JobService for JobApi {
                 self.shared.store.notify_cancel(*owner, *task, *token).await?;
             }
         }
-        self.shared
-            .events
-            .publish(id, job_event::Event::Job(JobStateChanged { state: JobState::Cancelled as i32, counts: None }))
-            .await;
+        // The job's CANCELLED event, with its counts, comes when it closes: at once when nothing
+        // runs, else once its running tasks have stopped.
         self.shared.maybe_finish_job(id).await;
         Ok(Response::new(CancelJobResponse { cancelled_queued: queued, cancelling_running: running.len() as u64 }))
     }

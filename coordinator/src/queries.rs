@@ -182,7 +182,7 @@ pub async fn list_jobs(pool: &PgPool, tenant: &str, req: &ListJobsRequest) -> Re
             .split_once(':')
             .ok_or_else(|| Error::InvalidArgument("page_token: malformed".into()))?;
         (
-            a.parse::<i64>().map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?.min(LAST_CURSOR),
+            a.parse::<i64>().map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?.clamp(0, LAST_CURSOR),
             Uuid::parse_str(b).map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?,
         )
     };

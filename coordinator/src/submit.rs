@@ -48,6 +48,10 @@ pub enum SubmitItem {
     Prompts(Vec<PromptSpec>),
     /// The end marker with the number of prompts the client sent.
     End(u64),
+    /// Nothing arrived for [`SubmitLimits::idle_timeout`]: after the end marker the submission is
+    /// complete (a client may keep its side open while it waits for the answer); before it, the
+    /// submission is refused.
+    Idle,
 }
 
 pub type ChunkStream<'a> = std::pin::Pin<Box<dyn Stream<Item = Result<SubmitItem>> + Send + 'a>>;
@@ -277,6 +281,17 @@ pub async fn submit(
                 Ok(SubmitItem::End(n)) => {
                     ended = Some(n);
                     continue;
+                }
+                Ok(SubmitItem::Idle) if ended.is_some() => break,
+                Ok(SubmitItem::Idle) => {
+                    if let Some(c) = copy.take() {
+                        let _ = c.abort("submission went quiet").await;
+                    }
+                    return Err(Error::Aborted(format!(
+                        "the submission sent nothing for {} s (the coordinator's limit between messages, \
+                         --submit-idle-timeout-s); nothing was stored",
+                        limits.idle_timeout.as_secs()
+                    )));
                 }
                 Err(e) => {
                     if let Some(c) = copy.take() {

@@ -632,22 +632,32 @@ async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_t
     let sent = submit_messages_without_end(Some(header("stalled", 2)), prompts(3));
     let stalled = tokio_stream::StreamExt::chain(tokio_stream::iter(sent), tokio_stream::pending());
     let (ch2, alice2) = (ch.clone(), alice.clone());
-    let first = tokio::spawn(async move {
-        let r = jobs(&ch2).submit_job(authed(&alice2, stalled)).await;
-        (r, Instant::now())
-    });
-    // The stalled submission holds the only turn by the time the next one is sent.
+    let first = tokio::spawn(async move { jobs(&ch2).submit_job(authed(&alice2, stalled)).await });
+    // The stalled submission holds the only turn by the time the next one is sent: the next one
+    // waits until the stalled one is refused, about 1.5 s later.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
     let next = submit(&ch, &alice, header("next", 2), prompts(2)).await.expect("the next submission is stored");
-    let next_answered = Instant::now();
+    let waited = sent.elapsed();
     assert_eq!(next.accepted, 2);
-    let (refused, refused_at) = tokio::time::timeout(Duration::from_secs(20), first).await.expect("answered").unwrap();
+    assert!(waited >= Duration::from_millis(1000), "the next submission was stored after {waited:?}, while the stalled one held the only turn");
+    let refused = tokio::time::timeout(Duration::from_secs(20), first).await.expect("answered").unwrap();
     let status = refused.expect_err("a stalled submission is refused");
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("--submit-idle-timeout-s") && status.message().contains("2 s"), "{}", status.message());
-    assert!(refused_at <= next_answered, "the next submission was stored while the stalled one held the only turn");
     let after = row_counts(&pool).await;
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 2), "only the next job and its two tasks are stored");
+    // A complete submission (end marker sent) whose client keeps its side open is stored.
+    let open = tokio_stream::StreamExt::chain(
+        tokio_stream::iter(submit_messages(Some(header("kept open", 2)), prompts(2))),
+        tokio_stream::pending(),
+    );
+    let r = tokio::time::timeout(Duration::from_secs(20), jobs(&ch).submit_job(authed(&alice, open)))
+        .await
+        .expect("answered")
+        .expect("a complete submission is stored")
+        .into_inner();
+    assert_eq!(r.accepted, 2, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
