@@ -80,6 +80,33 @@ pub fn job_is_done(job: &Job) -> bool {
     job_is_final(job.state) && (job.state != JobState::Cancelled as i32 || job.finished_at_ms > 0)
 }
 
+/// How long a client waits for the running tasks of a cancelled job to stop.
+pub const CANCEL_SETTLE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Decides when a followed job is over: when [`job_is_done`], or once it has read CANCELLED with
+/// tasks still stopping for [`CANCEL_SETTLE`] (a worker whose render hangs may never stop one).
+#[derive(Debug, Default)]
+pub struct JobOver {
+    cancelling_since: Option<std::time::Instant>,
+}
+
+impl JobOver {
+    pub fn check(&mut self, job: &Job) -> bool {
+        self.check_at(job, std::time::Instant::now())
+    }
+
+    fn check_at(&mut self, job: &Job, now: std::time::Instant) -> bool {
+        if job_is_done(job) {
+            return true;
+        }
+        if !job_is_final(job.state) {
+            self.cancelling_since = None;
+            return false;
+        }
+        now.saturating_duration_since(*self.cancelling_since.get_or_insert(now)) >= CANCEL_SETTLE
+    }
+}
+
 pub fn counts_json(c: Option<&TaskCounts>) -> Value {
     let c = c.cloned().unwrap_or_default();
     json!({
@@ -604,6 +631,14 @@ mod tests {
         assert!(!job_is_done(&cancelling), "a cancelled job with tasks still stopping is not over");
         assert!(job_is_done(&Job { finished_at_ms: 1, ..cancelling.clone() }));
         assert!(job_is_done(&Job { state: JobState::Failed as i32, ..Default::default() }));
+        // A cancelled job whose tasks never stop is over after CANCEL_SETTLE; a retry restarts that.
+        let t0 = std::time::Instant::now();
+        let mut over = JobOver::default();
+        assert!(!over.check_at(&cancelling, t0));
+        assert!(!over.check_at(&cancelling, t0 + CANCEL_SETTLE / 2));
+        assert!(!over.check_at(&Job { state: JobState::Running as i32, ..Default::default() }, t0 + CANCEL_SETTLE / 2));
+        assert!(!over.check_at(&cancelling, t0 + CANCEL_SETTLE));
+        assert!(over.check_at(&cancelling, t0 + CANCEL_SETTLE * 2));
         assert!(!job_is_final(JobState::Running as i32));
     }
 

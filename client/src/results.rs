@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::connect::Client;
 use crate::errors::{CliError, CliResult, ErrorKind};
-use crate::output::{self, job_is_done};
+use crate::output::{self, JobOver};
 use crate::ui::Ui;
 use crate::watch::is_transient;
 
@@ -440,6 +440,7 @@ pub async fn download(
         .map(|s| (s.since_ms - SINCE_OVERLAP_MS).max(0))
         .unwrap_or(0);
     let mut total = ResultsSummary::default();
+    let mut over = JobOver::default();
     loop {
         // Whether the job was final before listing: then this pass sees every result.
         let final_before = if opts.follow {
@@ -450,7 +451,7 @@ pub async fn download(
                 .await
                 .map_err(|s| CliError::from_status(&s, "results"))?
                 .into_inner();
-            job_is_done(&job)
+            over.check(&job)
         } else {
             true
         };

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::connect::Client;
 use crate::errors::{tls_failure, CliError, CliResult};
-use crate::output::{self, job_is_done, job_is_final, job_state_name, task_state_name};
+use crate::output::{self, job_is_done, job_is_final, job_state_name, task_state_name, JobOver, CANCEL_SETTLE};
 use crate::ui::Ui;
 
 /// How long the stream is still read after GetJob showed the job final, for the events in flight.
@@ -367,8 +367,9 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
     let mut refresh = tokio::time::interval(Duration::from_millis(750));
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
+    let mut over = JobOver::default();
 
-    while !job_is_done(&job) {
+    while !over.check(&job) {
         let stream = client
             .watch_job(WatchJobRequest {
                 job_id: job_id.to_string(),
@@ -420,7 +421,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                             display.show_job(&job);
                             // Final already: the closing events normally follow within moments;
                             // if they were lost, stop waiting for the server after a short grace.
-                            if job_is_done(&job) && final_grace.is_none() {
+                            if over.check(&job) && final_grace.is_none() {
                                 final_grace = Some(tokio::time::Instant::now() + FINAL_GRACE);
                             }
                         }
@@ -436,7 +437,7 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
         // The stream ended (normally after the final state) or broke: ask where the job stands.
         job = get_job(client, job_id, &mut backoff, &display).await?;
         display.show_job(&job);
-        if job_is_done(&job) {
+        if over.check(&job) {
             break;
         }
         match ended_with {
@@ -468,6 +469,13 @@ pub async fn watch(client: &mut Client, job_id: &str, ui: Ui, events_json: bool)
                 tokio::time::sleep(d).await;
             }
         }
+    }
+    if !job_is_done(&job) {
+        let running = job.counts.map_or(0, |c| c.running);
+        display.note(&format!(
+            "job {job_id} is cancelled; {running} running task(s) did not stop within {} s, not waiting longer",
+            CANCEL_SETTLE.as_secs()
+        ));
     }
     display.finish();
     if events_json {
