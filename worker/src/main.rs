@@ -11,7 +11,7 @@ use farm_proto::pb::{Precision, RenderParams};
 use farm_worker::device::parse_device;
 use farm_worker::model::pipeline::{Pipeline, PipelineOptions, Preset};
 use farm_worker::render::{ModelRenderer, RenderItem, Renderer, SyntheticRenderer};
-use farm_worker::runtime::{coordinator_endpoint, run, RenderStalled, WorkerOptions};
+use farm_worker::runtime::{coordinator_endpoint, run, RenderStalled, RunEnd, WorkerOptions};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -307,26 +307,32 @@ fn main() -> anyhow::Result<()> {
         stall_timeout: (a.stall_timeout_s > 0).then(|| Duration::from_secs(a.stall_timeout_s)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let end = rt.block_on(async move {
         let shutdown = async {
             stop_signal().await;
             tracing::info!("stop requested: draining (a second stop request exits at once)");
             tokio::spawn(async {
                 stop_signal().await;
                 tracing::warn!("second stop request: exiting without draining");
-                std::process::exit(130);
+                // Without libtorch's exit-time teardown: a render may still be running.
+                unsafe { libc::_exit(130) }
             });
         };
         run(opts, renderer, shutdown).await
-    })
-    .inspect_err(|e| {
-        if let Some(stalled) = e.downcast_ref::<RenderStalled>() {
-            tracing::error!("{stalled}; exiting with status 3");
-            // Plain exit would run libtorch's and CUDA's exit-time teardown, which can wait for
-            // the stuck kernel for ever.
-            unsafe { libc::_exit(3) }
+    });
+    // Plain exit would run libtorch's and CUDA's exit-time teardown under a GPU thread that is
+    // still rendering (a drain that timed out) or stuck (a stall), which can wait for it for ever.
+    match end {
+        Ok(RunEnd::Drained) => Ok(()),
+        Ok(RunEnd::GpuBusy) => unsafe { libc::_exit(0) },
+        Err(e) => {
+            if let Some(stalled) = e.downcast_ref::<RenderStalled>() {
+                tracing::error!("{stalled}; exiting with status 3");
+                unsafe { libc::_exit(3) }
+            }
+            Err(e)
         }
-    })
+    }
 }
 
 /// The next SIGTERM or SIGINT.

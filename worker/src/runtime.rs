@@ -988,11 +988,21 @@ fn spawn_vram_sampler(info: &RendererInfo) -> Arc<AtomicU64> {
 }
 
 /// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
+/// How [`run`] ended after a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Nothing was left running.
+    Drained,
+    /// The drain timed out with a batch still on the GPU thread: the process should end without
+    /// running libtorch's exit-time teardown under that thread.
+    GpuBusy,
+}
+
 pub async fn run(
     opts: WorkerOptions,
     renderer: Box<dyn Renderer>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RunEnd> {
     let info = renderer.info();
     let vram_free = spawn_vram_sampler(&info);
     let cancelled = Arc::new(Mutex::new(HashSet::new()));
@@ -1046,7 +1056,8 @@ pub async fn run(
                 tracing::info!(reason, "exiting");
                 return match ctl.stalled {
                     Some(quiet) => Err(RenderStalled { seconds: quiet.as_secs() }.into()),
-                    None => Ok(()),
+                    None if !ctl.running.is_empty() => Ok(RunEnd::GpuBusy),
+                    None => Ok(RunEnd::Drained),
                 };
             }
         }
