@@ -194,7 +194,12 @@ impl JobService for JobApi {
         let (queued, running) = self.shared.store.cancel_job(&p.tenant, id).await?;
         for (task, token, owner) in &running {
             if !self.shared.cancel_local(*owner, *task, *token) {
-                self.shared.store.notify_cancel(*owner, *task, *token).await?;
+                // The cancel is committed; a notice that cannot reach the worker's replica only
+                // lets that render run to its end (its result is kept) instead of stopping it
+                // early, so it does not fail the call.
+                if let Err(e) = self.shared.store.notify_cancel(*owner, *task, *token).await {
+                    tracing::warn!(error = %e, job = %id, task = %task, "cancel notice to another replica not sent");
+                }
             }
         }
         // The job's CANCELLED event, with its counts, comes when it closes: at once when nothing

@@ -305,7 +305,8 @@ pub async fn list_results(
         .await?;
     exists.ok_or_else(|| job_not_found(job_id))?;
     let start = if page_token.is_empty() {
-        from_index as i64
+        i64::try_from(from_index)
+            .map_err(|_| Error::InvalidArgument(format!("from_index: at most {}", i64::MAX)))?
     } else {
         page_token.parse::<i64>().map_err(|_| Error::InvalidArgument("page_token: malformed".into()))?
     };
