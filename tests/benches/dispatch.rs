@@ -10,6 +10,10 @@
 //! 4. **status**: GetJob of the same job once it has finished, with the task counts stored when it
 //!    closed against the same call counting its tasks (as for a running job), alternating, median of
 //!    `BENCH_STATUS_ROUNDS` (default 20) each.
+//! 5. **listing**: ListJobs of a page of 50 three quarters down a tenant's `BENCH_LIST_JOBS` finished
+//!    jobs (default 100,000), against the same page read with the earlier cursor form, which compared
+//!    a computed value per row instead of `(created_at, id)` and so could not start in the index;
+//!    alternating, median of `BENCH_STATUS_ROUNDS` each.
 //!
 //! Run: `cargo bench -p farm-tests --bench dispatch --profile dev` (the binaries the harness starts are
 //! built in the same profile; `FARM_BIN_DIR` points it at others, e.g. release builds). PostgreSQL is
@@ -343,6 +347,66 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "status:   GetJob of the finished {prompts}-task job: {stored_ms:.2} ms with stored counts, {counted_ms:.2} ms counting its tasks ({:.1}x), median of {rounds}",
         counted_ms / stored_ms
+    );
+
+    // 5. A deep page of a long job listing.
+    let list_jobs = env_or("BENCH_LIST_JOBS", 100_000) as i64;
+    sqlx::query(
+        "insert into jobs (id, tenant_id, name, params, model, max_pixels, max_attempts, total, total_steps,
+                           state, finished_at, final_counts, created_at)
+         select gen_random_uuid(), 'bench', 'listed ' || g, '{}', $2, 0, 3, 1, 1, 3, now(), '{\"3\": 1}',
+                now() - interval '1 day' - g * interval '1 second'
+         from generate_series(1, $1) g",
+    )
+    .bind(list_jobs)
+    .bind(MODEL)
+    .execute(&pool)
+    .await?;
+    sqlx::query("analyze jobs").execute(&pool).await?;
+    let (cursor_ts, cursor_id): (i64, Uuid) = sqlx::query_as(
+        "select (extract(epoch from created_at) * 1000000)::bigint, id from jobs where tenant_id = 'bench'
+         order by created_at desc, id desc offset $1 limit 1",
+    )
+    .bind(list_jobs * 3 / 4)
+    .fetch_one(&pool)
+    .await?;
+    let page_token = format!("{cursor_ts}:{cursor_id}");
+    let mut time_list = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let page = jobs_client
+            .list_jobs(authed(
+                &client_token,
+                farm_proto::pb::ListJobsRequest { page_size: 50, page_token: page_token.clone(), ..Default::default() },
+            ))
+            .await?
+            .into_inner();
+        anyhow::ensure!(page.jobs.len() == 50, "ListJobs page of {}", page.jobs.len());
+        Ok(started.elapsed())
+    };
+    let earlier_form = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "select id from jobs
+             where tenant_id = 'bench' and ((extract(epoch from created_at) * 1000000)::bigint, id) < ($1, $2)
+             order by created_at desc, id desc limit 51",
+        )
+        .bind(cursor_ts)
+        .bind(cursor_id)
+        .fetch_all(&pool)
+        .await?;
+        anyhow::ensure!(rows.len() == 51, "earlier form read {} rows", rows.len());
+        Ok(started.elapsed())
+    };
+    let (mut listed, mut earlier) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        listed.push(time_list().await?);
+        earlier.push(earlier_form().await?);
+    }
+    let (listed_ms, earlier_ms) = (median(&mut listed), median(&mut earlier));
+    println!(
+        "listing:  ListJobs page of 50 at depth {} of {list_jobs} jobs: {listed_ms:.2} ms (RPC); the earlier cursor form's query alone {earlier_ms:.2} ms ({:.1}x), median of {rounds}",
+        list_jobs * 3 / 4,
+        earlier_ms / listed_ms
     );
     drop(coord);
     drop(pg);
