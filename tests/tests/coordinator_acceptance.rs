@@ -1662,6 +1662,51 @@ async fn list_jobs_pages_newest_first_and_matches_get_job() {
     assert!(succeeded.next_page_token.is_empty());
 }
 
+/// Retrying a cancelled job restarts a task that a lost worker's session had put back in the queue
+/// before the sweep cancelled it, with a fresh lease: the lost worker's late upload under its old
+/// lease is refused, and the task renders again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_cancelled_job_restarts_a_task_requeued_from_a_lost_worker() {
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_retry_requeued", &[]).await;
+    let client = coord.token("nia", "client").unwrap();
+    let worker = bearer(&coord.token("nia", "worker").unwrap());
+    let job = submit_ok(&ch, &client, header("cancelled, then retried", 2), prompts(1)).await;
+    let mut lost = Session::open(&ch, Some(&worker), "lost", 1).await.unwrap();
+    lost.credits(1).await;
+    let a = lost.next_assign(Duration::from_secs(10)).await;
+    let old = a.tasks[0].lease.clone().unwrap();
+    // Cancelled while it runs; then its worker's session ends, which puts the task back in the
+    // queue until the sweep (every second) cancels it. The retry comes in that window.
+    jobs(&ch).cancel_job(authed(&client, CancelJobRequest { job_id: job.to_string() })).await.unwrap();
+    drop(lost);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state: i16 = sqlx::query_scalar("select state from tasks where job_id = $1").bind(job).fetch_one(&pool).await.unwrap();
+        if state != 2 {
+            assert_eq!(state, 1, "the lost worker's task is queued again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lost session's task was not requeued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = jobs(&ch)
+        .retry_job(authed(&client, RetryJobRequest { job_id: job.to_string(), include_cancelled: true }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.requeued, 1, "the requeued task counts as restarted");
+    let refused = upload(&ch, Some(&worker), &old.task_id, old.lease_token, b"\x89PNG\r\n\x1a\nlate").await;
+    assert_eq!(refused.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition), "the old lease's late upload");
+    let mut fresh = Session::open(&ch, Some(&worker), "fresh", 1).await.unwrap();
+    fresh.credits(1).await;
+    let a = fresh.next_assign(Duration::from_secs(10)).await;
+    let lease = a.tasks[0].lease.clone().unwrap();
+    assert_ne!(lease.lease_token, old.lease_token, "a fresh lease");
+    upload_ok(&ch, &worker, &lease, b"\x89PNG\r\n\x1a\nfresh").await;
+    wait_job_finished(&pool, job, Duration::from_secs(10)).await;
+    assert_eq!(states(&pool, job).await, vec![(3, 1)], "the retried job succeeded");
+}
+
 /// A stored result that was cut short after its commit (a damaged disk, a file truncated by hand)
 /// is not served as a complete download: the stream ends with DATA_LOSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
