@@ -1707,6 +1707,30 @@ async fn a_retried_cancelled_job_restarts_a_task_requeued_from_a_lost_worker() {
     assert_eq!(states(&pool, job).await, vec![(3, 1)], "the retried job succeeded");
 }
 
+/// A cancel that reaches a worker after the last denoising step, while it decodes the image, still
+/// wins: the task ends cancelled and no result is stored (the worker does not upload it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_decode_wins() {
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_cancel_decode", &[]).await;
+    let client = coord.token("otto", "client").unwrap();
+    let worker_token = coord.token("otto", "worker").unwrap();
+    let job = submit_ok(&ch, &client, header("cancelled while decoding", 2), prompts(1)).await;
+    let _worker = synthetic_worker_with(&coord.url(), &worker_token, "decoder", 20, 1, &["--synthetic-decode-ms", "4000"]);
+    // Both steps reported: the worker is decoding for the next 4 s.
+    wait_for("the last step to be reported", Duration::from_secs(30), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 2 and current_step = 2", job).await == 1
+    })
+    .await;
+    jobs(&ch).cancel_job(authed(&client, CancelJobRequest { job_id: job.to_string() })).await.unwrap();
+    wait_job_finished(&pool, job, Duration::from_secs(30)).await;
+    let (state, size): (i16, Option<i64>) = sqlx::query_as("select state, result_size from tasks where job_id = $1")
+        .bind(job)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((state, size), (5, None), "(state, result size): cancelled, nothing stored");
+}
+
 /// A stored result that was cut short after its commit (a damaged disk, a file truncated by hand)
 /// is not served as a complete download: the stream ends with DATA_LOSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,9 @@ struct Args {
     /// Simulated milliseconds per step of the synthetic renderer.
     #[arg(long, default_value_t = 0)]
     synthetic_step_ms: u64,
+    /// Simulated milliseconds after the last step of the synthetic renderer (as a VAE decode).
+    #[arg(long, default_value_t = 0)]
+    synthetic_decode_ms: u64,
     /// Longest wait between reconnect attempts, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     max_backoff_ms: u64,
@@ -232,7 +235,11 @@ fn main() -> anyhow::Result<()> {
         PrecisionArg::Fp32 => Precision::Fp32,
     };
     let mut renderer: Box<dyn Renderer> = match a.renderer {
-        RendererArg::Synthetic => Box::new(SyntheticRenderer { step_ms: a.synthetic_step_ms, model_name: a.model.clone() }),
+        RendererArg::Synthetic => Box::new(SyntheticRenderer {
+            step_ms: a.synthetic_step_ms,
+            decode_ms: a.synthetic_decode_ms,
+            model_name: a.model.clone(),
+        }),
         RendererArg::Model => {
             let preset = Preset::parse(&a.model).with_context(|| format!("--model {}: expected newbie-exp0.1 or tiny", a.model))?;
             if preset == Preset::NewbieExp01 && a.model_dir.is_none() {

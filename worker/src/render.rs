@@ -170,6 +170,8 @@ pub const SYNTHETIC_HANG_MARKER: &str = "[synthetic:hang]";
 /// one containing [`SYNTHETIC_HANG_MARKER`] hangs it.
 pub struct SyntheticRenderer {
     pub step_ms: u64,
+    /// Time spent after the last step, where the model decodes latents to pixels.
+    pub decode_ms: u64,
     pub model_name: String,
 }
 
@@ -209,6 +211,9 @@ impl Renderer for SyntheticRenderer {
                     alive[d] = false;
                 }
             }
+        }
+        if self.decode_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.decode_ms));
         }
         if let Some(i) = items.iter().position(|it| it.prompt.contains(SYNTHETIC_FAILURE_MARKER)) {
             return Err(RenderError::Numerical(format!("NaN or Inf in the final latent of request(s) [{i}]")));
