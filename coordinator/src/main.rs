@@ -183,6 +183,19 @@ async fn main() -> anyhow::Result<()> {
             println!("revoked token {} of tenant {} (role {})", t.id, t.tenant, t.role);
         }
         Cmd::Serve(a) => {
+            // Each submission being stored holds a connection; dispatch needs the others.
+            let max_concurrent_submissions = if a.max_concurrent_submissions >= a.db_pool {
+                let lowered = (a.db_pool / 2).max(1);
+                tracing::warn!(
+                    max_concurrent_submissions = a.max_concurrent_submissions,
+                    db_pool = a.db_pool,
+                    lowered,
+                    "--max-concurrent-submissions must be below --db-pool; lowered to half the pool"
+                );
+                lowered
+            } else {
+                a.max_concurrent_submissions
+            };
             if a.lease_ttl_ms < 2 * a.heartbeat_ms {
                 anyhow::bail!("--lease-ttl-ms must be at least twice --heartbeat-ms");
             }
@@ -204,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
                 metrics_listen: a.metrics_listen,
                 max_prompts_per_job: a.max_prompts_per_job,
                 submit_idle_timeout: Duration::from_secs(a.submit_idle_timeout_s),
-                max_concurrent_submissions: a.max_concurrent_submissions,
+                max_concurrent_submissions,
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
             let addr = listener.local_addr()?;
