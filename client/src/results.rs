@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use farm_proto::pb::{DownloadResultRequest, GetJobRequest, ListResultsRequest, ResultInfo};
+use farm_proto::pb::{DownloadResultRequest, GetJobRequest, Job, ListResultsRequest, ResultInfo};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -441,8 +441,10 @@ pub async fn download(
         .unwrap_or(0);
     let mut total = ResultsSummary::default();
     let mut over = JobOver::default();
+    let mut last_job: Option<Job> = None;
     loop {
-        // Whether the job was final before listing: then this pass sees every result.
+        // Whether the job was over before listing: then this pass sees every result (but for a
+        // cancelled job's render that had not stopped after `CANCEL_SETTLE`, which may still commit).
         let final_before = if opts.follow {
             let job = client
                 .get_job(GetJobRequest {
@@ -451,7 +453,9 @@ pub async fn download(
                 .await
                 .map_err(|s| CliError::from_status(&s, "results"))?
                 .into_inner();
-            over.check(&job)
+            let over_now = over.check(&job);
+            last_job = Some(job);
+            over_now
         } else {
             true
         };
@@ -490,6 +494,15 @@ pub async fn download(
             since_ms = (newest - SINCE_OVERLAP_MS).max(0);
         }
         if !opts.follow || final_before {
+            if let Some(job) = last_job.as_ref().filter(|j| !output::job_is_done(j)) {
+                if ui.chatty() {
+                    eprintln!(
+                        "job {job_id} is cancelled; {} running task(s) did not stop within {} s, not waiting longer",
+                        job.counts.map_or(0, |c| c.running),
+                        output::CANCEL_SETTLE.as_secs()
+                    );
+                }
+            }
             break;
         }
         if ui.chatty() && !ui.bars && pass.downloaded > 0 {

@@ -167,7 +167,7 @@ pub fn event_json(ev: &JobEvent) -> serde_json::Value {
         Some(job_event::Event::Job(j)) => {
             let mut v = base("job");
             v["state"] = json!(job_state_name(j.state));
-            // A state change published without counts (a cancel) has `null`, not zeros.
+            // A state change published without counts has `null`, not zeros.
             v["counts"] = j.counts.as_ref().map_or(serde_json::Value::Null, |c| output::counts_json(Some(c)));
             v
         }

@@ -164,7 +164,7 @@ impl Events {
             None => {
                 let mut map = self.local.lock().unwrap();
                 let entry = map.entry(job).or_insert_with(LocalJob::new);
-                entry.seq += 1;
+                entry.seq = entry.seq.saturating_add(1);
                 entry.last_at = Instant::now();
                 ev.sequence = entry.seq;
                 if entry.history.len() == HISTORY {
@@ -219,6 +219,11 @@ impl Events {
                 let (history, mut rx) = {
                     let mut map = self.local.lock().unwrap();
                     let entry = map.entry(job).or_insert_with(LocalJob::new);
+                    // A watch resuming after sequence `after` on a history this replica no longer
+                    // has (pruned, or lost with a restart): new events continue above it.
+                    if entry.history.is_empty() && entry.seq < after {
+                        entry.seq = after;
+                    }
                     let h: Vec<JobEvent> = entry.history.iter().filter(|e| e.sequence > after).cloned().collect();
                     (h, entry.tx.subscribe())
                 };
@@ -338,5 +343,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1600));
         assert_eq!(events.prune(Duration::from_millis(250)), 2, "the unclosed jobs, quiet for long enough");
         assert!(events.local.lock().unwrap().is_empty());
+        // A watch resuming after sequence 3 of a pruned job: the job's next event comes after it.
+        let mut resumed = events.subscribe(running, 3);
+        assert_eq!(events.publish(running, task_event()).await, Some(4));
+        assert_eq!(resumed.next().await.map(|e| e.sequence), Some(4), "the resumed watch sees the new event");
     }
 }

@@ -128,9 +128,8 @@ impl JobService for JobApi {
                         last = last.max(ev.sequence);
                         if matches!(&ev.event, Some(job_event::Event::Job(j)) if is_final(j.state)) {
                             // A final state ends the watch only if it is the job's last word: the
-                            // job has finished (a cancel announces itself before its running tasks
-                            // stop) and nothing follows it (a replayed final state that a retry
-                            // has since superseded is followed by the retry's events).
+                            // job has finished and nothing follows it (a replayed final state that
+                            // a retry has since superseded is followed by the retry's events).
                             if matches!(queries::job_finished(&shared.store.pool, id).await, Ok(false)) {
                                 continue;
                             }

@@ -123,8 +123,9 @@ struct ServeArgs {
     #[arg(long, env = "FARM_MAX_PROMPTS_PER_JOB", default_value_t = farm_proto::limits::MAX_PROMPTS_PER_JOB,
           value_parser = clap::value_parser!(u64).range(1..=farm_proto::limits::MAX_PROMPTS_PER_JOB))]
     max_prompts_per_job: u64,
-    /// Longest wait between two messages of a submission, in seconds; a stream quiet for longer is
-    /// refused (ABORTED, nothing stored), so a stalled client does not hold a database connection.
+    /// Longest wait between two messages of a submission, in seconds; a stream quiet for longer
+    /// before its end marker is refused (ABORTED, nothing stored), so a stalled client does not
+    /// hold a database connection; after the end marker the submission is stored.
     #[arg(long, env = "FARM_SUBMIT_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     submit_idle_timeout_s: u64,
     /// Submissions stored at once by this replica (each holds a database connection while its

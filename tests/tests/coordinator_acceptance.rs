@@ -632,15 +632,15 @@ async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_t
     let sent = submit_messages_without_end(Some(header("stalled", 2)), prompts(3));
     let stalled = tokio_stream::StreamExt::chain(tokio_stream::iter(sent), tokio_stream::pending());
     let (ch2, alice2) = (ch.clone(), alice.clone());
+    let started = Instant::now();
     let first = tokio::spawn(async move { jobs(&ch2).submit_job(authed(&alice2, stalled)).await });
     // The stalled submission holds the only turn by the time the next one is sent: the next one
-    // waits until the stalled one is refused, about 1.5 s later.
+    // is stored only after the stalled one is refused, 2 s after its last message.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Instant::now();
     let next = submit(&ch, &alice, header("next", 2), prompts(2)).await.expect("the next submission is stored");
-    let waited = sent.elapsed();
+    let waited = started.elapsed();
     assert_eq!(next.accepted, 2);
-    assert!(waited >= Duration::from_millis(1000), "the next submission was stored after {waited:?}, while the stalled one held the only turn");
+    assert!(waited >= Duration::from_millis(1900), "the next submission was stored {waited:?} after the stalled one started, while it held the only turn");
     let refused = tokio::time::timeout(Duration::from_secs(20), first).await.expect("answered").unwrap();
     let status = refused.expect_err("a stalled submission is refused");
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
@@ -1683,7 +1683,9 @@ async fn a_retried_cancelled_job_restarts_a_task_requeued_from_a_lost_worker() {
     loop {
         let state: i16 = sqlx::query_scalar("select state from tasks where job_id = $1").bind(job).fetch_one(&pool).await.unwrap();
         if state != 2 {
-            assert_eq!(state, 1, "the lost worker's task is queued again");
+            // Queued again (1), or already cancelled by the sweep (5) if it ran in between: the
+            // retry restarts the task either way; the first is the case this test is about.
+            assert!(state == 1 || state == 5, "the lost worker's task is queued again: state {state}");
             break;
         }
         assert!(Instant::now() < deadline, "the lost session's task was not requeued");

@@ -987,7 +987,6 @@ fn spawn_vram_sampler(info: &RendererInfo) -> Arc<AtomicU64> {
     free
 }
 
-/// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
 /// How [`run`] ended after a drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunEnd {
@@ -998,6 +997,7 @@ pub enum RunEnd {
     GpuBusy,
 }
 
+/// Runs the worker until `shutdown` resolves (then drains) or the coordinator asks it to drain.
 pub async fn run(
     opts: WorkerOptions,
     renderer: Box<dyn Renderer>,
