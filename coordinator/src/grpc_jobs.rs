@@ -40,7 +40,6 @@ impl JobApi {
     }
 }
 
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<DownloadResultChunk, Status>> + Send>>;
 
