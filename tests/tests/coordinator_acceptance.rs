@@ -254,15 +254,16 @@ async fn states(pool: &PgPool, job: Uuid) -> Vec<(i16, i64)> {
         .unwrap_or_default()
 }
 
+/// Whether the job has finished (`finished_at` is set).
+async fn job_finished(pool: &PgPool, job: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select finished_at is not null from jobs where id = $1").bind(job).fetch_one(pool).await
+}
+
 /// Polls the job store until the job is finished. Tolerates the database being away meanwhile.
 async fn wait_job_finished(pool: &PgPool, job: Uuid, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let done: Result<bool, _> = sqlx::query_scalar("select finished_at is not null from jobs where id = $1")
-            .bind(job)
-            .fetch_one(pool)
-            .await;
-        if matches!(done, Ok(true)) {
+        if matches!(job_finished(pool, job).await, Ok(true)) {
             return;
         }
         if Instant::now() > deadline {
@@ -1395,11 +1396,9 @@ async fn workers_get_only_tasks_within_their_pixel_limit() {
 /// to any worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_that_ask_for_a_precision_go_only_to_workers_rendering_in_it() {
-    let db = fresh_database("acc_precision");
-    let coord = coordinator(&db, &[]);
+    let Farm { coord, ch, .. } = Farm::start("acc_precision", &[]).await;
     let client = coord.token("ivy", "client").unwrap();
     let worker = bearer(&coord.token("ivy", "worker").unwrap());
-    let ch = channel(&coord.url()).await;
     let mut fp16_header = header("fp16 images", 2);
     fp16_header.defaults.as_mut().unwrap().precision = Precision::Fp16 as i32;
     let fp16 = submit_ok(&ch, &client, fp16_header, prompts(2)).await;
@@ -1546,13 +1545,7 @@ async fn a_stalled_render_is_charged_and_its_worker_exits() {
     assert_eq!((state, failures), (1, 0), "the worker's queued task goes back uncharged");
     // Restarted workers (as a supervisor would) finish the job: the hanging prompt fails after its
     // second attempt, the other one renders.
-    let finished = || async {
-        sqlx::query_scalar::<_, bool>("select finished_at is not null from jobs where id = $1")
-            .bind(job)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-    };
+    let finished = || async { job_finished(&pool, job).await.unwrap() };
     for n in 0..4 {
         if finished().await {
             break;
@@ -1930,13 +1923,11 @@ async fn attempt_outcome(pool: &PgPool, token: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_tasks_are_requeued_at_once_and_finish_elsewhere() {
-    let db = fresh_database("acc_killed_worker");
     // A long lease TTL: only the dropped stream can explain a fast requeue.
-    let coord = coordinator(&db, &["--lease-ttl-ms", "60000", "--heartbeat-ms", "500"]);
-    let pool = pool(&db).await;
+    let args = ["--lease-ttl-ms", "60000", "--heartbeat-ms", "500"];
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_killed_worker", &args).await;
     let client = coord.token("acme", "client").unwrap();
     let worker_token = coord.token("acme", "worker").unwrap();
-    let ch = channel(&coord.url()).await;
 
     let mut victim = synthetic_worker(&coord.url(), &worker_token, "victim", 300, 2);
     wait_connected(&[&victim]);
