@@ -631,6 +631,12 @@ impl Controller {
         self.top_up().await;
     }
 
+    /// Reports a task that left the GPU thread as failed, dropping any cancel mark it had.
+    async fn fail_task(&mut self, t: &TaskAssignment, error: &str, retryable: bool, kind: &str) {
+        self.cancelled.lock().unwrap().remove(&task_id(t));
+        self.report_failure(t, error, retryable, kind).await;
+    }
+
     async fn report_failure(&mut self, t: &TaskAssignment, error: &str, retryable: bool, kind: &str) {
         self.send(worker_message::Msg::Failed(TaskFailed {
             lease: Some(lease_of(t)),
@@ -685,8 +691,7 @@ impl Controller {
             limit.as_secs()
         );
         for t in std::mem::take(&mut self.running) {
-            self.cancelled.lock().unwrap().remove(&task_id(&t));
-            self.report_failure(&t, &error, true, "stalled").await;
+            self.fail_task(&t, &error, true, "stalled").await;
         }
         self.begin_drain().await;
     }
@@ -763,8 +768,7 @@ impl Controller {
                     e => e.kind(),
                 };
                 for t in &tasks {
-                    self.cancelled.lock().unwrap().remove(&task_id(t));
-                    self.report_failure(t, &error.to_string(), error.retryable(), kind).await;
+                    self.fail_task(t, &error.to_string(), error.retryable(), kind).await;
                 }
                 self.start_batch();
                 self.top_up().await;
