@@ -66,12 +66,7 @@ pub fn precision_name(p: i32) -> &'static str {
 }
 
 /// Whether a job state is final.
-pub fn job_is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state).unwrap_or(JobState::Unspecified),
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled
-    )
-}
+pub use farm_proto::job_state_is_final as job_is_final;
 
 /// Whether a job is over: its state is final and, for a cancelled job, its running tasks have
 /// stopped too (a job reads CANCELLED from the cancel on, and a task that was finishing then may

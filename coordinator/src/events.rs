@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use farm_proto::pb::{job_event, JobEvent, JobState};
+use farm_proto::pb::{job_event, JobEvent};
 use futures::Stream;
 use prost::Message;
 use redis::aio::ConnectionManager;
@@ -41,14 +41,6 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return seq
 ";
 
-/// Whether a job state number is final (succeeded, failed or cancelled).
-pub fn is_final_state(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state).unwrap_or(JobState::Unspecified),
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled
-    )
-}
-
 struct LocalJob {
     seq: u64,
     history: VecDeque<JobEvent>,
@@ -67,7 +59,7 @@ impl LocalJob {
     /// another replica, whose closing event this one never sees).
     fn prunable(&self, idle: Duration) -> bool {
         let closed = self.history.back().is_some_and(|e| {
-            matches!(&e.event, Some(job_event::Event::Job(j)) if is_final_state(j.state))
+            matches!(&e.event, Some(job_event::Event::Job(j)) if farm_proto::job_state_is_final(j.state))
         });
         let quiet = self.last_at.elapsed();
         self.tx.receiver_count() == 0
@@ -302,7 +294,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use farm_proto::pb::{JobStateChanged, TaskStateChanged};
+    use farm_proto::pb::{JobState, JobStateChanged, TaskStateChanged};
     use futures::StreamExt;
 
     fn job_state(state: JobState) -> job_event::Event {

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use farm_proto::job_state_is_final as is_final;
 use farm_proto::pb::job_service_server::JobService;
 use farm_proto::pb::{
     job_event, submit_job_request, CancelJobRequest, CancelJobResponse, DownloadResultChunk, DownloadResultRequest,
@@ -17,7 +18,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Principal;
 use crate::error::Error;
-use crate::events::is_final_state as is_final;
 use crate::queries;
 use crate::state::{Metrics, Shared};
 use crate::store::parse_job_id;

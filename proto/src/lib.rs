@@ -19,6 +19,14 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("farm_descriptor");
 }
 
+/// Whether a job state number is final: succeeded, failed or cancelled.
+pub fn job_state_is_final(state: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified),
+        pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled
+    )
+}
+
 /// An error and its sources, `a: b: c` (tonic's transport and TLS errors keep the detail in the
 /// sources); a source whose text is already in the message is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
