@@ -21,15 +21,17 @@ fn ms(t: Option<DateTime<Utc>>) -> i64 {
 /// millions of other jobs' tasks.
 pub const QUEUE_POSITION_CAP: i64 = 100_000;
 
+/// The `jobs` columns [`job_status`] reads.
+const JOB_COLUMNS: &str = "id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
+     coalesce(idempotency_key, '') as key, total, total_steps, model,
+     case when finished_at is not null then final_counts::text end as final_counts";
+
 /// Status of one job of `tenant`.
 /// `tenant` None reads any tenant's job (internal use).
 pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Result<Job> {
-    let row = sqlx::query(
-        "select id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
-                coalesce(idempotency_key, '') as key, total, total_steps, model,
-                case when finished_at is not null then final_counts::text end as final_counts
-         from jobs where id = $1 and ($2::text is null or tenant_id = $2)",
-    )
+    let row = sqlx::query(&format!(
+        "select {JOB_COLUMNS} from jobs where id = $1 and ($2::text is null or tenant_id = $2)"
+    ))
     .bind(job_id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -38,7 +40,7 @@ pub async fn get_job(pool: &PgPool, tenant: Option<&str>, job_id: Uuid) -> Resul
     job_status(pool, &row).await
 }
 
-/// A job's status from its `jobs` row (the columns [`get_job`] selects): a finished job's counts
+/// A job's status from its `jobs` row ([`JOB_COLUMNS`]): a finished job's counts
 /// are stored in the row; an unfinished job's are counted from its tasks.
 async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
     let job_id: Uuid = row.get("id");
@@ -189,19 +191,16 @@ pub async fn list_jobs(pool: &PgPool, tenant: &str, req: &ListJobsRequest) -> Re
     let states: Vec<i16> = req.states.iter().map(|s| *s as i16).filter(|s| *s != 0).collect();
     // The cursor compares (created_at, id) as the index `jobs_tenant_created` orders them, so a
     // page starts where the last one ended without reading the rows before it.
-    let rows = sqlx::query(
-        "select id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
-                coalesce(idempotency_key, '') as key, total, total_steps, model,
-                case when finished_at is not null then final_counts::text end as final_counts,
-                (extract(epoch from created_at) * 1000000)::bigint as cursor_ts
+    let rows = sqlx::query(&format!(
+        "select {JOB_COLUMNS}, (extract(epoch from created_at) * 1000000)::bigint as cursor_ts
          from jobs
          where tenant_id = $1
            and (cardinality($2::smallint[]) = 0 or state = any($2))
            and ($3 = '' or strpos(name, $3) > 0)
            and (created_at, id) < (timestamptz 'epoch' + $4 * interval '1 microsecond', $5)
          order by created_at desc, id desc
-         limit $6",
-    )
+         limit $6"
+    ))
     .bind(tenant)
     .bind(&states)
     .bind(&req.name_contains)
