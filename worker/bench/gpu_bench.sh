@@ -9,7 +9,7 @@
 # variants side by side in one process (1024x1024 bf16, cond + uncond rows); 1024x1024 bf16 with
 # CFG at batch 1 with libtorch's attention order and with cuDNN first, fp16 at batch 1, batch 2 and 4
 # (256 caption tokens, uncond as long: no padding), batch 1 with a padded 8-token uncond caption
-# (masked attention kernel), and the side-by-side with the PyTorch eager script on the same GPU
+# (masked attention kernel), the conditioning prepared once per batch against at every step, and the side-by-side with the PyTorch eager script on the same GPU
 # (bf16, batch of 2 rows).
 #
 # Each run is stopped after RUN_TIMEOUT seconds (default 150); typical full-size runs take 15-40 s.
@@ -52,6 +52,7 @@ run b1_fp16_cudnn "${BASE[@]}" --precision fp16 --batch 1 --steps 8 --warmup 3 -
 run b2 "${COMMON[@]}" --batch 2 --steps 6 --warmup 2 --matmul-iters 5
 run b4 "${COMMON[@]}" --batch 4 --steps 4 --warmup 2 --matmul-iters 5
 run b1_padded_uncond "${COMMON[@]}" --batch 1 --steps 8 --warmup 2 --uncond-len $((CAP > 8 ? 8 : CAP / 2)) --matmul-iters 5
+run prepared "${COMMON[@]}" --prepare-baseline --batch 1 --steps 4 --iters 3 --warmup 1 --uncond-len $((CAP > 8 ? 8 : CAP / 2))
 run compare_bf16 --compare-pytorch worker/bench/pytorch_dit.py --python "$PY" --preset "$PRESET" --random-weights \
   --device "$DEVICE" --precision bf16 --width "$SIZE" --height "$SIZE" --cap-len "$CAP" --uncond-len $((CAP / 2)) --iters 5 --warmup 2
 if [ -n "$FAILED" ]; then

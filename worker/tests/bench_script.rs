@@ -1,6 +1,6 @@
 //! `worker/bench/gpu_bench.sh` is run on a GPU machine rarely and with little time; this runs the
 //! same script, every run of it, with the tiny preset on the CPU, so that a broken option or run
-//! shows up here first. It also checks what the variants run reports.
+//! shows up here first. It also checks what the variants and prepared-conditioning runs report.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,7 +28,7 @@ fn gpu_bench_script_runs_end_to_end_on_the_cpu_with_the_tiny_preset() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "gpu_bench.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     let runs = stdout.lines().filter(|l| l.starts_with("rc=")).count();
-    assert_eq!(runs, 8, "every run of the script ran:\n{stdout}");
+    assert_eq!(runs, 9, "every run of the script ran:\n{stdout}");
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("variants.json")).unwrap()).unwrap();
@@ -48,4 +48,11 @@ fn gpu_bench_script_runs_end_to_end_on_the_cpu_with_the_tiny_preset() {
     let components = b["components"].as_array().unwrap();
     assert_eq!(components.len(), 4 + 8, "four matmuls and eight attention settings");
     assert!(b["matmul_ms"].as_f64().unwrap() > 0.0 && b["attention_ms"].as_f64().unwrap() > 0.0);
+
+    // Conditioning prepared once and prepared at every step give the same latents (same kernels, in
+    // the same order, on the same inputs).
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("prepared.json")).unwrap()).unwrap();
+    assert_eq!(p["final_latent_max_abs_diff"].as_f64(), Some(0.0), "{p}");
+    assert!(p["s_per_step_prepared_once"].as_f64().unwrap() > 0.0 && p["ratio"].as_f64().unwrap() > 0.0, "{p}");
 }

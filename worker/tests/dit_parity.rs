@@ -228,6 +228,37 @@ fn batch_of_one_without_padding_matches_padded_batch() {
     }
 }
 
+/// Conditioning prepared once serves every step: a forward pass from it at other times and
+/// latents equals a full forward pass with the same inputs, bit for bit, and equals the golden at
+/// the golden's own inputs; a latent of another size or another row count is refused.
+#[test]
+fn prepared_conditioning_serves_every_step() {
+    let g = goldens();
+    let (_vs, model) = build(&g, Kind::Float);
+    let io = &g.io;
+    let (x, t, cap, mask, pooled) =
+        (&io["in.x"], &io["in.t"], &io["in.cap_feats"], &io["in.cap_mask"], &io["in.clip_text_pooled"]);
+    let xs = x.size();
+    let prepared = model.prepare(cap, mask, pooled, [xs[2], xs[3]]).unwrap();
+    assert_eq!(prepared.rows(), xs[0]);
+    assert!(prepared.groups() > 1, "the golden batch mixes caption lengths");
+    let v = model.forward_prepared(x, t, &prepared).unwrap();
+    assert_close_f32("forward_prepared() output", &v, &io["out.velocity"], None);
+    for (seed, shift) in [(5i64, 0.3f64), (6, -0.45)] {
+        let x2 = tch::Tensor::randn(xs.as_slice(), (Kind::Float, tch::Device::Cpu)) * 0.5 + x.shallow_clone() * (seed as f64 / 10.0);
+        let t2 = (t + shift).clamp(0.0, 1.0);
+        let again = model.forward_prepared(&x2, &t2, &prepared).unwrap();
+        let fresh = model.forward(&x2, &t2, cap, mask, pooled).unwrap();
+        assert!(again.equal(&fresh), "prepared and fresh forward passes differ at t shifted by {shift}");
+        assert!(!again.equal(&v), "the velocity did not follow the new latent and time");
+    }
+    let half = x.narrow(3, 0, xs[3] / 2);
+    let err = model.forward_prepared(&half, t, &prepared).unwrap_err().to_string();
+    assert!(err.contains("prepared for"), "{err}");
+    let err = model.forward_prepared(&x.narrow(0, 0, 1), &t.narrow(0, 0, 1), &prepared).unwrap_err().to_string();
+    assert!(err.contains("latent must be"), "{err}");
+}
+
 #[test]
 fn newbie_preset_has_the_published_parameter_count() {
     let cfg = DitConfig::newbie_exp0_1();

@@ -11,6 +11,10 @@
 //! variant, its TFLOP/s and fraction of the matmul rate, and its largest output difference from the
 //! first variant.
 //!
+//! Prepared-conditioning mode (`--prepare-baseline`): sampler steps with the caption side prepared
+//! once per batch (`NextDit::prepare`, what the worker runs) against the same steps with it
+//! recomputed at every step, alternating rounds; prints both medians and their ratio.
+//!
 //! Compare mode (`--compare-pytorch SCRIPT`): runs the same forward pass (same weights, same inputs,
 //! written to a temporary folder) in this crate and in the PyTorch eager script, prints both times,
 //! their ratio and the largest output difference.
@@ -32,7 +36,7 @@ use clap::Parser;
 use farm_worker::model::dit::{DitConfig, Kernels, NextDit};
 use farm_worker::model::sdpa;
 use farm_worker::model::loading;
-use farm_worker::model::sampler::{self, Conditioning, SampleItem, SampleParams, SamplerKind, StepControl};
+use farm_worker::model::sampler::{self, Conditioning, Denoiser, SampleError, SampleItem, SampleParams, SamplerKind, StepControl};
 use serde_json::json;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -115,6 +119,11 @@ struct Args {
     /// attention and the rest.
     #[arg(long)]
     breakdown: bool,
+    /// Prepared-conditioning mode: sampler steps with the caption side prepared once per batch
+    /// against the same steps with it recomputed at every step (the baseline), alternating for
+    /// --iters rounds of --steps steps each; prints both medians and their ratio.
+    #[arg(long)]
+    prepare_baseline: bool,
 }
 
 /// One way of running the forward pass: the block kernels and the attention backend order.
@@ -277,6 +286,107 @@ fn random_cond(cfg: &DitConfig, len: i64, seed: i64, device: Device) -> Conditio
     }
 }
 
+/// `--batch` items of random conditioning (`--cap-len`, uncond `--uncond-len`) and seeded noise.
+fn bench_items(args: &Args, cfg: &DitConfig, (lh, lw): (i64, i64), device: Device, seed0: u64) -> Vec<SampleItem> {
+    let uncond_len = args.uncond_len.unwrap_or(args.cap_len);
+    (0..args.batch)
+        .map(|i| SampleItem {
+            noise: sampler::seeded_noise(seed0 + i as u64, cfg.in_channels, lh, lw).to_device(device),
+            cond: random_cond(cfg, args.cap_len, 10 + i, device),
+            uncond: random_cond(cfg, uncond_len, 1000 + i, device),
+        })
+        .collect()
+}
+
+/// Euler, shift 6, CFG 5 on every step with `--cfg` (else never).
+fn bench_params(args: &Args, steps: usize) -> SampleParams {
+    SampleParams {
+        steps,
+        shift: 6.0,
+        cfg_scale: 5.0,
+        cfg_trunc: if args.cfg { 1.0 } else { 0.0 },
+        renorm_cfg: 0.0,
+        kind: SamplerKind::Euler,
+    }
+}
+
+/// The baseline of `--prepare-baseline`: a denoiser that keeps nothing between steps, so every
+/// velocity is a whole `NextDit::forward` (caption side, RoPE factors and the caption-length read
+/// back from the device included).
+struct EveryStep<'a>(&'a NextDit);
+
+impl Denoiser for EveryStep<'_> {
+    type Prepared = Conditioning;
+
+    fn prepare(&self, cond: &Conditioning, _latent: [i64; 2]) -> Result<Conditioning, SampleError> {
+        Ok(cond.clone())
+    }
+
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Conditioning) -> Result<Tensor, SampleError> {
+        let v = self.0.forward(x, t, &c.cap_feats, &c.cap_mask, &c.pooled).map_err(|e| SampleError::Denoiser(Box::new(e)))?;
+        Ok(v.to_device(x.device()).to_kind(Kind::Float))
+    }
+}
+
+/// Seconds per step of `steps` sampler steps (one device sync at the end, none between steps) and
+/// the final latents.
+fn time_steps<D: Denoiser>(denoiser: &D, items: Vec<SampleItem>, params: &SampleParams, device: Device) -> Result<(f64, Tensor)> {
+    sync(device);
+    let start = Instant::now();
+    let out = sampler::sample(denoiser, items, params, |_| StepControl::Continue)?;
+    let latents = Tensor::cat(&out.iter().map(|o| &o.latent).collect::<Vec<_>>(), 0);
+    sync(device);
+    Ok((start.elapsed().as_secs_f64() / params.steps as f64, latents))
+}
+
+fn prepare_bench(args: &Args) -> Result<()> {
+    let Setup { device, kind, cfg, lh, lw, .. } = setup(args)?;
+    let (_vs, model) = build_model(args, &cfg, device, kind)?;
+    let baseline = EveryStep(&model);
+    let items = |seed0: u64| bench_items(args, &cfg, (lh, lw), device, seed0);
+    if args.warmup > 0 {
+        let _ = time_steps(&model, items(1), &bench_params(args, args.warmup), device)?;
+        let _ = time_steps(&baseline, items(1), &bench_params(args, args.warmup), device)?;
+    }
+    let params = bench_params(args, args.steps);
+    let (mut prepared_s, mut every_s) = (Vec::new(), Vec::new());
+    let mut max_diff = 0f64;
+    for _ in 0..args.iters.max(1) {
+        let (a, la) = time_steps(&model, items(100), &params, device)?;
+        let (b, lb) = time_steps(&baseline, items(100), &params, device)?;
+        prepared_s.push(a);
+        every_s.push(b);
+        max_diff = max_diff.max((la - lb).abs().max().double_value(&[]));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut prepared_s), median(&mut every_s));
+    let report = json!({
+        "mode": "prepare-baseline",
+        "preset": args.config.as_ref().map(|p| p.display().to_string()).unwrap_or(args.preset.clone()),
+        "device": args.device, "precision": args.precision,
+        "width": args.width, "height": args.height,
+        "cap_len": args.cap_len, "uncond_len": args.uncond_len.unwrap_or(args.cap_len),
+        "batch": args.batch, "cfg": args.cfg, "steps_per_round": args.steps, "rounds": prepared_s.len(),
+        "s_per_step_prepared_once": a,
+        "s_per_step_prepared_every_step": b,
+        "ratio": a / b,
+        "final_latent_max_abs_diff": max_diff,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("newbie-bench prepare-baseline: {} on {} in {}, batch {}, CFG {}, {} rounds of {} steps",
+            report["preset"], args.device, args.precision, args.batch, args.cfg, prepared_s.len(), args.steps);
+        println!("  conditioning prepared once   {:.4} s/step (median)", a);
+        println!("  prepared at every step       {:.4} s/step (median, baseline)", b);
+        println!("  ratio {:.3}; final latents differ by at most {max_diff:.3e}", a / b);
+    }
+    Ok(())
+}
+
 fn latent_dims(args: &Args, cfg: &DitConfig) -> Result<(i64, i64)> {
     let unit = 8 * cfg.patch_size;
     if args.width % unit != 0 || args.height % unit != 0 {
@@ -318,23 +428,8 @@ fn denoise_bench(args: &Args) -> Result<()> {
     let build_s = t_build.elapsed().as_secs_f64();
     let mem_weights = device_memory_used(device);
 
-    let items = |seed0: u64| -> Vec<SampleItem> {
-        (0..args.batch)
-            .map(|i| SampleItem {
-                noise: sampler::seeded_noise(seed0 + i as u64, cfg.in_channels, lh, lw).to_device(device),
-                cond: random_cond(&cfg, args.cap_len, 10 + i, device),
-                uncond: random_cond(&cfg, uncond_len, 1000 + i, device),
-            })
-            .collect()
-    };
-    let params = |steps: usize| SampleParams {
-        steps,
-        shift: 6.0,
-        cfg_scale: 5.0,
-        cfg_trunc: if args.cfg { 1.0 } else { 0.0 },
-        renorm_cfg: 0.0,
-        kind: SamplerKind::Euler,
-    };
+    let items = |seed0: u64| bench_items(args, &cfg, (lh, lw), device, seed0);
+    let params = |steps: usize| bench_params(args, steps);
     let mut peak = mem_weights.unwrap_or(0);
     if args.warmup > 0 {
         sampler::sample(&model, items(1), &params(args.warmup), |_| {
@@ -856,6 +951,7 @@ fn main() -> Result<()> {
     match &args.compare_pytorch {
         Some(script) => compare_pytorch(&args, script),
         None if !args.variants.is_empty() => variants_bench(&args),
+        None if args.prepare_baseline => prepare_bench(&args),
         None => denoise_bench(&args),
     }
 }

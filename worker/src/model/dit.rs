@@ -810,6 +810,7 @@ impl NextDit {
     /// Velocity `[B, C, H, W]` (f32) for latents `x` `[B, C, H, W]`, times `t` `[B]` in [0,1]
     /// (0 = noise), caption features `cap_feats` `[B, L, cap_feat_dim]` with right-padded
     /// `cap_mask` `[B, L]` (nonzero = valid), and pooled text vectors `clip_pooled` `[B, clip_text_dim]`.
+    /// [`Self::prepare`] then [`Self::forward_prepared`]; a sampler prepares once per batch instead.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -818,54 +819,83 @@ impl NextDit {
         cap_mask: &Tensor,
         clip_pooled: &Tensor,
     ) -> Result<Tensor, DitError> {
-        tch::no_grad(|| self.forward_grouped(x, t, cap_feats, cap_mask, clip_pooled))
+        let b = self.check_conditioning(cap_feats, cap_mask, clip_pooled)?;
+        let latent = self.check_latent(x, t, b)?;
+        let prepared = self.prepare(cap_feats, cap_mask, clip_pooled, latent)?;
+        self.forward_prepared(x, t, &prepared)
     }
 
-    /// Same result as the padded batch (samples never interact), computed without padding: rows are
-    /// grouped by valid caption length, each group's caption is trimmed to that length and runs as
-    /// its own batch with no attention mask, so SDPA can pick its fastest (flash) kernel and no
-    /// work is spent on padding tokens. With a single group this is one plain call.
-    fn forward_grouped(
+    /// Everything of a forward pass that depends only on the conditioning rows and the latent size
+    /// `[H, W]`, computed once for a batch and reused at every step: the valid caption lengths (the
+    /// one read of device memory back to the host), the caption embedding and context refiner (no
+    /// timestep input), the pooled-text projection, the RoPE factors and the attention masks.
+    ///
+    /// Rows are grouped by valid caption length; each group's caption is trimmed to that length and
+    /// runs as its own batch with no attention mask, so SDPA can pick its fastest (flash) kernel and
+    /// no work is spent on padding tokens. Samples never interact, so the result equals the padded
+    /// batch's. With a single group this is one plain batch.
+    pub fn prepare(
         &self,
-        x: &Tensor,
-        t: &Tensor,
         cap_feats: &Tensor,
         cap_mask: &Tensor,
         clip_pooled: &Tensor,
-    ) -> Result<Tensor, DitError> {
-        self.check_inputs(x, t, cap_feats, cap_mask, clip_pooled)?;
-        let lens = caption_lengths(cap_mask)?;
-        let l = cap_feats.size()[1];
-        let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for (row, &len) in lens.iter().enumerate() {
-            groups.entry(len).or_default().push(row as i64);
-        }
-        if groups.len() == 1 {
-            let len = lens[0];
-            if len == l {
-                return self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, None);
+        latent: [i64; 2],
+    ) -> Result<Prepared, DitError> {
+        let rows = self.check_conditioning(cap_feats, cap_mask, clip_pooled)?;
+        self.check_latent_size(latent)?;
+        let (h, w) = (latent[0] / self.cfg.patch_size, latent[1] / self.cfg.patch_size);
+        tch::no_grad(|| {
+            let lens = caption_lengths(cap_mask)?;
+            let l = cap_feats.size()[1];
+            let mut by_len: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+            for (row, &len) in lens.iter().enumerate() {
+                by_len.entry(len).or_default().push(row as i64);
             }
-            return self.forward_impl(x, t, &cap_feats.narrow(1, 0, len), &cap_mask.narrow(1, 0, len), clip_pooled, None);
+            let mut groups = Vec::with_capacity(by_len.len());
+            if by_len.len() <= 1 {
+                let len = lens.first().copied().unwrap_or(l);
+                let (feats, pooled) = (cap_feats.narrow(1, 0, len), clip_pooled.shallow_clone());
+                groups.push(PreparedGroup { rows: None, state: self.prepare_rows(&feats, &pooled, &lens, h, w, None)? });
+            } else {
+                for (len, rows) in by_len {
+                    let index = Tensor::from_slice(&rows).to_device(self.device);
+                    let sel = |v: &Tensor| v.index_select(0, &index.to_device(v.device()));
+                    let group_lens = vec![len; rows.len()];
+                    let state = self.prepare_rows(&sel(cap_feats).narrow(1, 0, len), &sel(clip_pooled), &group_lens, h, w, None)?;
+                    groups.push(PreparedGroup { rows: Some(index), state });
+                }
+            }
+            Ok(Prepared { rows, latent, groups })
+        })
+    }
+
+    /// Velocity for latents `x` `[B, C, H, W]` at times `t` `[B]` under conditioning prepared by
+    /// [`Self::prepare`] for the same `B` rows and latent size. Reads nothing back from the device.
+    pub fn forward_prepared(&self, x: &Tensor, t: &Tensor, prepared: &Prepared) -> Result<Tensor, DitError> {
+        let latent = self.check_latent(x, t, prepared.rows)?;
+        if latent != prepared.latent {
+            return Err(DitError::Input(format!(
+                "latent is {}x{}, the conditioning was prepared for {}x{}",
+                latent[0], latent[1], prepared.latent[0], prepared.latent[1]
+            )));
         }
-        let mut out: Option<Tensor> = None;
-        for (len, rows) in groups {
-            let sel = |v: &Tensor| v.index_select(0, &Tensor::from_slice(&rows).to_device(v.device()));
-            let v = self.forward_impl(
-                &sel(x),
-                &sel(t),
-                &sel(cap_feats).narrow(1, 0, len),
-                &sel(cap_mask).narrow(1, 0, len),
-                &sel(clip_pooled),
-                None,
-            )?;
-            let dst = out.get_or_insert_with(|| {
-                let mut size = v.size();
-                size[0] = x.size()[0];
-                Tensor::zeros(size.as_slice(), (v.kind(), v.device()))
-            });
-            let _ = dst.index_copy_(0, &Tensor::from_slice(&rows).to_device(v.device()), &v);
-        }
-        Ok(out.expect("at least one group"))
+        tch::no_grad(|| {
+            let (x, t) = (x.to_device(self.device), t.to_device(self.device));
+            let mut out: Option<Tensor> = None;
+            for group in &prepared.groups {
+                let Some(rows) = &group.rows else {
+                    return Ok(self.denoise(&x, &t, &group.state, None));
+                };
+                let v = self.denoise(&x.index_select(0, rows), &t.index_select(0, rows), &group.state, None);
+                let dst = out.get_or_insert_with(|| {
+                    let mut size = v.size();
+                    size[0] = prepared.rows;
+                    Tensor::zeros(size.as_slice(), (v.kind(), v.device()))
+                });
+                let _ = dst.index_copy_(0, rows, &v);
+            }
+            Ok(out.expect("a prepared batch has at least one group"))
+        })
     }
 
     /// Like [`Self::forward`], also returning the intermediates under the goldens' names. Runs the
@@ -878,68 +908,83 @@ impl NextDit {
         cap_mask: &Tensor,
         clip_pooled: &Tensor,
     ) -> Result<(Tensor, Trace), DitError> {
+        let b = self.check_conditioning(cap_feats, cap_mask, clip_pooled)?;
+        let latent = self.check_latent(x, t, b)?;
+        let (h, w) = (latent[0] / self.cfg.patch_size, latent[1] / self.cfg.patch_size);
         let mut trace = Trace::new();
-        let v = tch::no_grad(|| self.forward_impl(x, t, cap_feats, cap_mask, clip_pooled, Some(&mut trace)))?;
+        let v = tch::no_grad(|| -> Result<Tensor, DitError> {
+            let lens = caption_lengths(cap_mask)?;
+            let state = self.prepare_rows(cap_feats, clip_pooled, &lens, h, w, Some(&mut trace))?;
+            Ok(self.denoise(&x.to_device(self.device), &t.to_device(self.device), &state, Some(&mut trace)))
+        })?;
         Ok((v, trace))
     }
 
-    fn check_inputs(&self, x: &Tensor, t: &Tensor, cap: &Tensor, mask: &Tensor, pooled: &Tensor) -> Result<(), DitError> {
+    /// Checks caption features, mask and pooled vectors against each other and the config; returns
+    /// the number of rows.
+    fn check_conditioning(&self, cap: &Tensor, mask: &Tensor, pooled: &Tensor) -> Result<i64, DitError> {
         let cfg = &self.cfg;
-        let xs = x.size();
         let err = |m: String| Err(DitError::Input(m));
-        if xs.len() != 4 || xs[1] != cfg.in_channels {
-            return err(format!("latent must be [B,{},H,W], got {xs:?}", cfg.in_channels));
-        }
-        let b = xs[0];
-        if xs[2] % cfg.patch_size != 0 || xs[3] % cfg.patch_size != 0 {
-            return err(format!("latent size {}x{} not divisible by patch size {}", xs[2], xs[3], cfg.patch_size));
-        }
-        if t.size() != [b] {
-            return err(format!("t must be [{b}], got {:?}", t.size()));
-        }
         let cs = cap.size();
-        if cs.len() != 3 || cs[0] != b || cs[2] != cfg.cap_feat_dim {
-            return err(format!("cap_feats must be [{b},L,{}], got {cs:?}", cfg.cap_feat_dim));
+        if cs.len() != 3 || cs[2] != cfg.cap_feat_dim {
+            return err(format!("cap_feats must be [B,L,{}], got {cs:?}", cfg.cap_feat_dim));
         }
+        let b = cs[0];
         if mask.size() != [b, cs[1]] {
             return err(format!("cap_mask must be [{b},{}], got {:?}", cs[1], mask.size()));
         }
         if pooled.size() != [b, cfg.clip_text_dim] {
             return err(format!("clip_pooled must be [{b},{}], got {:?}", cfg.clip_text_dim, pooled.size()));
         }
+        Ok(b)
+    }
+
+    /// Checks latents `[b, C, H, W]` and times `[b]`; returns `[H, W]`.
+    fn check_latent(&self, x: &Tensor, t: &Tensor, b: i64) -> Result<[i64; 2], DitError> {
+        let xs = x.size();
+        if xs.len() != 4 || xs[0] != b || xs[1] != self.cfg.in_channels {
+            return Err(DitError::Input(format!("latent must be [{b},{},H,W], got {xs:?}", self.cfg.in_channels)));
+        }
+        if t.size() != [b] {
+            return Err(DitError::Input(format!("t must be [{b}], got {:?}", t.size())));
+        }
+        let latent = [xs[2], xs[3]];
+        self.check_latent_size(latent)?;
+        Ok(latent)
+    }
+
+    fn check_latent_size(&self, [h, w]: [i64; 2]) -> Result<(), DitError> {
+        let p = self.cfg.patch_size;
+        if h <= 0 || w <= 0 || h % p != 0 || w % p != 0 {
+            return Err(DitError::Input(format!("latent size {h}x{w} not divisible by patch size {p}")));
+        }
         Ok(())
     }
 
-    fn forward_impl(
+    /// The conditioning side of one batch in the reference layout (steps 1-6 and the position
+    /// bookkeeping of step 9): rows of valid caption lengths `cap_lens`, an image of `h`×`w` patches.
+    fn prepare_rows(
         &self,
-        x: &Tensor,
-        t: &Tensor,
         cap_feats: &Tensor,
-        cap_mask: &Tensor,
         clip_pooled: &Tensor,
+        cap_lens: &[i64],
+        h: i64,
+        w: i64,
         mut trace: Option<&mut Trace>,
-    ) -> Result<Tensor, DitError> {
-        self.check_inputs(x, t, cap_feats, cap_mask, clip_pooled)?;
-        let cfg = &self.cfg;
+    ) -> Result<CaptionState, DitError> {
         let (dev, kind) = (self.device, self.kind);
         let mut record = |name: &str, v: &Tensor| {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.insert(name.to_string(), v.shallow_clone());
             }
         };
-        let xs = x.size();
-        let (b, h, w) = (xs[0], xs[2] / cfg.patch_size, xs[3] / cfg.patch_size);
+        let b = cap_lens.len() as i64;
         let n_img = h * w;
         let l = cap_feats.size()[1];
-        let cap_lens = caption_lengths(cap_mask)?;
 
-        // 1-2. Conditioning vector.
-        let t_emb = self.t_embedder.forward(&t.to_device(dev), kind);
-        record("mid.t_emb", &t_emb);
+        // 2. The pooled-text half of the conditioning vector (the time half changes every step).
         let clip_emb = self.clip_proj_linear.forward(&self.clip_proj_norm.forward(&clip_pooled.to_device(dev).to_kind(kind)));
         record("mid.clip_emb", &clip_emb);
-        let adaln_in = self.time_text_embed.forward(&Tensor::cat(&[&t_emb, &clip_emb], -1).silu());
-        record("mid.adaln_input", &adaln_in);
 
         // 3. Caption embedding (all L rows). Features in another dtype than the model's are
         // normalised before the cast (an fp16 model takes Gemma's features in bf16).
@@ -973,7 +1018,7 @@ impl NextDit {
             ],
             -1,
         );
-        let lens_t = Tensor::from_slice(&cap_lens);
+        let lens_t = Tensor::from_slice(cap_lens);
         let cap_valid = Tensor::arange(l, (Kind::Int64, Device::Cpu)).unsqueeze(0).lt_tensor(&lens_t.unsqueeze(1));
         // Positions of padded caption rows are clamped to 0 and their factors zeroed.
         let cap_ids = cap_ids * cap_valid.unsqueeze(-1).to_kind(Kind::Int64);
@@ -997,10 +1042,32 @@ impl NextDit {
             record(&format!("mid.context_refiner.{i}"), &cap);
         }
 
+        let joint_key_mask = cap_lens.iter().any(|&c| c + n_img < s_max).then(|| joint_valid.view([b, 1, 1, s_max]));
+        Ok(CaptionState { cap_lens: cap_lens.to_vec(), h, w, s_max, cap, clip_emb, img_freqs, joint_freqs, joint_key_mask })
+    }
+
+    /// The timestep-dependent rest of a forward pass (steps 1-2 for the time, 7-12) for latents `x`
+    /// and times `t` on the model's device, rows as in `st`.
+    fn denoise(&self, x: &Tensor, t: &Tensor, st: &CaptionState, mut trace: Option<&mut Trace>) -> Tensor {
+        let cfg = &self.cfg;
+        let kind = self.kind;
+        let mut record = |name: &str, v: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.insert(name.to_string(), v.shallow_clone());
+            }
+        };
+        let (b, h, w, s_max) = (st.cap_lens.len() as i64, st.h, st.w, st.s_max);
+        let n_img = h * w;
+
+        // 1-2. Conditioning vector.
+        let t_emb = self.t_embedder.forward(t, kind);
+        record("mid.t_emb", &t_emb);
+        let adaln_in = self.time_text_embed.forward(&Tensor::cat(&[&t_emb, &st.clip_emb], -1).silu());
+        record("mid.adaln_input", &adaln_in);
+
         // 7-8. Patchify, embed, noise refiner (no padding among image tokens).
         let p = cfg.patch_size;
         let patches = x
-            .to_device(dev)
             .to_kind(kind)
             .view([b, cfg.in_channels, h, p, w, p])
             .permute([0, 2, 4, 3, 5, 1])
@@ -1009,17 +1076,18 @@ impl NextDit {
         let mut img = self.x_embedder.forward(&patches);
         record("mid.x_embedded", &img);
         for (i, blk) in self.noise_refiner.iter().enumerate() {
-            img = blk.forward(&img, None, &img_freqs, Some(&adaln_in));
+            img = blk.forward(&img, None, &st.img_freqs, Some(&adaln_in));
             record(&format!("mid.noise_refiner.{i}"), &img);
         }
 
         // 9. Joint sequence [valid caption ; image], zero-padded to s_max.
-        let rows: Vec<Tensor> = cap_lens
+        let rows: Vec<Tensor> = st
+            .cap_lens
             .iter()
             .enumerate()
             .map(|(bi, &cl)| {
                 let bi = bi as i64;
-                let seq = Tensor::cat(&[cap.get(bi).narrow(0, 0, cl), img.get(bi)], 0);
+                let seq = Tensor::cat(&[st.cap.get(bi).narrow(0, 0, cl), img.get(bi)], 0);
                 let pad = s_max - (cl + n_img);
                 if pad > 0 {
                     seq.constant_pad_nd([0, 0, 0, pad])
@@ -1032,9 +1100,8 @@ impl NextDit {
         record("mid.joint_input", &joint);
 
         // 10. Main layers.
-        let joint_key_mask = cap_lens.iter().any(|&c| c + n_img < s_max).then(|| joint_valid.view([b, 1, 1, s_max]));
         for (i, blk) in self.layers.iter().enumerate() {
-            joint = blk.forward(&joint, joint_key_mask.as_ref(), &joint_freqs, Some(&adaln_in));
+            joint = blk.forward(&joint, st.joint_key_mask.as_ref(), &st.joint_freqs, Some(&adaln_in));
             record(&format!("mid.layers.{i}"), &joint);
         }
 
@@ -1042,7 +1109,7 @@ impl NextDit {
         let out = self.final_layer.forward(&joint, &adaln_in);
         record("mid.final_layer", &out);
         let img_tokens: Vec<Tensor> =
-            cap_lens.iter().enumerate().map(|(bi, &cl)| out.get(bi as i64).narrow(0, cl, n_img)).collect();
+            st.cap_lens.iter().enumerate().map(|(bi, &cl)| out.get(bi as i64).narrow(0, cl, n_img)).collect();
         let co = cfg.out_channels();
         let v = Tensor::stack(&img_tokens, 0)
             .view([b, h, w, p, p, co])
@@ -1050,8 +1117,55 @@ impl NextDit {
             .reshape([b, co, h * p, w * p])
             .to_kind(Kind::Float);
         record("out.velocity", &v);
-        Ok(v)
+        v
     }
+}
+
+/// A batch's conditioning prepared for the denoising steps ([`NextDit::prepare`]): its rows grouped
+/// by valid caption length, each group's caption-side state.
+#[derive(Debug)]
+pub struct Prepared {
+    rows: i64,
+    latent: [i64; 2],
+    groups: Vec<PreparedGroup>,
+}
+
+impl Prepared {
+    /// Batch rows.
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+
+    /// Number of separately run row groups (distinct valid caption lengths).
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+#[derive(Debug)]
+struct PreparedGroup {
+    /// The group's batch rows (on the model's device); `None` when the group is the whole batch in order.
+    rows: Option<Tensor>,
+    state: CaptionState,
+}
+
+/// The step-independent state of one batch in the reference layout.
+#[derive(Debug)]
+struct CaptionState {
+    cap_lens: Vec<i64>,
+    /// The image in patches.
+    h: i64,
+    w: i64,
+    /// Longest joint sequence.
+    s_max: i64,
+    /// The context refiner's output `[B, L, dim]`.
+    cap: Tensor,
+    /// `clip_text_pooled_proj` of the pooled vectors.
+    clip_emb: Tensor,
+    img_freqs: RopeFreqs,
+    joint_freqs: RopeFreqs,
+    /// `[B, 1, 1, s_max]`, or `None` when no row is padded.
+    joint_key_mask: Option<Tensor>,
 }
 
 #[cfg(test)]

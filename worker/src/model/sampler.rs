@@ -22,7 +22,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::dit::NextDit;
+use super::dit::{NextDit, Prepared};
 
 /// Conditioning rows for the DiT: caption features `[R, L, D]`, right-padded mask `[R, L]`
 /// (nonzero = valid) and pooled text vectors `[R, P]`.
@@ -89,16 +89,31 @@ pub enum SampleError {
 }
 
 /// The network as the sampler sees it: a velocity for latents `x` `[B, C, H, W]` (f32) at times
-/// `t` `[B]` (f32, Lumina time) under conditioning rows `cond` (B rows). Returns f32 `[B, C, H, W]`.
+/// `t` `[B]` (f32, Lumina time) under conditioning rows (B rows). Returns f32 `[B, C, H, W]`.
+///
+/// The conditioning of a batch is the same at every step, so the sampler hands it to [`Self::prepare`]
+/// once per batch (again only when items are dropped) and passes the result to every
+/// [`Self::velocity`] call: a network does its step-independent work there.
 pub trait Denoiser {
-    fn velocity(&self, x: &Tensor, t: &Tensor, cond: &Conditioning) -> Result<Tensor, SampleError>;
+    /// What the network keeps of a batch's conditioning between steps.
+    type Prepared;
+    /// Prepares `cond` for latents of spatial size `latent` (`[H, W]`).
+    fn prepare(&self, cond: &Conditioning, latent: [i64; 2]) -> Result<Self::Prepared, SampleError>;
+    fn velocity(&self, x: &Tensor, t: &Tensor, cond: &Self::Prepared) -> Result<Tensor, SampleError>;
 }
 
+/// The DiT does its caption side (context refiner, pooled projection, RoPE factors, masks and the
+/// caption-length read-back) in `prepare`, so a step launches only timestep-dependent work.
 impl Denoiser for NextDit {
-    fn velocity(&self, x: &Tensor, t: &Tensor, cond: &Conditioning) -> Result<Tensor, SampleError> {
-        let v = self
-            .forward(x, t, &cond.cap_feats, &cond.cap_mask, &cond.pooled)
-            .map_err(|e| SampleError::Denoiser(Box::new(e)))?;
+    type Prepared = Prepared;
+
+    fn prepare(&self, cond: &Conditioning, latent: [i64; 2]) -> Result<Prepared, SampleError> {
+        NextDit::prepare(self, &cond.cap_feats, &cond.cap_mask, &cond.pooled, latent)
+            .map_err(|e| SampleError::Denoiser(Box::new(e)))
+    }
+
+    fn velocity(&self, x: &Tensor, t: &Tensor, cond: &Prepared) -> Result<Tensor, SampleError> {
+        let v = self.forward_prepared(x, t, cond).map_err(|e| SampleError::Denoiser(Box::new(e)))?;
         Ok(v.to_device(x.device()).to_kind(Kind::Float))
     }
 }
@@ -253,17 +268,40 @@ fn cfg_active(t: f32, cfg_trunc: f64) -> bool {
     t < cfg_trunc as f32
 }
 
+/// The conditioning of the active items: the conditional rows alone and the CFG batch (conditional
+/// rows, then unconditional), each prepared by the network on first use.
+struct ActiveConds<P> {
+    cond: Conditioning,
+    cfg: Conditioning,
+    cond_prepared: Option<P>,
+    cfg_prepared: Option<P>,
+}
+
+/// `slot`'s prepared conditioning, preparing `cond` first if it is empty.
+fn prepared<'a, D: Denoiser + ?Sized>(
+    model: &D,
+    slot: &'a mut Option<D::Prepared>,
+    cond: &Conditioning,
+    latent: [i64; 2],
+) -> Result<&'a D::Prepared, SampleError> {
+    if slot.is_none() {
+        *slot = Some(model.prepare(cond, latent)?);
+    }
+    Ok(slot.as_ref().expect("filled above"))
+}
+
 /// One guided velocity evaluation for the active items at time `t`.
 fn guided_velocity<D: Denoiser + ?Sized>(
     model: &D,
     x: &Tensor,
     t: f32,
-    cond: &Conditioning,
-    cfg_batch: &Conditioning,
+    conds: &mut ActiveConds<D::Prepared>,
     p: &SampleParams,
 ) -> Result<Evaluation, SampleError> {
-    let n = x.size()[0];
+    let xs = x.size();
+    let (n, latent) = (xs[0], [xs[2], xs[3]]);
     if cfg_active(t, p.cfg_trunc) {
+        let cfg_batch = prepared(model, &mut conds.cfg_prepared, &conds.cfg, latent)?;
         let xx = Tensor::cat(&[x, x], 0);
         let tt = Tensor::full([2 * n], t as f64, (Kind::Float, x.device()));
         let out = model.velocity(&xx, &tt, cfg_batch)?.to_kind(Kind::Float);
@@ -281,6 +319,7 @@ fn guided_velocity<D: Denoiser + ?Sized>(
         }
         Ok(Evaluation { v, v_cond: v_c, v_uncond: Some(v_u), cfg_applied: true, renorm_applied })
     } else {
+        let cond = prepared(model, &mut conds.cond_prepared, &conds.cond, latent)?;
         let tt = Tensor::full([n], t as f64, (Kind::Float, x.device()));
         let v_c = model.velocity(x, &tt, cond)?.to_kind(Kind::Float);
         Ok(Evaluation { v: v_c.shallow_clone(), v_cond: v_c, v_uncond: None, cfg_applied: false, renorm_applied: vec![false; n as usize] })
@@ -322,7 +361,7 @@ where
     let noises: Vec<&Tensor> = items.iter().map(|it| &it.noise).collect();
     let mut x = Tensor::cat(&noises, 0).to_device(device).to_kind(Kind::Float);
     let mut active: Vec<usize> = (0..items.len()).collect();
-    let mut batch_conds: Option<(Conditioning, Conditioning)> = None;
+    let mut batch_conds: Option<ActiveConds<D::Prepared>> = None;
 
     for k in 0..p.steps {
         let (t0, t1) = (grid[k], grid[k + 1]);
@@ -332,16 +371,16 @@ where
             let c = all_cond.select(&idx);
             let u = all_uncond.select(&idx);
             let cfg = Conditioning::cat(&[&c, &u]);
-            batch_conds = Some((c, cfg));
+            batch_conds = Some(ActiveConds { cond: c, cfg, cond_prepared: None, cfg_prepared: None });
         }
-        let (cond, cfg_batch) = batch_conds.as_ref().expect("set above");
+        let conds = batch_conds.as_mut().expect("set above");
         let eval = match p.kind {
-            SamplerKind::Euler => guided_velocity(model, &x, t0, cond, cfg_batch, p)?,
+            SamplerKind::Euler => guided_velocity(model, &x, t0, conds, p)?,
             SamplerKind::Midpoint => {
                 let half = dt * 0.5;
-                let first = guided_velocity(model, &x, t0, cond, cfg_batch, p)?;
+                let first = guided_velocity(model, &x, t0, conds, p)?;
                 let x_mid = &x + &first.v * (half as f64);
-                guided_velocity(model, &x_mid, t0 + half, cond, cfg_batch, p)?
+                guided_velocity(model, &x_mid, t0 + half, conds, p)?
             }
         };
         x = &x + &eval.v * (dt as f64);
@@ -381,12 +420,26 @@ mod tests {
     }
 
     /// Velocity `a_row·(target - x)` with a per-row constant `a_row` taken from the pooled vector,
-    /// and records every batch size it sees.
+    /// and records every batch size it sees and the rows of every conditioning it prepares.
     struct Toy {
         batches: RefCell<Vec<i64>>,
+        prepared: RefCell<Vec<i64>>,
+    }
+
+    impl Toy {
+        fn new() -> Self {
+            Self { batches: RefCell::new(Vec::new()), prepared: RefCell::new(Vec::new()) }
+        }
     }
 
     impl Denoiser for Toy {
+        type Prepared = Conditioning;
+
+        fn prepare(&self, cond: &Conditioning, _latent: [i64; 2]) -> Result<Conditioning, SampleError> {
+            self.prepared.borrow_mut().push(cond.rows());
+            Ok(cond.clone())
+        }
+
         fn velocity(&self, x: &Tensor, _t: &Tensor, cond: &Conditioning) -> Result<Tensor, SampleError> {
             self.batches.borrow_mut().push(x.size()[0]);
             let a = cond.pooled.select(1, 0).view([-1, 1, 1, 1]);
@@ -439,7 +492,7 @@ mod tests {
 
     #[test]
     fn euler_with_cfg_and_truncation_matches_hand_loop() {
-        let toy = Toy { batches: RefCell::new(Vec::new()) };
+        let toy = Toy::new();
         let p = params(SamplerKind::Euler);
         let items = vec![item(1, 0.7, 0.2), item(2, 1.3, 0.4)];
         let e0 = manual_euler(&items[0].noise, 0.7, 0.2, &p);
@@ -455,13 +508,16 @@ mod tests {
         // shift 3, 4 steps: t = 0, 0.1, 0.25, 0.5 -> CFG (one batch of 2*2 rows) on the first three steps.
         assert_eq!(flags, vec![true, true, true, false]);
         assert_eq!(*toy.batches.borrow(), vec![4, 4, 4, 2]);
+        // Each batch is prepared once, when first used: the CFG batch at step 0, the conditional
+        // rows alone at step 3.
+        assert_eq!(*toy.prepared.borrow(), vec![4, 2]);
     }
 
     #[test]
     fn midpoint_matches_hand_loop() {
         // v = a·(2 - x) with CFG combining a_c and a_u into a = a_u + s·(a_c - a_u) while t < cfg_trunc.
         let p = params(SamplerKind::Midpoint);
-        let toy = Toy { batches: RefCell::new(Vec::new()) };
+        let toy = Toy::new();
         let it = item(9, 0.8, 0.3);
         let mut x = it.noise.to_kind(Kind::Double);
         let g = time_grid(p.steps, p.shift);
@@ -483,9 +539,9 @@ mod tests {
     #[test]
     fn dropping_an_item_leaves_the_others_unchanged() {
         let p = params(SamplerKind::Midpoint);
-        let toy = Toy { batches: RefCell::new(Vec::new()) };
+        let toy = Toy::new();
         let full = sample(&toy, vec![item(1, 0.7, 0.2), item(2, 1.3, 0.4), item(3, 0.9, 0.1)], &p, |_| StepControl::Continue).unwrap();
-        let toy2 = Toy { batches: RefCell::new(Vec::new()) };
+        let toy2 = Toy::new();
         let part = sample(&toy2, vec![item(1, 0.7, 0.2), item(2, 1.3, 0.4), item(3, 0.9, 0.1)], &p, |info| {
             if info.step == 1 {
                 StepControl::Drop(vec![1])
@@ -495,6 +551,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(part.iter().map(|o| o.item).collect::<Vec<_>>(), vec![0, 2]);
+        // Midpoint evaluations at t = 0, .05 | .1, .175 | .25, .375 | .5, .75 against cfg_trunc 0.5:
+        // the 3-item CFG batch, again for the 2 items left after the drop, then their conditional rows.
+        assert_eq!(*toy2.prepared.borrow(), vec![6, 4, 2]);
+        assert_eq!(*toy.prepared.borrow(), vec![6, 3]);
         for o in &part {
             let f = full.iter().find(|f| f.item == o.item).unwrap();
             assert!((&o.latent - &f.latent).abs().max().double_value(&[]) < 1e-6);
@@ -511,7 +571,7 @@ mod tests {
     fn renorm_clamps_per_sample() {
         // Item 0: guided velocity much larger than cond -> clamped; item 1: cond == uncond -> not.
         let p = SampleParams { steps: 1, shift: 1.0, cfg_scale: 4.0, cfg_trunc: 1.0, renorm_cfg: 1.0, kind: SamplerKind::Euler };
-        let toy = Toy { batches: RefCell::new(Vec::new()) };
+        let toy = Toy::new();
         let items = vec![item(5, 1.0, 0.0), item(6, 0.5, 0.5)];
         let mut rec = Vec::new();
         sample(&toy, items, &p, |info| {
