@@ -256,7 +256,12 @@ fn prepared_conditioning_serves_every_step() {
     let err = model.forward_prepared(&half, t, &prepared).unwrap_err().to_string();
     assert!(err.contains("prepared for"), "{err}");
     let err = model.forward_prepared(&x.narrow(0, 0, 1), &t.narrow(0, 0, 1), &prepared).unwrap_err().to_string();
-    assert!(err.contains("latent must be"), "{err}");
+    assert!(err.contains("latent has Some(1) rows, the conditioning was prepared for"), "{err}");
+    let err = model.prepare(&cap.narrow(0, 0, 0), &mask.narrow(0, 0, 0), &pooled.narrow(0, 0, 0), [xs[2], xs[3]]).unwrap_err();
+    assert!(err.to_string().contains("no rows"), "{err}");
+    let (_vs16, model16) = build(&g, Kind::BFloat16);
+    let err = model16.forward_prepared(x, t, &prepared).unwrap_err().to_string();
+    assert!(err.contains("prepared by a model on Cpu in Float"), "{err}");
 }
 
 #[test]

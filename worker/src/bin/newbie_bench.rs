@@ -122,7 +122,7 @@ struct Args {
     /// Prepared-conditioning mode: sampler steps with the caption side prepared once per batch
     /// against the same steps with it recomputed at every step (the baseline), alternating for
     /// --iters rounds of --steps steps each; prints both medians and their ratio.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["variants", "compare_pytorch"])]
     prepare_baseline: bool,
 }
 

@@ -15,10 +15,17 @@
 //! Numerics: timestep sinusoids, RoPE tables (angles in f64, then f32), RoPE rotation and every norm's
 //! statistics are computed in f32 and cast back to the weight dtype; the returned velocity is f32.
 //!
-//! Batches may mix captions of different lengths: each sample's joint sequence is
-//! `[its valid caption tokens ; its image tokens]`, right-padded to the longest one, and attention
-//! uses a boolean key-padding mask (dropped entirely when no sample is padded, so that the fastest
-//! SDPA kernel can run).
+//! Batches may mix captions of different lengths. In the reference layout ([`NextDit::forward_traced`])
+//! each sample's joint sequence is `[its valid caption tokens ; its image tokens]`, right-padded to
+//! the longest one, and attention uses a boolean key-padding mask (dropped entirely when no sample is
+//! padded, so that the fastest SDPA kernel can run). [`NextDit::forward`] computes the same function
+//! without padding: rows are grouped by valid caption length and each group runs as its own batch
+//! with no mask.
+//!
+//! A forward pass is split in two: [`NextDit::prepare`] does what depends only on the conditioning
+//! rows and the latent size (caption lengths, caption embedding and context refiner, pooled
+//! projection, RoPE factors, masks), [`NextDit::forward_prepared`] the timestep-dependent rest. The
+//! sampler prepares a batch once and runs only the second part at every step.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -865,13 +872,26 @@ impl NextDit {
                     groups.push(PreparedGroup { rows: Some(index), state });
                 }
             }
-            Ok(Prepared { rows, latent, groups })
+            Ok(Prepared { rows, latent, device: self.device, kind: self.kind, groups })
         })
     }
 
     /// Velocity for latents `x` `[B, C, H, W]` at times `t` `[B]` under conditioning prepared by
     /// [`Self::prepare`] for the same `B` rows and latent size. Reads nothing back from the device.
     pub fn forward_prepared(&self, x: &Tensor, t: &Tensor, prepared: &Prepared) -> Result<Tensor, DitError> {
+        if (prepared.device, prepared.kind) != (self.device, self.kind) {
+            return Err(DitError::Input(format!(
+                "conditioning prepared by a model on {:?} in {:?}, this one is on {:?} in {:?}",
+                prepared.device, prepared.kind, self.device, self.kind
+            )));
+        }
+        if x.size().first() != Some(&prepared.rows) {
+            return Err(DitError::Input(format!(
+                "latent has {:?} rows, the conditioning was prepared for {}",
+                x.size().first(),
+                prepared.rows
+            )));
+        }
         let latent = self.check_latent(x, t, prepared.rows)?;
         if latent != prepared.latent {
             return Err(DitError::Input(format!(
@@ -930,6 +950,9 @@ impl NextDit {
             return err(format!("cap_feats must be [B,L,{}], got {cs:?}", cfg.cap_feat_dim));
         }
         let b = cs[0];
+        if b == 0 {
+            return err("the conditioning has no rows".into());
+        }
         if mask.size() != [b, cs[1]] {
             return err(format!("cap_mask must be [{b},{}], got {:?}", cs[1], mask.size()));
         }
@@ -955,7 +978,10 @@ impl NextDit {
 
     fn check_latent_size(&self, [h, w]: [i64; 2]) -> Result<(), DitError> {
         let p = self.cfg.patch_size;
-        if h <= 0 || w <= 0 || h % p != 0 || w % p != 0 {
+        if h <= 0 || w <= 0 {
+            return Err(DitError::Input(format!("latent size {h}x{w} is empty")));
+        }
+        if h % p != 0 || w % p != 0 {
             return Err(DitError::Input(format!("latent size {h}x{w} not divisible by patch size {p}")));
         }
         Ok(())
@@ -1127,6 +1153,9 @@ impl NextDit {
 pub struct Prepared {
     rows: i64,
     latent: [i64; 2],
+    /// The preparing model's device and dtype (its tensors are in them).
+    device: Device,
+    kind: Kind,
     groups: Vec<PreparedGroup>,
 }
 

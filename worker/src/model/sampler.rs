@@ -92,8 +92,9 @@ pub enum SampleError {
 /// `t` `[B]` (f32, Lumina time) under conditioning rows (B rows). Returns f32 `[B, C, H, W]`.
 ///
 /// The conditioning of a batch is the same at every step, so the sampler hands it to [`Self::prepare`]
-/// once per batch (again only when items are dropped) and passes the result to every
-/// [`Self::velocity`] call: a network does its step-independent work there.
+/// once (the CFG batch and, when CFG is truncated, the conditional rows alone, each when first used;
+/// again only when items are dropped) and passes the result to every [`Self::velocity`] call: a
+/// network does its step-independent work there.
 pub trait Denoiser {
     /// What the network keeps of a batch's conditioning between steps.
     type Prepared;
@@ -248,7 +249,7 @@ impl StepInfo<'_> {
             velocity: e.v.narrow(0, r, 1),
             latent_after: self.latent.narrow(0, r, 1),
             cfg_applied: e.cfg_applied,
-            renorm_applied: e.renorm_applied[r as usize],
+            renorm_applied: e.renorm_fired.as_ref().is_some_and(|f| f.get(r).to_kind(Kind::Int64).int64_value(&[]) != 0),
         })
     }
 }
@@ -259,7 +260,9 @@ struct Evaluation {
     v_cond: Tensor,
     v_uncond: Option<Tensor>,
     cfg_applied: bool,
-    renorm_applied: Vec<bool>,
+    /// Per row, whether the renorm clamp fired (`[n]`, bool), read only when a caller asks, so that a
+    /// step reads nothing back from the device; `None` where renorm did not run.
+    renorm_fired: Option<Tensor>,
 }
 
 /// Whether CFG runs at evaluation time `t`: `t < cfg_trunc` compared in f32, as the reference
@@ -308,21 +311,21 @@ fn guided_velocity<D: Denoiser + ?Sized>(
         let v_c = out.narrow(0, 0, n);
         let v_u = out.narrow(0, n, n);
         let mut v = &v_u + (&v_c - &v_u) * p.cfg_scale;
-        let mut renorm_applied = vec![false; n as usize];
+        let mut renorm_fired = None;
         if p.renorm_cfg > 0.0 {
             let dims: &[i64] = &[1, 2, 3];
             let max_norm = v_c.norm_scalaropt_dim(2.0, dims, true) * p.renorm_cfg;
             let norm = v.norm_scalaropt_dim(2.0, dims, true);
             let fire = norm.ge_tensor(&max_norm);
             v = v.where_self(&fire.logical_not(), &(&v * (&max_norm / &norm)));
-            renorm_applied = Vec::<bool>::try_from(fire.flatten(0, -1).to_device(Device::Cpu)).expect("flags");
+            renorm_fired = Some(fire.flatten(0, -1));
         }
-        Ok(Evaluation { v, v_cond: v_c, v_uncond: Some(v_u), cfg_applied: true, renorm_applied })
+        Ok(Evaluation { v, v_cond: v_c, v_uncond: Some(v_u), cfg_applied: true, renorm_fired })
     } else {
         let cond = prepared(model, &mut conds.cond_prepared, &conds.cond, latent)?;
         let tt = Tensor::full([n], t as f64, (Kind::Float, x.device()));
         let v_c = model.velocity(x, &tt, cond)?.to_kind(Kind::Float);
-        Ok(Evaluation { v: v_c.shallow_clone(), v_cond: v_c, v_uncond: None, cfg_applied: false, renorm_applied: vec![false; n as usize] })
+        Ok(Evaluation { v: v_c.shallow_clone(), v_cond: v_c, v_uncond: None, cfg_applied: false, renorm_fired: None })
     }
 }
 
@@ -394,12 +397,14 @@ where
         if !drop.is_empty() {
             let keep: Vec<i64> =
                 active.iter().enumerate().filter(|(_, i)| !drop.contains(i)).map(|(r, _)| r as i64).collect();
-            active.retain(|i| !drop.contains(i));
-            if active.is_empty() {
-                return Ok(Vec::new());
+            if keep.len() < active.len() {
+                active.retain(|i| !drop.contains(i));
+                if active.is_empty() {
+                    return Ok(Vec::new());
+                }
+                x = x.index_select(0, &Tensor::from_slice(&keep).to_device(device));
+                batch_conds = None;
             }
-            x = x.index_select(0, &Tensor::from_slice(&keep).to_device(device));
-            batch_conds = None;
         }
     }
     Ok(active.iter().enumerate().map(|(r, &item)| SampleOutput { item, latent: x.narrow(0, r as i64, 1) }).collect())
