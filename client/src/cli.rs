@@ -177,7 +177,8 @@ pub struct SubmitArgs {
     /// Stop after this many local validation errors
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_errors: u32,
-    /// After submitting, follow the job until it ends (exit 1 if it ends failed or cancelled)
+    /// After submitting, follow the job until it ends (exit 1 if it ends failed or cancelled); stdout
+    /// still holds only the job id, progress and the outcome go to stderr
     #[arg(long)]
     pub wait: bool,
 }

@@ -315,6 +315,11 @@ fn finish_watch(job: &farm_proto::pb::Job, ui: Ui, after_submit: bool) -> CliRes
         if after_submit {
             println!("{}", json!({"type": "final", "job": output::job_json(job)}));
         }
+    } else if after_submit {
+        // stdout holds the job id alone (`id=$(farm submit --wait ...)`).
+        if !ui.quiet {
+            eprintln!("{}", watch::final_line(job));
+        }
     } else if !ui.quiet {
         println!("{}", watch::final_line(job));
     }

@@ -6,7 +6,8 @@
 //!   `priority`, `counts` {`queued`, `running`, `succeeded`, `failed`, `cancelled`, `total`},
 //!   `progress` (0..1), `images_per_second`, `eta_seconds` (null when unknown), `queue_position`,
 //!   `defaults` (render params), `max_attempts`, `created_at_ms`, `finished_at_ms` (null while
-//!   unfinished), `idempotency_key`.
+//!   unfinished), `started_at_ms` (when a worker first took a task since submission or the last
+//!   retry; null before), `idempotency_key`.
 //! * render params: `width`, `height`, `steps`, `cfg_scale`, `cfg_trunc`, `renorm_cfg`, `shift`,
 //!   `sampler` (`euler|midpoint|default`), `precision` (`bf16|fp16|fp32|default`), `model`.
 //! * task: `task_id`, `job_id`, `index`, `state`, `prompt`, `negative_prompt`, `params`, `seed`,
@@ -16,7 +17,7 @@
 //! * result: `job_id`, `index`, `size_bytes`, `sha256`, `content_type`, `created_at_ms`, `worker_id`.
 //! * worker: `worker_id`, `name`, `connected`, `device`, `device_name`, `vram_total_bytes`,
 //!   `vram_free_bytes`, `model_name`, `model_hash`, `precision`, `max_batch`, `max_pixels`, `version`,
-//!   `verified`, `verified_at_ms`, `attention_backend`, `connected_at_ms`, `last_heartbeat_ms`, `current_tasks` [{`job_id`,
+//!   `verified`, `verified_at_ms` (null when never verified), `attention_backend`, `connected_at_ms`, `last_heartbeat_ms`, `current_tasks` [{`job_id`,
 //!   `index`, `task_id`}], `images_per_second`, `completed`, `failed`, `coordinator`.
 //! * prompt issue: `index`, `source`, `source_line`, `line`, `column`, `code`, `message`.
 
@@ -119,6 +120,15 @@ pub fn params_json(p: Option<&RenderParams>) -> Value {
     })
 }
 
+/// A time in ms since 1970, or null where it is unset (0).
+fn time_or_null(ms: i64) -> Value {
+    if ms > 0 {
+        json!(ms)
+    } else {
+        Value::Null
+    }
+}
+
 pub fn job_json(j: &Job) -> Value {
     json!({
         "job_id": j.job_id,
@@ -133,7 +143,8 @@ pub fn job_json(j: &Job) -> Value {
         "defaults": params_json(j.defaults.as_ref()),
         "max_attempts": j.max_attempts,
         "created_at_ms": j.created_at_ms,
-        "finished_at_ms": if j.finished_at_ms > 0 { json!(j.finished_at_ms) } else { Value::Null },
+        "finished_at_ms": time_or_null(j.finished_at_ms),
+        "started_at_ms": time_or_null(j.started_at_ms),
         "idempotency_key": j.idempotency_key,
     })
 }
@@ -149,7 +160,7 @@ pub fn attempt_json(a: &Attempt) -> Value {
     json!({
         "attempt": a.attempt, "worker_id": a.worker_id, "worker_name": a.worker_name,
         "started_at_ms": a.started_at_ms,
-        "ended_at_ms": if a.ended_at_ms > 0 { json!(a.ended_at_ms) } else { Value::Null },
+        "ended_at_ms": time_or_null(a.ended_at_ms),
         "outcome": a.outcome, "error": a.error, "lease_token": a.lease_token,
         // The worker's render metadata, as an object (null when the attempt has none).
         "metadata": serde_json::from_str::<Value>(&a.metadata_json).unwrap_or(Value::Null),
@@ -173,7 +184,7 @@ pub fn worker_json(w: &WorkerInfo) -> Value {
         "device": c.device, "device_name": c.device_name, "vram_total_bytes": c.vram_total_bytes,
         "vram_free_bytes": c.vram_free_bytes, "model_name": c.model_name, "model_hash": c.model_hash,
         "precision": precision_name(c.precision), "max_batch": c.max_batch, "max_pixels": c.max_pixels,
-        "version": c.version, "verified": c.verified, "verified_at_ms": c.verified_at_ms,
+        "version": c.version, "verified": c.verified, "verified_at_ms": time_or_null(c.verified_at_ms),
         "attention_backend": c.attention_backend,
         "connected_at_ms": w.connected_at_ms, "last_heartbeat_ms": w.last_heartbeat_ms,
         "current_tasks": w.current_tasks.iter()
@@ -380,6 +391,9 @@ pub fn job_human(j: &Job) -> String {
     kv("defaults", format_params(j.defaults.as_ref()));
     kv("max attempts", j.max_attempts.to_string());
     kv("created", format_time(j.created_at_ms));
+    if j.started_at_ms > 0 {
+        kv("started", format_time(j.started_at_ms));
+    }
     if j.finished_at_ms > 0 {
         kv("finished", format_time(j.finished_at_ms));
     }
@@ -586,6 +600,7 @@ mod tests {
             max_attempts: 3,
             created_at_ms: 1_700_000_000_000,
             finished_at_ms: 0,
+            started_at_ms: 1_700_000_030_000,
             idempotency_key: String::new(),
         }
     }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use farm_proto::pb::{
-    Attempt, Job, JobState, ListJobsRequest, ListJobsResponse, ResultInfo, Task, TaskCounts, TaskRef, WorkerInfo,
+    Attempt, Job, JobState, ListJobsRequest, ListJobsResponse, RenderParams, ResultInfo, Task, TaskCounts, TaskRef,
+    WorkerInfo,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -23,7 +24,7 @@ pub const QUEUE_POSITION_CAP: i64 = 100_000;
 
 /// The `jobs` columns [`job_status`] reads.
 const JOB_COLUMNS: &str = "id, name, state, priority, params::text as params, max_attempts, created_at, finished_at,
-     coalesce(idempotency_key, '') as key, total, total_steps, model,
+     coalesce(idempotency_key, '') as key, total, total_steps, model, precision as job_precision, started_at,
      case when finished_at is not null then final_counts::text end as final_counts";
 
 /// Status of one job of `tenant`.
@@ -77,8 +78,8 @@ async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
         }
     }
     job.progress = if total_steps > 0 { (done_steps as f64 / total_steps as f64).min(1.0) } else { 0.0 };
-    let recent: (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "select count(*)::bigint, min(result_at) from tasks
+    let recent: (i64,) = sqlx::query_as(
+        "select count(*)::bigint from tasks
          where job_id = $1 and state = 3 and result_at > now() - interval '60 seconds'",
     )
     .bind(job_id)
@@ -86,7 +87,11 @@ async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
     .await?;
     let remaining = (c.queued + c.running) as f64;
     if recent.0 > 0 {
-        let window = recent.1.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0).unwrap_or(60.0);
+        // Results of the last minute over the time they were rendered in: the minute, or less when
+        // the job started (or was retried) within it. (Measuring from the oldest result of the
+        // window would leave out the time spent rendering it: a first image read as 1 image/s.)
+        let since = |t: DateTime<Utc>| (Utc::now() - t).num_milliseconds() as f64 / 1000.0;
+        let window = row.get::<Option<DateTime<Utc>>, _>("started_at").map_or(60.0, since);
         job.images_per_second = recent.0 as f64 / window.clamp(1.0, 60.0);
         job.eta_seconds = remaining / job.images_per_second;
     } else {
@@ -160,10 +165,15 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Job {
         images_per_second: 0.0,
         eta_seconds: -1.0,
         queue_position: 0,
-        defaults: Some(params_of(&row.get::<String, _>("params"))),
+        defaults: Some(RenderParams {
+            // The precision asked for: 0 (any worker's) where the stored shape records the default.
+            precision: i32::from(row.get::<i16, _>("job_precision")),
+            ..params_of(&row.get::<String, _>("params"))
+        }),
         max_attempts: row.get::<i32, _>("max_attempts") as u32,
         created_at_ms: ms(Some(row.get("created_at"))),
         finished_at_ms: ms(row.get("finished_at")),
+        started_at_ms: ms(row.get("started_at")),
         idempotency_key: row.get("key"),
     }
 }

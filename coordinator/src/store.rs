@@ -196,6 +196,7 @@ impl Store {
             ),
             touch as (
                 update jobs set last_claimed_at = clock_timestamp(),
+                                started_at = coalesce(started_at, clock_timestamp()),
                                 state = case when state = 1 then 2 else state end
                 where id = (select j.id from jobs j join job on j.id = job.id for update of j skip locked)
             )
@@ -839,7 +840,7 @@ impl Store {
         if n > 0 {
             sqlx::query("delete from job_worker_failures where job_id = $1").bind(job_id).execute(&mut *tx).await?;
             sqlx::query(
-                "update jobs set finished_at = null, state = 2, final_counts = null,
+                "update jobs set finished_at = null, state = 2, final_counts = null, started_at = null,
                         cancelled_at = case when $2 then null else cancelled_at end
                  where id = $1",
             )

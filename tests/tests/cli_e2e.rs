@@ -88,6 +88,20 @@ fn submit_wait_status_results_cancel_retry() {
     let s = wait_state(&cli, &long_job, "succeeded", Duration::from_secs(600));
     assert_eq!(s["counts"]["succeeded"], 6);
 
+    // In text mode `submit --wait` keeps stdout to the job id; the outcome goes to stderr. A job
+    // that asked for no precision reports none, and when a worker started it.
+    let one = dir.path().join("one.txt");
+    write(&one, &["1girl, wave".to_string()]);
+    let out = cli
+        .run(&["submit", one.to_str().unwrap(), "--model", "tiny", "--width", "64", "--height", "64", "--steps", "1", "--wait"])
+        .expect_success();
+    assert_eq!(out.stdout.lines().count(), 1, "stdout: {}", out.stdout);
+    let one_job = out.stdout.trim();
+    assert!(out.stderr.contains(&format!("job {one_job} succeeded")), "{}", out.stderr);
+    let s = cli.run(&["--json", "status", one_job]).expect_success().json();
+    assert_eq!(s["defaults"]["precision"], "default", "{s}");
+    assert!(s["started_at_ms"].as_i64().unwrap() >= s["created_at_ms"].as_i64().unwrap(), "{s}");
+
     // A finished job keeps its outcome; one directory holds one job's results.
     let out = cli.run(&["cancel", &job]);
     assert_eq!(out.code, 1, "cancel of a succeeded job: {}{}", out.stdout, out.stderr);

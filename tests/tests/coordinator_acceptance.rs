@@ -1421,6 +1421,50 @@ async fn jobs_that_ask_for_a_precision_go_only_to_workers_rendering_in_it() {
     let got = fp16_card.next_assign(Duration::from_secs(10)).await;
     assert_eq!(got.tasks.len(), 2);
     assert!(got.tasks.iter().all(|t| t.job_id == fp16.to_string()));
+    // Status shows the precision each job asked for: none (any worker's) is not reported as bf16.
+    let client = client.as_str();
+    let precision_of = |id: Uuid| {
+        let ch = ch.clone();
+        async move {
+            let job = jobs(&ch).get_job(authed(client, GetJobRequest { job_id: id.to_string() })).await.unwrap().into_inner();
+            job.defaults.unwrap().precision
+        }
+    };
+    assert_eq!(precision_of(fp16).await, Precision::Fp16 as i32);
+    assert_eq!(precision_of(any).await, Precision::Unspecified as i32);
+}
+
+/// A running job's images/s counts the time its results took to render: the results of the last
+/// minute over the minute, or over the time since the job started when that is shorter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_jobs_rate_counts_the_time_since_it_started() {
+    let Farm { coord, pool, ch, .. } = Farm::start("acc_rate", &[]).await;
+    let client = coord.token("rae", "client").unwrap();
+    let worker = bearer(&coord.token("rae", "worker").unwrap());
+    let job = submit_ok(&ch, &client, header("rated", 2), prompts(4)).await;
+    let get = || {
+        let (ch, client) = (ch.clone(), client.clone());
+        async move { jobs(&ch).get_job(authed(&client, GetJobRequest { job_id: job.to_string() })).await.unwrap().into_inner() }
+    };
+    let before = get().await;
+    assert_eq!(before.started_at_ms, 0, "no worker has taken a task yet");
+    let mut session = Session::open(&ch, Some(&worker), "rater", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\nrated").await;
+    let after = get().await;
+    assert!(after.started_at_ms >= after.created_at_ms, "started at the first claim: {after:?}");
+    // The job started 30 s ago and has one result: 1/30 images/s and 3 images to go, not 1 image/s
+    // (its one result is a second old at most).
+    sqlx::query("update jobs set started_at = now() - interval '30 seconds' where id = $1").bind(job).execute(&pool).await.unwrap();
+    let j = get().await;
+    assert_eq!(j.counts.map(|c| (c.succeeded, c.queued)), Some((1, 3)));
+    assert!((j.images_per_second - 1.0 / 30.0).abs() < 0.002, "images/s {}", j.images_per_second);
+    assert!((j.eta_seconds - 90.0).abs() < 6.0, "ETA {}", j.eta_seconds);
+    // Started long ago: the window is the last minute.
+    sqlx::query("update jobs set started_at = now() - interval '10 minutes' where id = $1").bind(job).execute(&pool).await.unwrap();
+    let j = get().await;
+    assert!((j.images_per_second - 1.0 / 60.0).abs() < 0.001, "images/s {}", j.images_per_second);
 }
 
 /// A worker that failed two tasks of a job gets no more of that job while another connected worker
