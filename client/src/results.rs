@@ -16,6 +16,7 @@
 //!   (unless `--force`), so one job's `000017.png` never replaces another's. One run at a time holds
 //!   `DIR/.farm-lock`; a second run into the same directory is refused while the first runs.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,8 @@ pub const LOCK_FILE: &str = ".farm-lock";
 /// Overlap re-listed by `--since`.
 pub const SINCE_OVERLAP_MS: i64 = 60_000;
 const PAGE_SIZE: u32 = 1000;
-const ATTEMPTS: u32 = 3;
+/// Tries of one download within a pass (transient failures: stream errors, size or SHA-256 mismatch).
+pub const ATTEMPTS: u32 = 3;
 
 /// The file a result is stored in.
 pub fn file_name(index: u64) -> String {
@@ -256,6 +258,44 @@ enum Fetched {
     Downloaded(u64),
 }
 
+/// What one run has settled, by result index: the results downloaded or found present (with their
+/// SHA-256), and the downloads that failed and have not succeeded since. A `--follow` run lists
+/// recent results again on every poll; those already settled are neither hashed nor counted again,
+/// and a failure that a later pass recovers is no longer reported.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    done: HashMap<u64, String>,
+    failed: BTreeMap<u64, (ErrorKind, String)>,
+}
+
+impl Ledger {
+    fn settled(&self, r: &ResultInfo) -> bool {
+        self.done.get(&r.index).is_some_and(|sha| sha.eq_ignore_ascii_case(&r.sha256))
+    }
+
+    fn record(&mut self, index: u64, sha256: String, outcome: Result<(), (ErrorKind, String)>) {
+        match outcome {
+            Ok(()) => {
+                self.failed.remove(&index);
+                self.done.insert(index, sha256);
+            }
+            Err(e) => {
+                self.failed.insert(index, e);
+            }
+        }
+    }
+
+    /// The failures still standing, in index order, as a summary's `failed`, `errors` and `worst`.
+    fn failures_into(&self, summary: &mut ResultsSummary) {
+        summary.failed = 0;
+        summary.errors.clear();
+        summary.worst = None;
+        for (kind, msg) in self.failed.values() {
+            summary.record_failure(*kind, msg.clone());
+        }
+    }
+}
+
 /// Downloads one result into `dir` unless it is already there.
 async fn fetch_one(
     mut client: Client,
@@ -368,7 +408,9 @@ pub async fn download_pass(
     results: Vec<ResultInfo>,
     opts: &ResultsOptions,
     ui: Ui,
+    ledger: &mut Ledger,
 ) -> ResultsSummary {
+    let results: Vec<ResultInfo> = results.into_iter().filter(|r| !ledger.settled(r)).collect();
     let mut summary = ResultsSummary {
         listed: results.len() as u64,
         ..Default::default()
@@ -381,27 +423,29 @@ pub async fn download_pass(
     let bytes = Arc::new(AtomicU64::new(0));
     let mut tasks = futures::stream::iter(results.into_iter().map(|info| {
         let (c, d) = (client.clone(), opts.dir.clone());
-        tokio::spawn(fetch_one(c, d, info))
+        let (index, sha256) = (info.index, info.sha256.clone());
+        async move { (index, sha256, tokio::spawn(fetch_one(c, d, info)).await) }
     }))
     .buffer_unordered(opts.parallel.max(1));
-    while let Some(r) = tasks.next().await {
-        match r {
-            Ok(Ok(Fetched::Skipped)) => summary.skipped += 1,
-            Ok(Ok(Fetched::Downloaded(n))) => {
+    while let Some((index, sha256, r)) = tasks.next().await {
+        let r = r.unwrap_or_else(|e| Err((ErrorKind::Failure, format!("{}: download task failed: {e}", file_name(index)))));
+        match &r {
+            Ok(Fetched::Skipped) => summary.skipped += 1,
+            Ok(Fetched::Downloaded(n)) => {
                 summary.downloaded += 1;
                 summary.bytes += n;
-                bytes.fetch_add(n, Ordering::Relaxed);
+                bytes.fetch_add(*n, Ordering::Relaxed);
             }
-            Ok(Err((kind, msg))) => {
+            Err((kind, msg)) => {
                 pb.suspend(|| {
                     if !ui.json {
                         eprintln!("error: {msg}");
                     }
                 });
-                summary.record_failure(kind, msg);
+                summary.record_failure(*kind, msg.clone());
             }
-            Err(e) => summary.record_failure(ErrorKind::Failure, format!("download task failed: {e}")),
         }
+        ledger.record(index, sha256, r.map(|_| ()));
         pb.inc(1);
         pb.set_message(format!(
             "{} new, {} present, {}",
@@ -440,6 +484,7 @@ pub async fn download(
         .map(|s| (s.since_ms - SINCE_OVERLAP_MS).max(0))
         .unwrap_or(0);
     let mut total = ResultsSummary::default();
+    let mut ledger = Ledger::default();
     let mut over = JobOver::default();
     let mut last_job: Option<Job> = None;
     loop {
@@ -465,18 +510,17 @@ pub async fn download(
                 r.job_id = job_id.to_string();
             }
         }
-        let pass = download_pass(client, results, opts, ui).await;
-        total.listed += pass.listed;
+        let pass = download_pass(client, results, opts, ui, &mut ledger).await;
+        // Counts cover each result once per run (a retried failure counts where it ended).
+        total.listed = (ledger.done.len() + ledger.failed.len()) as u64;
         total.downloaded += pass.downloaded;
         total.skipped += pass.skipped;
-        total.failed += pass.failed;
         total.bytes += pass.bytes;
-        total.errors.extend(pass.errors.iter().cloned());
-        if let Some(kind) = pass.worst {
-            total.record_failure_kind(kind);
-        }
+        ledger.failures_into(&mut total);
         total.newest_ms = total.newest_ms.max(pass.newest_ms);
-        if pass.failed == 0 && (opts.since || opts.follow) && total.newest_ms > 0 {
+        // The listing window moves on only while no download is failing, so that a failed result
+        // is listed (and fetched) again.
+        if ledger.failed.is_empty() && (opts.since || opts.follow) && total.newest_ms > 0 {
             let newest = total
                 .newest_ms
                 .max(stored.as_ref().map(|s| s.since_ms).unwrap_or(0));

@@ -49,6 +49,9 @@ struct Fake {
     bad_sha: Arc<Vec<u64>>,
     /// Indexes whose download is refused with PERMISSION_DENIED.
     denied: Arc<Vec<u64>>,
+    /// Indexes corrupted in transit on their first `flaky_times` downloads only.
+    flaky: Arc<Vec<u64>>,
+    flaky_times: usize,
     watch_mode: WatchMode,
 }
 
@@ -62,6 +65,9 @@ enum WatchMode {
     EndsAtOnce,
     /// The stream stays open and silent; GetJob answers "succeeded" from its second call on.
     SilentWhileFinal,
+    /// GetJob answers "running" to its first two calls and "succeeded" from the third on (a
+    /// `results --follow` run: the existence check, a pass while running, a pass after the end).
+    FinalAtThirdCall,
 }
 
 fn check_auth<T>(req: &Request<T>) -> Result<(), Status> {
@@ -188,6 +194,7 @@ impl JobService for Fake {
                 WatchMode::Resume => s.watch_calls.len() >= 2,
                 WatchMode::EndsAtOnce => false,
                 WatchMode::SilentWhileFinal => s.get_job_calls >= 2,
+                WatchMode::FinalAtThirdCall => s.get_job_calls >= 3,
             }
         };
         Ok(Response::new(if final_now {
@@ -221,7 +228,9 @@ impl JobService for Fake {
         match self.watch_mode {
             WatchMode::Resume => {}
             WatchMode::EndsAtOnce => return Ok(Response::new(Box::pin(futures::stream::empty()))),
-            WatchMode::SilentWhileFinal => return Ok(Response::new(Box::pin(futures::stream::pending()))),
+            WatchMode::SilentWhileFinal | WatchMode::FinalAtThirdCall => {
+                return Ok(Response::new(Box::pin(futures::stream::pending())))
+            }
         }
         let ev = |seq: u64, e: job_event::Event| {
             Ok(JobEvent {
@@ -315,7 +324,11 @@ impl JobService for Fake {
     ) -> Result<Response<Self::DownloadResultStream>, Status> {
         check_auth(&req)?;
         let index = req.get_ref().index;
-        self.seen.lock().unwrap().downloads.push(index);
+        let earlier = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.downloads.push(index);
+            seen.downloads.iter().filter(|&&i| i == index).count() - 1
+        };
         if self.denied.contains(&index) {
             return Err(Status::permission_denied("token revoked"));
         }
@@ -325,7 +338,7 @@ impl JobService for Fake {
             .cloned()
             .ok_or_else(|| Status::not_found("no result"))?;
         let mut sent = bytes.clone();
-        if self.bad_sha.contains(&index) {
+        if self.bad_sha.contains(&index) || (self.flaky.contains(&index) && earlier < self.flaky_times) {
             sent[0] ^= 0xff; // corrupted in transit
         }
         let info = ResultInfo {
@@ -725,6 +738,29 @@ async fn corrupted_download_leaves_no_file() {
             .exit_code(),
         1
     );
+}
+
+/// `--follow` lists recent results again on every poll: a result settled earlier in the run is not
+/// counted again, and a download that failed in one pass and succeeded in a later one is no longer
+/// a failure.
+#[tokio::test]
+async fn follow_counts_each_result_once_and_forgets_a_recovered_failure() {
+    let (mut fake, results) = fake_with_results();
+    fake.watch_mode = WatchMode::FinalAtThirdCall; // the first pass while running, the second after
+    fake.flaky = Arc::new(vec![2]);
+    fake.flaky_times = farm::results::ATTEMPTS as usize; // every try of the first pass
+    let c = connected(&fake).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = results_options(dir.path());
+    opts.follow = true;
+    let s = farm::results::download(&mut c.jobs(), "job-1", &opts, Ui::silent()).await.unwrap();
+    assert_eq!((s.listed, s.downloaded, s.skipped, s.failed), (5, 5, 0, 0), "{s:?}");
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    farm::results::report("job-1", dir.path(), &s, Ui::silent()).expect("every result is on disk and verified");
+    assert_eq!(std::fs::read(dir.path().join("000002.png")).unwrap(), results[&2]);
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(seen.list_since.len(), 6, "two passes of three pages");
+    assert_eq!(seen.downloads.iter().filter(|&&i| i == 2).count(), farm::results::ATTEMPTS as usize + 1);
 }
 
 #[tokio::test]
