@@ -203,6 +203,11 @@ fn rgb8_conversion_clamps_truncates_and_interleaves() {
     let rgb = vae::to_rgb8(&img);
     // Truncated as the reference's `mul(255).byte()`: 0 -> 127.5 -> 127; 0.5 -> 191.25 -> 191.
     assert_eq!(rgb, vec![vec![0, 0, 255, 127, 0, 255, 191, 0, 255, 255, 0, 255]]);
+    // A bf16 image is shifted in bf16, as the reference's autocast decode is: 1 - 2^-8 plus 1 rounds
+    // to 2 (white), where f32 arithmetic gives 0.998 -> 254.
+    let x = Tensor::full([1, 3, 1, 1], 1.0 - 2f64.powi(-8), (Kind::Float, Device::Cpu));
+    assert_eq!(vae::to_rgb8(&x), vec![vec![254; 3]]);
+    assert_eq!(vae::to_rgb8(&x.to_kind(Kind::BFloat16)), vec![vec![255; 3]]);
 }
 
 /// Writes the golden decoder weights under BFL names (with 1×1-conv attention weights) using the

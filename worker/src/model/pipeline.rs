@@ -4,8 +4,10 @@
 //!
 //! 1. **Text.** Each prompt and negative prompt is checked with `farm_proto::prompt::parse_prompt`
 //!    (the trimmed text is what the encoders see). Gemma gets the training system prompt for the
-//!    prompt's kind (XML or plain) followed by the prompt; Jina gets the prompt alone. An empty text
-//!    (the usual negative) goes to both encoders as `""`, without a system prompt (spec §7.2, §7.3).
+//!    prompt's kind (XML or plain) followed by the prompt; Jina gets the prompt alone. A non-empty
+//!    negative prompt gets its positive prompt's system prompt, as the reference prepends one system
+//!    prompt to both. An empty text (the usual negative) goes to both encoders as `""`, without a
+//!    system prompt (spec §7.2, §7.3).
 //!    A prompt the parser rejects for anything but emptiness is still rendered verbatim, the system
 //!    prompt chosen by `looks_like_xml` (the coordinator validates prompts; the worker stays lenient).
 //! 2. **Encode, cached.** Every encoder input is looked up in an LRU cache keyed by
@@ -434,18 +436,35 @@ struct EncoderTexts {
     pooled: String,
 }
 
-/// Builds the encoder inputs of a prompt (see the module docs).
-fn encoder_texts(prompt: &str) -> EncoderTexts {
+/// A prompt's text as the encoders see it and the system prompt of its kind; `None` when it is empty.
+fn prompt_text(prompt: &str) -> Option<(String, &'static str)> {
     let limits = PromptLimits { max_bytes: usize::MAX, max_depth: usize::MAX, max_characters: usize::MAX };
     match parse_prompt(prompt, &limits) {
-        Ok(p) => EncoderTexts { caption: p.gemma_text(), pooled: p.text },
-        Err(d) if d.code == codes::EMPTY => EncoderTexts { caption: String::new(), pooled: String::new() },
+        Ok(p) => Some((p.text.clone(), p.system_prompt())),
+        Err(d) if d.code == codes::EMPTY => None,
         Err(_) => {
             let text = prompt.trim().to_string();
             let system = if looks_like_xml(&text) { XML_SYSTEM_PROMPT } else { TEXT_SYSTEM_PROMPT };
-            EncoderTexts { caption: format!("{system}{text}"), pooled: text }
+            Some((text, system))
         }
     }
+}
+
+fn texts_with(text: Option<(String, &'static str)>, system: Option<&'static str>) -> EncoderTexts {
+    match text {
+        None => EncoderTexts { caption: String::new(), pooled: String::new() },
+        Some((text, own)) => EncoderTexts { caption: format!("{}{text}", system.unwrap_or(own)), pooled: text },
+    }
+}
+
+/// Builds the encoder inputs of a prompt (see the module docs).
+fn encoder_texts(prompt: &str) -> EncoderTexts {
+    texts_with(prompt_text(prompt), None)
+}
+
+/// Builds the encoder inputs of a negative prompt: the system prompt is its positive prompt's.
+fn negative_texts(negative: &str, positive: &str) -> EncoderTexts {
+    texts_with(prompt_text(negative), prompt_text(positive).map(|(_, system)| system))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -934,7 +953,7 @@ impl Pipeline {
     ) -> Result<Vec<Option<RgbImage>>, PipelineError> {
         // 1-2. Text.
         let conds: Vec<EncoderTexts> = reqs.iter().map(|r| encoder_texts(&r.prompt)).collect();
-        let unconds: Vec<EncoderTexts> = reqs.iter().map(|r| encoder_texts(&r.negative_prompt)).collect();
+        let unconds: Vec<EncoderTexts> = reqs.iter().map(|r| negative_texts(&r.negative_prompt, &r.prompt)).collect();
         let encoded = self.encode(conds.iter().chain(unconds.iter()))?;
         let conditioning = |t: &EncoderTexts| -> Conditioning {
             // In the caption encoder's dtype: the DiT normalises them before its own cast.
@@ -993,7 +1012,7 @@ impl Pipeline {
         let mut start = 0;
         while start < count {
             let len = VAE_CHUNK.min(count - start);
-            let img = self.vae.decode_latents(&z.narrow(0, start, len));
+            let img = self.vae.decode_latents_in_dtype(&z.narrow(0, start, len));
             images.extend(to_rgb8(&img));
             start += len;
         }
@@ -1161,6 +1180,13 @@ mod tests {
         let broken = encoder_texts("<a>unclosed");
         assert!(broken.caption.starts_with(XML_SYSTEM_PROMPT));
         assert_eq!(broken.pooled, "<a>unclosed");
+        // A negative takes its positive's system prompt; an empty one stays empty.
+        let neg = negative_texts("lowres, bad hands", "<character_1><n>x</n></character_1>");
+        assert_eq!(neg.caption, format!("{XML_SYSTEM_PROMPT}lowres, bad hands"));
+        assert_eq!(neg.pooled, "lowres, bad hands");
+        let neg = negative_texts("<style>sketch</style>", "1girl, solo");
+        assert_eq!(neg.caption, format!("{TEXT_SYSTEM_PROMPT}<style>sketch</style>"));
+        assert_eq!(negative_texts("  ", "1girl"), EncoderTexts { caption: String::new(), pooled: String::new() });
     }
 
     #[test]

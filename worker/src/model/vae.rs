@@ -306,11 +306,19 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_f32(x).to_kind(x.kind())
+    }
+
+    /// `SiLU(norm(x))` with both in f32, rounded once to `x`'s dtype: under the reference's autocast
+    /// the norm's output stays f32 and the SiLU runs on it before the next conv casts.
+    fn forward_silu(&self, x: &Tensor) -> Tensor {
+        self.forward_f32(x).silu().to_kind(x.kind())
+    }
+
+    fn forward_f32(&self, x: &Tensor) -> Tensor {
         let w = self.weight.to_kind(Kind::Float);
         let b = self.bias.to_kind(Kind::Float);
-        x.to_kind(Kind::Float)
-            .group_norm(self.num_groups, Some(&w), Some(&b), VAE_NORM_EPS, true)
-            .to_kind(x.kind())
+        x.to_kind(Kind::Float).group_norm(self.num_groups, Some(&w), Some(&b), VAE_NORM_EPS, true)
     }
 }
 
@@ -346,8 +354,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        let h = self.conv1.forward(&self.norm1.forward_silu(x));
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h));
         match &self.conv_shortcut {
             Some(sc) => sc.forward(x) + h,
             None => x + h,
@@ -494,7 +502,7 @@ impl Decoder {
             h = block.forward(&h);
             inspect(&format!("up_blocks.{i}"), &h);
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h))
     }
 }
 
@@ -635,7 +643,13 @@ impl VaeDecoder {
     /// NewBie's decode: `vae.decode(z / scaling_factor + shift_factor)` for a sampled DiT latent
     /// `z` [B, 16, h, w]; returns the image [B, 3, 8h, 8w] in f32, roughly in [-1, 1].
     pub fn decode_latents(&self, z: &Tensor) -> Tensor {
-        self.decode(&self.unnormalize_latents(z)).to_kind(Kind::Float)
+        self.decode_latents_in_dtype(z).to_kind(Kind::Float)
+    }
+
+    /// [`Self::decode_latents`] in the decoder's dtype, the input [`to_rgb8`] rounds like the
+    /// reference does.
+    pub fn decode_latents_in_dtype(&self, z: &Tensor) -> Tensor {
+        self.decode(&self.unnormalize_latents(z))
     }
 }
 
@@ -736,13 +750,14 @@ fn from_bfl_names(raw: BTreeMap<String, Tensor>, cfg: &VaeConfig) -> BTreeMap<St
 }
 
 /// Converts images [B, 3, H, W] in [-1, 1] to interleaved RGB bytes (one `Vec` of H·W·3 bytes per
-/// image, rows top to bottom): `trunc(clamp((x + 1) / 2, 0, 1) · 255)` in f32, as the official demo
-/// converts its decode (`to_pil_image` of a float tensor is `mul(255).byte()`), so the bytes equal
-/// the reference's for the same decoded image.
+/// image, rows top to bottom): `clamp((x + 1) / 2, 0, 1)` in the image's dtype (a bf16 decode's sum
+/// is rounded to bf16, as under the reference's autocast), then `trunc(· 255)` in f32, as the
+/// official demo converts its decode (`to_pil_image` of a float tensor is `mul(255).byte()`), so the
+/// bytes equal the reference's for the same decoded image.
 pub fn to_rgb8(image: &Tensor) -> Vec<Vec<u8>> {
     tch::no_grad(|| {
-        let x = image.to_device(Device::Cpu).to_kind(Kind::Float);
-        let x = ((x + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
+        let x = image.to_device(Device::Cpu);
+        let x = ((x + 1.0) / 2.0).clamp(0.0, 1.0).to_kind(Kind::Float) * 255.0;
         let bytes = x.trunc().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous();
         let b = bytes.size()[0];
         (0..b)
