@@ -316,6 +316,10 @@ def check_compose(docs):
         check("cpu" in cpu.get("profiles", []), w, "worker-cpu must be in the cpu profile")
         check("--model tiny" in cmd and "--device cpu" in cmd, w, "worker-cpu must run --model tiny --device cpu")
         check("deploy" not in cpu, w, "worker-cpu must not reserve a GPU")
+        # The tiny model refuses a model directory, and the shared worker settings and the image set one.
+        entry = " ".join(cpu.get("entrypoint", []))
+        check("-u FARM_MODEL_DIR" in entry and entry.endswith("farm-worker"), w,
+              "worker-cpu must start farm-worker without FARM_MODEL_DIR (env -u FARM_MODEL_DIR)")
     check("objects" in (c.get("volumes") or {}), w, "named volume objects missing")
     for name, s in services.items():
         image = s.get("image", "")

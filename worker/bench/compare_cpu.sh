@@ -3,7 +3,7 @@
 # (worker/bench/pytorch_dit.py), same weights, same inputs, same thread count; prints both and the
 # ratio, and the largest difference between the two outputs.
 #
-#   source .farm-env.sh && worker/bench/compare_cpu.sh [LATENT_SIDE_PX] [ITERS]
+#   eval "$(cargo xtask env)" && worker/bench/compare_cpu.sh [LATENT_SIDE_PX] [ITERS]
 #
 # Default image 512x512 px -> 64x64 latent -> 1024 image tokens, batch of 2 rows (a 32-token
 # caption and a 16-token one, UNCOND=32 for equal lengths), fp32, as many threads as cores.

@@ -2,7 +2,7 @@
 # GPU benchmark of the Next-DiT at NewBie-image-Exp0.1 size, on a CUDA machine whose python3 has
 # PyTorch 2.11 (CUDA build): newbie-bench links against that torch's libtorch at run time.
 #
-#   cargo build -p farm-worker --bin newbie-bench --release     # here, with .farm-env.sh sourced
+#   cargo build -p farm-worker --bin newbie-bench --release     # here, after eval "$(cargo xtask env)"
 #   worker/bench/gpu_bench.sh [OUTDIR]                          # there
 #
 # Runs, each printing one JSON object, most important first: the block-kernel and attention-backend

@@ -156,8 +156,13 @@ fn verify_device(device: &str, precision: PrecisionArg) -> anyhow::Result<tch::D
 
 fn verify_command() -> anyhow::Result<()> {
     let v = VerifyArgs::parse_from(std::env::args().skip(1));
-    farm_worker::model::sdpa::prefer(v.attention_backend).map_err(anyhow::Error::msg)?;
-    let device = verify_device(&v.device, v.precision)?;
+    // Bad arguments exit 2, like clap's own refusals; 1 means a check failed.
+    let usage = |e: String| -> ! {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    };
+    farm_worker::model::sdpa::prefer(v.attention_backend).unwrap_or_else(|e| usage(e));
+    let device = verify_device(&v.device, v.precision).unwrap_or_else(|e| usage(e.to_string()));
     let report = match farm_worker::verify::verify_dir(&v.goldens, device, precision_kind(v.precision)) {
         Ok(r) => r,
         Err(e) => {

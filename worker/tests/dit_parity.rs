@@ -2,7 +2,7 @@
 //! `tests/fixtures/goldens` (generated from the official implementation, fp32 on CPU).
 //!
 //! Every size is read from `dit.json` and the tensors themselves, so the same tests run unchanged on
-//! another golden set: point `NEWBIE_GOLDENS_DIR` at a folder with the same file names.
+//! another golden set: point `FARM_GOLDENS_DIR` at a folder with the same file names.
 //!
 //! fp32 tolerance (goldens README): `|a - b| <= 1e-4 + 1e-4 * |b|` on valid rows; integer tensors exact.
 
@@ -15,7 +15,7 @@ use farm_worker::model::sampler::{self, Conditioning, SampleParams, SamplerKind,
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 fn goldens_dir() -> PathBuf {
-    std::env::var_os("NEWBIE_GOLDENS_DIR")
+    std::env::var_os("FARM_GOLDENS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens"))
 }

@@ -12,7 +12,7 @@ usage: cargo xtask <command>
   env               print the build/run environment as shell exports (eval \"$(cargo xtask env)\")
   build             setup, then cargo build --workspace --bins
   demo [--stay] [--no-build]
-                    build, start a throwaway farm on loopback, render examples/prompts.xml into ./out
+                    build, start a throwaway farm on loopback, render examples/prompts.xml into ./out/demo
   test [ARGS...]    setup, start PostgreSQL and Redis, cargo test --workspace --no-fail-fast ARGS,
                     then the extra checks in .ci/checks/ and deploy-check
   deploy-check      offline checks of deploy/ (YAML, Kubernetes schemas, compose, Dockerfiles, systemd)

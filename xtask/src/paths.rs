@@ -50,7 +50,7 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// The golden tensors the worker's parity tests read (exported to tests as `FARM_GOLDENS`).
+/// The golden tensors the worker's parity tests read (exported to tests as `FARM_GOLDENS_DIR`).
 pub fn goldens_dir() -> PathBuf {
     repo_root().join("worker/tests/fixtures/goldens")
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask demo [--stay]`: a throwaway farm on loopback renders `examples/prompts.xml` with the
-//! tiny model on CPU and downloads the PNGs into `./out`.
+//! tiny model on CPU and downloads the PNGs into `./out/demo` (emptied first; nothing else under
+//! `./out` is touched).
 //!
 //! PostgreSQL and Redis in temporary directories, one coordinator, one CPU worker, then the CLI:
 //! `farm submit --wait --json` (progress on stderr, the job as JSON on stdout) and `farm results`.
@@ -155,12 +156,12 @@ impl Demo {
             .with_context(|| format!("no \"job_id\" in the output of farm submit --json: {submitted:?}"))?;
         println!("xtask demo: job {job_id} finished");
 
-        let out = paths::repo_root().join("out");
+        let out = paths::repo_root().join("out").join("demo");
         if out.exists() {
             fs::remove_dir_all(&out).with_context(|| format!("clear {}", out.display()))?;
         }
         self.run_watched(
-            cli(&["results", &job_id, "-o", "./out"]),
+            cli(&["results", &job_id, "-o", "./out/demo"]),
             Duration::from_secs(600),
         )?;
         let mut pngs = Vec::new();

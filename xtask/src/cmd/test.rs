@@ -38,7 +38,7 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
     let test_env: Vec<(&str, OsString)> = vec![
         ("DATABASE_URL", pg.url().into()),
         ("REDIS_URL", redis.url().into()),
-        ("FARM_GOLDENS", paths::goldens_dir().into()),
+        ("FARM_GOLDENS_DIR", paths::goldens_dir().into()),
         // The binaries were just built: the harness need not run cargo build itself.
         ("FARM_BINS_BUILT", "1".into()),
     ];
