@@ -17,7 +17,7 @@
 //! * result: `job_id`, `index`, `size_bytes`, `sha256`, `content_type`, `created_at_ms`, `worker_id`.
 //! * worker: `worker_id`, `name`, `connected`, `device`, `device_name`, `vram_total_bytes`,
 //!   `vram_free_bytes`, `model_name`, `model_hash`, `precision`, `max_batch`, `max_pixels`, `version`,
-//!   `verified`, `verified_at_ms` (null when never verified), `attention_backend`, `connected_at_ms`, `last_heartbeat_ms`, `current_tasks` [{`job_id`,
+//!   `verified`, `verified_at_ms` (0 when never verified), `attention_backend`, `connected_at_ms`, `last_heartbeat_ms`, `current_tasks` [{`job_id`,
 //!   `index`, `task_id`}], `images_per_second`, `completed`, `failed`, `coordinator`.
 //! * prompt issue: `index`, `source`, `source_line`, `line`, `column`, `code`, `message`.
 
@@ -184,7 +184,7 @@ pub fn worker_json(w: &WorkerInfo) -> Value {
         "device": c.device, "device_name": c.device_name, "vram_total_bytes": c.vram_total_bytes,
         "vram_free_bytes": c.vram_free_bytes, "model_name": c.model_name, "model_hash": c.model_hash,
         "precision": precision_name(c.precision), "max_batch": c.max_batch, "max_pixels": c.max_pixels,
-        "version": c.version, "verified": c.verified, "verified_at_ms": time_or_null(c.verified_at_ms),
+        "version": c.version, "verified": c.verified, "verified_at_ms": c.verified_at_ms,
         "attention_backend": c.attention_backend,
         "connected_at_ms": w.connected_at_ms, "last_heartbeat_ms": w.last_heartbeat_ms,
         "current_tasks": w.current_tasks.iter()

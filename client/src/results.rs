@@ -11,7 +11,9 @@
 //!   ListResults only for results committed after `since_ms - 60 s` (the overlap covers commit order
 //!   and clock skew; re-listed files are skipped by their SHA-256). The file is only advanced by a run
 //!   without failures.
-//! * `--follow` repeats the pass every few seconds until the job is final and a pass finds nothing new.
+//! * `--follow` repeats the pass every few seconds until a pass that started after the job was over;
+//!   results settled earlier in the run are not counted again, and a failure that a later pass
+//!   recovers is not reported.
 //! * A directory belongs to one job: `DIR/.farm-job` names it, and a run for another job is refused
 //!   (unless `--force`), so one job's `000017.png` never replaces another's. One run at a time holds
 //!   `DIR/.farm-lock`; a second run into the same directory is refused while the first runs.

@@ -78,21 +78,24 @@ async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
         }
     }
     job.progress = if total_steps > 0 { (done_steps as f64 / total_steps as f64).min(1.0) } else { 0.0 };
-    let recent: (i64,) = sqlx::query_as(
-        "select count(*)::bigint from tasks
-         where job_id = $1 and state = 3 and result_at > now() - interval '60 seconds'",
+    // Results of the last minute over the time they were rendered in: the minute, or since the job
+    // started (or was last retried) when that is later; results from before a retry do not count,
+    // and a job no worker has taken a task of since (started_at null) renders nothing now.
+    // (Measuring from the oldest result of the window would leave out the time spent rendering it:
+    // a first image read as 1 image/s.) Both ends come from the database's clock.
+    let recent: (i64, f64) = sqlx::query_as(
+        "with w as (select greatest(now() - interval '60 seconds', coalesce(started_at, now())) as since
+                    from jobs where id = $1)
+         select (select count(*)::bigint from tasks
+                 where job_id = $1 and state = 3 and result_at > (select since from w)),
+                extract(epoch from now() - (select since from w))::float8",
     )
     .bind(job_id)
     .fetch_one(pool)
     .await?;
     let remaining = (c.queued + c.running) as f64;
     if recent.0 > 0 {
-        // Results of the last minute over the time they were rendered in: the minute, or less when
-        // the job started (or was retried) within it. (Measuring from the oldest result of the
-        // window would leave out the time spent rendering it: a first image read as 1 image/s.)
-        let since = |t: DateTime<Utc>| (Utc::now() - t).num_milliseconds() as f64 / 1000.0;
-        let window = row.get::<Option<DateTime<Utc>>, _>("started_at").map_or(60.0, since);
-        job.images_per_second = recent.0 as f64 / window.clamp(1.0, 60.0);
+        job.images_per_second = recent.0 as f64 / recent.1.clamp(1.0, 60.0);
         job.eta_seconds = remaining / job.images_per_second;
     } else {
         job.eta_seconds = if remaining == 0.0 { 0.0 } else { -1.0 };

@@ -1465,6 +1465,26 @@ async fn a_running_jobs_rate_counts_the_time_since_it_started() {
     sqlx::query("update jobs set started_at = now() - interval '10 minutes' where id = $1").bind(job).execute(&pool).await.unwrap();
     let j = get().await;
     assert!((j.images_per_second - 1.0 / 60.0).abs() < 0.001, "images/s {}", j.images_per_second);
+    // A retry starts the measurement again: the result from before it no longer counts.
+    session.credits(1).await;
+    let b = session.next_assign(Duration::from_secs(10)).await;
+    session.failed(b.tasks[0].lease.as_ref().unwrap(), "render", false).await;
+    wait_for("the task to fail", Duration::from_secs(10), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 4", job).await == 1
+    })
+    .await;
+    jobs(&ch)
+        .retry_job(authed(&client, RetryJobRequest { job_id: job.to_string(), include_cancelled: false }))
+        .await
+        .unwrap();
+    let j = get().await;
+    assert_eq!(j.started_at_ms, 0, "a retry clears the start");
+    assert_eq!((j.images_per_second, j.eta_seconds), (0.0, -1.0), "nothing rendered since the retry");
+    session.credits(1).await;
+    session.next_assign(Duration::from_secs(10)).await;
+    let j = get().await;
+    assert!(j.started_at_ms > after.started_at_ms, "the first claim after the retry starts it again");
+    assert_eq!(j.images_per_second, 0.0, "the result from before the retry does not count");
 }
 
 /// A worker that failed two tasks of a job gets no more of that job while another connected worker
