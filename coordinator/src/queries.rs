@@ -394,7 +394,8 @@ pub const RECENT_ATTEMPTS_SCANNED: i64 = 200_000;
 pub async fn list_workers(pool: &PgPool, tenant: &str, include_disconnected: bool) -> Result<Vec<WorkerInfo>> {
     let rows = sqlx::query(
         "select w.id, w.name, w.capabilities::text as caps, w.connected_at, w.last_heartbeat, w.disconnected_at,
-                w.completed, w.failed, w.coordinator
+                w.completed, w.failed, w.coordinator,
+                extract(epoch from least(interval '60 seconds', now() - w.connected_at))::float8 as rate_window_s
          from workers w
          where $1 or w.disconnected_at is null
          order by w.name, w.connected_at desc
@@ -443,7 +444,9 @@ pub async fn list_workers(pool: &PgPool, tenant: &str, include_disconnected: boo
             connected_at_ms: ms(Some(r.get("connected_at"))),
             last_heartbeat_ms: ms(Some(r.get("last_heartbeat"))),
             current_tasks: current.remove(&id).unwrap_or_default(),
-            images_per_second: recent.get(&id).copied().unwrap_or(0) as f64 / 60.0,
+            // Over the last minute, or over the session when it is younger.
+            images_per_second: recent.get(&id).copied().unwrap_or(0) as f64
+                / r.get::<f64, _>("rate_window_s").clamp(1.0, 60.0),
             completed: r.get::<i64, _>("completed") as u64,
             failed: r.get::<i64, _>("failed") as u64,
             coordinator: r.get("coordinator"),

@@ -1454,6 +1454,14 @@ async fn a_running_jobs_rate_counts_the_time_since_it_started() {
     upload_ok(&ch, &worker, a.tasks[0].lease.as_ref().unwrap(), b"\x89PNG\r\n\x1a\nrated").await;
     let after = get().await;
     assert!(after.started_at_ms >= after.created_at_ms, "started at the first claim: {after:?}");
+    // The worker's rate likewise counts from its session's start: connected 20 s ago, one image.
+    sqlx::query("update workers set connected_at = now() - interval '20 seconds' where name = 'rater'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let listed = jobs(&ch).list_workers(authed(&client, ListWorkersRequest::default())).await.unwrap().into_inner();
+    let rater = listed.workers.iter().find(|w| w.name == "rater").expect("the worker is listed");
+    assert!((rater.images_per_second - 1.0 / 20.0).abs() < 0.003, "worker images/s {}", rater.images_per_second);
     // The job started 30 s ago and has one result: 1/30 images/s and 3 images to go, not 1 image/s
     // (its one result is a second old at most).
     sqlx::query("update jobs set started_at = now() - interval '30 seconds' where id = $1").bind(job).execute(&pool).await.unwrap();
