@@ -79,13 +79,13 @@ async fn job_status(pool: &PgPool, row: &sqlx::postgres::PgRow) -> Result<Job> {
     }
     job.progress = if total_steps > 0 { (done_steps as f64 / total_steps as f64).min(1.0) } else { 0.0 };
     // Results of the last minute over the time they were rendered in: the minute, or since the job
-    // started (or was last retried) when that is later; results from before a retry do not count,
-    // and a job no worker has taken a task of since (started_at null) renders nothing now.
+    // started (or was last retried) when that is later, so results from before a retry do not count
+    // once a worker has taken a task again. Without a start (a retried job not claimed since, or a
+    // first claim that found the job row locked), the last minute.
     // (Measuring from the oldest result of the window would leave out the time spent rendering it:
     // a first image read as 1 image/s.) Both ends come from the database's clock.
     let recent: (i64, f64) = sqlx::query_as(
-        "with w as (select greatest(now() - interval '60 seconds', coalesce(started_at, now())) as since
-                    from jobs where id = $1)
+        "with w as (select greatest(now() - interval '60 seconds', started_at) as since from jobs where id = $1)
          select (select count(*)::bigint from tasks
                  where job_id = $1 and state = 3 and result_at > (select since from w)),
                 extract(epoch from now() - (select since from w))::float8",
