@@ -63,11 +63,9 @@ enum WatchMode {
     Resume,
     /// Every stream ends at once without an event while GetJob keeps answering "running".
     EndsAtOnce,
-    /// The stream stays open and silent; GetJob answers "succeeded" from its second call on.
-    SilentWhileFinal,
-    /// GetJob answers "running" to its first two calls and "succeeded" from the third on (a
-    /// `results --follow` run: the existence check, a pass while running, a pass after the end).
-    FinalAtThirdCall,
+    /// The stream stays open and silent; GetJob answers "running" before its n-th call and
+    /// "succeeded" from that call on.
+    SilentFinalFromCall(usize),
 }
 
 fn check_auth<T>(req: &Request<T>) -> Result<(), Status> {
@@ -193,8 +191,7 @@ impl JobService for Fake {
                 // Final once the watcher resumed after the simulated disconnect.
                 WatchMode::Resume => s.watch_calls.len() >= 2,
                 WatchMode::EndsAtOnce => false,
-                WatchMode::SilentWhileFinal => s.get_job_calls >= 2,
-                WatchMode::FinalAtThirdCall => s.get_job_calls >= 3,
+                WatchMode::SilentFinalFromCall(n) => s.get_job_calls >= n,
             }
         };
         Ok(Response::new(if final_now {
@@ -228,9 +225,7 @@ impl JobService for Fake {
         match self.watch_mode {
             WatchMode::Resume => {}
             WatchMode::EndsAtOnce => return Ok(Response::new(Box::pin(futures::stream::empty()))),
-            WatchMode::SilentWhileFinal | WatchMode::FinalAtThirdCall => {
-                return Ok(Response::new(Box::pin(futures::stream::pending())))
-            }
+            WatchMode::SilentFinalFromCall(_) => return Ok(Response::new(Box::pin(futures::stream::pending()))),
         }
         let ev = |seq: u64, e: job_event::Event| {
             Ok(JobEvent {
@@ -625,7 +620,7 @@ async fn watch_backs_off_when_streams_keep_ending_while_get_job_answers() {
 
 #[tokio::test]
 async fn watch_ends_when_get_job_shows_the_final_state_on_a_silent_stream() {
-    let fake = Fake { watch_mode: WatchMode::SilentWhileFinal, ..Default::default() };
+    let fake = Fake { watch_mode: WatchMode::SilentFinalFromCall(2), ..Default::default() };
     let c = connected(&fake).await;
     // The closing event was lost: the stream stays open, but the periodic GetJob (every 3 s
     // without events) sees the final state.
@@ -746,7 +741,8 @@ async fn corrupted_download_leaves_no_file() {
 #[tokio::test]
 async fn follow_counts_each_result_once_and_forgets_a_recovered_failure() {
     let (mut fake, results) = fake_with_results();
-    fake.watch_mode = WatchMode::FinalAtThirdCall; // the first pass while running, the second after
+    // GetJob calls: the existence check, a pass while running, a pass after the end.
+    fake.watch_mode = WatchMode::SilentFinalFromCall(3);
     fake.flaky = Arc::new(vec![2]);
     fake.flaky_times = farm::results::ATTEMPTS as usize; // every try of the first pass
     let c = connected(&fake).await;
