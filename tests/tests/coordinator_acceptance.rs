@@ -1545,19 +1545,33 @@ async fn a_failing_worker_is_excluded_only_while_another_can_take_the_job() {
     assert_eq!(failures, 3, "the failed task used its three attempts");
 }
 
+/// Submits a job of `n` prompts (2 steps, 2 attempts per task) for `tenant`, prompt `marked`
+/// carrying the synthetic renderer's `marker`; returns the job and a worker token of the tenant.
+async fn submit_with_marker(
+    coord: &Coordinator,
+    ch: &Channel,
+    tenant: &str,
+    name: &str,
+    n: usize,
+    marked: usize,
+    marker: &str,
+) -> (Uuid, String) {
+    let client = coord.token(tenant, "client").unwrap();
+    let worker_token = coord.token(tenant, "worker").unwrap();
+    let mut ps = prompts(n);
+    ps[marked].text.push_str(&format!(", {marker}"));
+    let mut h = header(name, 2);
+    h.max_attempts = 2;
+    (submit_ok(ch, &client, h, ps).await, worker_token)
+}
+
 /// One prompt whose render fails (the synthetic renderer's NaN marker; on the model, a latent that
 /// turns NaN) does not fail the prompts batched with it: a worker renders a failed batch again one
 /// task at a time, so only the failing task is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_prompt_does_not_fail_its_batchmates() {
     let Farm { coord, pool, ch, .. } = Farm::start("acc_failing_prompt", &[]).await;
-    let client = coord.token("erin", "client").unwrap();
-    let worker_token = coord.token("erin", "worker").unwrap();
-    let mut ps = prompts(4);
-    ps[2].text.push_str(", [synthetic:nan]");
-    let mut h = header("one failing prompt", 2);
-    h.max_attempts = 2;
-    let job = submit_ok(&ch, &client, h, ps).await;
+    let (job, worker_token) = submit_with_marker(&coord, &ch, "erin", "one failing prompt", 4, 2, "[synthetic:nan]").await;
     let _worker = synthetic_worker(&coord.url(), &worker_token, "batcher", 5, 4);
     wait_job_finished(&pool, job, Duration::from_secs(60)).await;
     let rows: Vec<(i64, i16, i32)> =
@@ -1577,13 +1591,7 @@ async fn one_failing_prompt_does_not_fail_its_batchmates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_render_is_charged_and_its_worker_exits() {
     let Farm { coord, pool, ch, .. } = Farm::start("acc_stall", &[]).await;
-    let client = coord.token("hana", "client").unwrap();
-    let worker_token = coord.token("hana", "worker").unwrap();
-    let mut ps = prompts(3);
-    ps[0].text.push_str(", [synthetic:hang]");
-    let mut h = header("one hanging prompt", 2);
-    h.max_attempts = 2;
-    let job = submit_ok(&ch, &client, h, ps).await;
+    let (job, worker_token) = submit_with_marker(&coord, &ch, "hana", "one hanging prompt", 3, 0, "[synthetic:hang]").await;
     let task_row = |idx: i64| {
         let pool = pool.clone();
         async move {
