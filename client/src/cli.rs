@@ -124,13 +124,14 @@ pub struct SubmitArgs {
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
     /// Image width in pixels for prompts that do not set one (multiple of 16) [server default: 1024]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub width: Option<u32>,
     /// Image height in pixels for prompts that do not set one (multiple of 16) [server default: 1024]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub height: Option<u32>,
     /// Denoising steps, 1..=200 [server default: 28]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32)
+        .range(farm_proto::limits::MIN_STEPS as i64..=farm_proto::limits::MAX_STEPS as i64))]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale, 0..=30; 1 = the conditional prediction, 0 = the unconditional
     /// one [server default: 5]
@@ -143,8 +144,8 @@ pub struct SubmitArgs {
     /// Cap the guided velocity's norm at RENORM times the conditional one; 0 = off [default: 0]
     #[arg(long, value_name = "RENORM")]
     pub renorm: Option<f32>,
-    /// Time shift of the sampling schedule [server default: 6]
-    #[arg(long)]
+    /// Time shift of the sampling schedule, in (0, 100] [server default: 6]
+    #[arg(long, value_parser = positive_shift)]
     pub shift: Option<f32>,
     /// ODE sampler [server default: euler]
     #[arg(long, value_enum)]
@@ -274,6 +275,16 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// `--shift`: a time shift in (0, 100] (0 is not "the default": it would divide the schedule by zero).
+fn positive_shift(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v > 0.0 && v <= 100.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 100]"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +297,24 @@ mod tests {
     #[test]
     fn command_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn zero_sizes_steps_and_shift_are_refused_not_taken_as_unset() {
+        for (flag, value) in [
+            ("--width", "0"),
+            ("--height", "0"),
+            ("--steps", "0"),
+            ("--steps", "201"),
+            ("--shift", "0"),
+            ("--shift", "-1"),
+            ("--shift", "nan"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let e = parse(&["submit", "a.txt", &arg]).expect_err(flag);
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
+        }
+        assert!(parse(&["submit", "a.txt", "--steps", "1", "--shift", "0.5", "--width", "16"]).is_ok());
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! prompt with [`farm_proto::prompt::parse_prompt`] and the render limits, assigns seeds, and hands
 //! [`PromptChunk`]s to the gRPC call through a bounded channel, so memory stays flat whatever the batch
 //! size. The request stream only ends cleanly when the reader says the input is complete. When the
-//! reader finds an invalid prompt it raises the abort signal; the call is then dropped mid-stream (the
-//! HTTP/2 stream is reset, never finished), so the coordinator, which stores a job only when the stream
-//! ends normally, stores nothing.
+//! reader finds an invalid prompt it raises the abort signal; the request stream then yields the abort
+//! marker (see [`SubmitCodec`]), which fails to encode and resets the HTTP/2 stream as an error, so the
+//! coordinator, which stores a job only when the stream ends normally, stores nothing.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -21,7 +21,7 @@ use farm_proto::pb::{
     submit_job_request, Precision, PromptChunk, PromptIssue, PromptSpec, RenderParams, Sampler, SubmitHeader,
     SubmitEnd, SubmitJobRequest, SubmitJobResponse,
 };
-use farm_proto::prompt::{check_characters, parse_prompt, PromptLimits};
+use farm_proto::prompt::{check_characters, parse_prompt, Diagnostic, PromptLimits};
 use futures::StreamExt;
 use indicatif::ProgressBar;
 use prost::Message;
@@ -218,6 +218,11 @@ pub struct SubmitOutcome {
     pub elapsed_secs: f64,
     /// Local checking stopped at `--max-errors`, so the error count is not the total.
     pub stopped_at_max_errors: bool,
+    /// Inputs whose reading stopped at a syntax error that breaks the file's structure: the rest of
+    /// each was not checked.
+    pub unread: Vec<String>,
+    /// An input that could not be read, after earlier inputs had invalid prompts (reported with them).
+    pub failure: Option<String>,
 }
 
 impl SubmitOutcome {
@@ -272,6 +277,8 @@ struct ProducerReport {
     empty: Option<String>,
     /// Checking stopped at `--max-errors`: the rest of the input was not read.
     stopped_at_max_errors: bool,
+    /// Inputs whose reading stopped at a fatal syntax error.
+    unread: Vec<String>,
 }
 
 impl Producer {
@@ -284,6 +291,7 @@ impl Producer {
             failure: None,
             empty: None,
             stopped_at_max_errors: false,
+            unread: Vec::new(),
         };
         let limits = PromptLimits::default();
         let defaults = limits::with_defaults(
@@ -338,11 +346,19 @@ impl Producer {
                 let bp = match item {
                     Ok(bp) => bp,
                     Err(e) => {
+                        if e.in_prompt {
+                            // An unreadable prompt record is still a prompt of the batch: the
+                            // ones after it keep their numbers.
+                            report.prompts += 1;
+                        }
+                        if e.fatal {
+                            report.unread.push(source.clone());
+                        }
                         report.errors.push(PromptIssue {
                             index,
                             line: e.line,
                             column: e.column,
-                            code: BATCH_SYNTAX.into(),
+                            code: if e.in_prompt { PROMPT_SYNTAX } else { BATCH_SYNTAX }.into(),
                             message: e.message.clone(),
                             source: source.clone(),
                             source_line: e.line,
@@ -363,7 +379,6 @@ impl Producer {
                     // Stop reading: the whole batch could never be one job.
                     report.errors.push(PromptIssue {
                         index,
-                        line: bp.line,
                         code: "too_many_prompts".into(),
                         message: format!(
                             "more than {max} prompts: a job holds at most {max} prompts; split the batch into several jobs",
@@ -480,8 +495,11 @@ impl Producer {
     }
 }
 
-/// Code of a batch-file syntax error (as opposed to a problem inside one prompt).
+/// Code of a syntax error in a batch file's own structure (outside any prompt record).
 pub const BATCH_SYNTAX: &str = "batch_syntax";
+/// Code of a prompt record the batch reader could not read (a bad attribute or JSON field, a
+/// mismatched tag inside `<prompt>`, an over-long line): its line and column are file positions.
+pub const PROMPT_SYNTAX: &str = "prompt_syntax";
 
 /// Checks one prompt: the prompt language, then its effective size, steps and guidance.
 fn validate(
@@ -503,8 +521,10 @@ fn validate(
     if let Err(d) = parse_prompt(&bp.text, limits) {
         return Some(issue(d.line, d.column, d.code, d.message));
     }
-    if let Some(Err(d)) = bp.negative_prompt.as_deref().map(check_characters) {
-        return Some(issue(d.line, d.column, d.code, format!("negative prompt: {}", d.message)));
+    if let Some(negative) = bp.negative_prompt.as_deref() {
+        if let Err(d) = check_negative(negative, limits) {
+            return Some(issue(d.line, d.column, d.code, d.message));
+        }
     }
     let width = bp.width.unwrap_or(defaults.width);
     let height = bp.height.unwrap_or(defaults.height);
@@ -521,10 +541,29 @@ fn validate(
     None
 }
 
-/// Checks the job-wide defaults before anything is read.
-pub fn check_defaults(header: &SubmitHeader) -> CliResult<()> {
+/// Checks a negative prompt as the coordinator does: its length, then its characters.
+fn check_negative(text: &str, limits: &PromptLimits) -> Result<(), Diagnostic> {
+    if text.len() > limits.max_bytes {
+        return Err(Diagnostic {
+            line: 0,
+            column: 0,
+            code: "too_large",
+            message: format!("negative prompt is {} bytes; the limit is {} bytes", text.len(), limits.max_bytes),
+        });
+    }
+    check_characters(text).map_err(|d| Diagnostic { message: format!("negative prompt: {}", d.message), ..d })
+}
+
+/// Checks the job-wide defaults and `--negative` before anything is read.
+pub fn check_defaults(opts: &SubmitOptions) -> CliResult<()> {
+    let header = &opts.header;
     let d = limits::with_defaults(header.defaults.as_ref().unwrap_or(&RenderParams::default()));
-    limits::check_params(&d).map_err(|e| CliError::invalid(format!("invalid job defaults: {e}")))
+    limits::check_params(&d).map_err(|e| CliError::invalid(format!("invalid job defaults: {e}")))?;
+    if let Some(negative) = opts.negative.as_deref() {
+        check_negative(negative, &PromptLimits::default())
+            .map_err(|d| CliError::invalid(format!("--negative: {}", d.message)))?;
+    }
+    Ok(())
 }
 
 /// Path of the SubmitJob method.
@@ -704,8 +743,11 @@ pub async fn submit_stream(
         .map_err(|e| CliError::failure(format!("reader thread failed: {e}")))?;
     progress.finish_and_clear();
     let elapsed_secs = started.elapsed().as_secs_f64();
-    if let Some(f) = report.failure {
-        return Err(CliError::failure(f));
+    // An unreadable input alone is a failure; after invalid prompts it is reported with them.
+    if let Some(f) = &report.failure {
+        if report.errors.is_empty() {
+            return Err(CliError::failure(f.clone()));
+        }
     }
     if let Some(names) = report.empty {
         return Err(CliError::invalid(format!("no prompts in {names}; nothing was submitted")));
@@ -717,6 +759,8 @@ pub async fn submit_stream(
         prompts: report.prompts,
         chunks: report.chunks,
         elapsed_secs,
+        unread: report.unread,
+        failure: report.failure,
     };
     match result {
         _ if !outcome.local_errors.is_empty() => {
@@ -736,7 +780,7 @@ pub async fn submit_stream(
 pub async fn run(service: Service, args: &SubmitArgs, ui: Ui) -> CliResult<Option<String>> {
     let inputs = expand_inputs(&args.files)?;
     let opts = SubmitOptions::from_args(args, &inputs, &mut rand::thread_rng());
-    check_defaults(&opts.header)?;
+    check_defaults(&opts)?;
     let total_bytes: Option<u64> = inputs
         .iter()
         .map(|i| match i {
@@ -768,6 +812,8 @@ pub fn outcome_json(outcome: &SubmitOutcome, opts: &SubmitOptions) -> serde_json
         "warnings": resp.warnings.iter().map(output::issue_json).collect::<Vec<_>>(),
         "errors": outcome.errors().iter().map(|i| output::issue_json(i)).collect::<Vec<_>>(),
         "stopped_at_max_errors": outcome.stopped_at_max_errors,
+        "unread": outcome.unread,
+        "failure": outcome.failure,
     })
 }
 
@@ -782,6 +828,12 @@ pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResul
         if !ui.json {
             for e in &errors {
                 eprintln!("error: {}", format_error(e));
+            }
+            for source in &outcome.unread {
+                eprintln!("note: reading {source} stopped at its syntax error; the rest of it was not checked");
+            }
+            if let Some(f) = &outcome.failure {
+                eprintln!("error: {f}");
             }
         }
         let origin = if outcome.local_errors.is_empty() {
@@ -802,7 +854,9 @@ pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResul
         if !ui.json {
             eprintln!("{msg}");
         }
-        return Err(CliError::reported(ErrorKind::InvalidInput, msg));
+        // An input that could not be read is a failure (exit 1) even next to invalid prompts.
+        let kind = if outcome.failure.is_some() { ErrorKind::Failure } else { ErrorKind::InvalidInput };
+        return Err(CliError::reported(kind, msg));
     }
     if ui.chatty() {
         const SHOWN: usize = 20;
@@ -838,13 +892,19 @@ pub fn report(outcome: &SubmitOutcome, opts: &SubmitOptions, ui: Ui) -> CliResul
     Ok(Some(resp.job_id))
 }
 
-/// A batch syntax error reads `FILE: line L, column C: MESSAGE`; prompt problems use
-/// [`output::format_issue`].
+/// A batch syntax error reads `FILE: line L, column C: MESSAGE`, and one inside a prompt record
+/// `FILE: line L, column C: prompt #INDEX: MESSAGE [prompt_syntax]` (file positions); prompt
+/// problems use [`output::format_issue`].
 pub fn format_error(i: &PromptIssue) -> String {
     if i.code == BATCH_SYNTAX {
         format!(
             "{}: line {}, column {}: {}",
             i.source, i.line, i.column, i.message
+        )
+    } else if i.code == PROMPT_SYNTAX {
+        format!(
+            "{}: line {}, column {}: prompt #{}: {} [{}]",
+            i.source, i.line, i.column, i.index, i.message, i.code
         )
     } else {
         output::format_issue(i)
@@ -998,9 +1058,39 @@ mod tests {
             }
         );
         assert_eq!(opts.negative.as_deref(), Some("ugly"));
-        assert!(check_defaults(&opts.header).is_ok());
-        let mut bad = opts.header.clone();
-        bad.defaults.as_mut().unwrap().width = 500;
+        assert!(check_defaults(&opts).is_ok());
+        let mut bad = opts.clone();
+        bad.header.defaults.as_mut().unwrap().width = 500;
         assert_eq!(check_defaults(&bad).unwrap_err().exit_code(), 3);
+        // `--negative` is checked as the coordinator checks every prompt's negative prompt.
+        for negative in ["a\u{7}b".to_string(), "x".repeat(16 * 1024 + 1)] {
+            let mut bad = opts.clone();
+            bad.negative = Some(negative);
+            let e = check_defaults(&bad).unwrap_err();
+            assert_eq!(e.exit_code(), 3);
+            assert!(e.to_string().contains("--negative"), "{e}");
+        }
+        let mut fine = opts.clone();
+        fine.negative = Some("x".repeat(16 * 1024));
+        assert!(check_defaults(&fine).is_ok());
+    }
+
+    #[test]
+    fn a_prompt_record_syntax_error_names_the_prompt() {
+        let i = PromptIssue {
+            index: 2,
+            line: 9,
+            column: 14,
+            code: PROMPT_SYNTAX.into(),
+            message: "closing tag </m> does not match <n> opened at line 9, column 5".into(),
+            source: "a.xml".into(),
+            source_line: 9,
+        };
+        assert_eq!(
+            format_error(&i),
+            "a.xml: line 9, column 14: prompt #2: closing tag </m> does not match <n> opened at line 9, column 5 [prompt_syntax]"
+        );
+        let structure = PromptIssue { code: BATCH_SYNTAX.into(), message: "no <batch> root element found".into(), ..i };
+        assert_eq!(format_error(&structure), "a.xml: line 9, column 14: no <batch> root element found");
     }
 }

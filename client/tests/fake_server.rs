@@ -911,11 +911,50 @@ async fn a_batch_over_the_prompt_limit_stops_at_the_limit() {
     assert_eq!((e.index, e.source_line, e.code.as_str()), (max, max as u32 + 1, "too_many_prompts"));
     assert!(e.message.contains(&format!("at most {max} prompts")), "{}", e.message);
     assert_eq!(out.prompts, max + 1, "reading stopped at the first prompt past the limit");
+    let line = submit::format_error(e);
+    assert!(line.contains(&format!("big.txt:{}: prompt #{max}: ", max + 1)) && !line.contains("column"), "{line}");
     assert_eq!(submit::report(&out, &opts, Ui::silent()).unwrap_err().exit_code(), exit::INVALID_INPUT);
     let seen = fake.seen.lock().unwrap();
     assert!(seen.completed.is_empty(), "nothing stored");
     let sent: usize = seen.chunks.iter().sum();
     assert!(sent as u64 <= max, "{sent} prompts sent");
+}
+
+/// In an XML batch, an unreadable prompt record names its prompt number (records after it keep
+/// theirs), a syntax error that stops the reading says the rest of the file was not checked, the
+/// next input is still checked, and an unreadable input is reported after the invalid prompts.
+#[tokio::test]
+async fn batch_syntax_errors_name_the_prompt_and_say_what_was_not_read() {
+    let fake = Fake::default();
+    let c = connected(&fake).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.xml");
+    std::fs::write(
+        &a,
+        "<batch>\n<prompt>1girl</prompt>\n<prompt size=\"2\">solo</prompt>\n<prompt><n>miku</m></prompt>\n<prompt>never read</prompt>\n</batch>\n",
+    )
+    .unwrap();
+    let b = dir.path().join("b.txt");
+    std::fs::write(&b, "1girl\n<character_1>unclosed\n").unwrap();
+    let gone = dir.path().join("gone.txt");
+    let opts = options(100);
+    let inputs = vec![Input::File(a), Input::File(b), Input::File(gone)];
+    let out = submit::submit_stream(c.service(), inputs, opts.clone(), indicatif::ProgressBar::hidden())
+        .await
+        .unwrap();
+    let got: Vec<(u64, &str, u32)> = out.local_errors.iter().map(|e| (e.index, e.code.as_str(), e.source_line)).collect();
+    assert_eq!(got, vec![(1, "prompt_syntax", 3), (2, "prompt_syntax", 4), (4, "xml_syntax", 2)]);
+    let lines: Vec<String> = out.local_errors.iter().map(submit::format_error).collect();
+    assert!(lines[1].contains("a.xml: line 4, column 16: prompt #2: closing tag </m> does not match <n>"), "{}", lines[1]);
+    assert_eq!(out.unread.len(), 1);
+    assert!(out.unread[0].ends_with("a.xml"), "{:?}", out.unread);
+    assert!(out.failure.as_deref().is_some_and(|f| f.contains("gone.txt")), "{:?}", out.failure);
+    let v = submit::outcome_json(&out, &opts);
+    assert_eq!(v["unread"].as_array().map(Vec::len), Some(1));
+    assert!(v["failure"].as_str().is_some_and(|f| f.contains("gone.txt")));
+    // The unreadable input makes it a failure, after the prompt errors were reported.
+    assert_eq!(submit::report(&out, &opts, Ui::silent()).unwrap_err().exit_code(), exit::FAILURE);
+    assert!(fake.seen.lock().unwrap().completed.is_empty(), "nothing stored");
 }
 
 #[tokio::test]

@@ -51,7 +51,9 @@
 //!
 //! After an error in one prompt (a bad attribute or field, an invalid prompt, stray text between
 //! prompts) the iterator goes on with the next one. After an error that breaks the file structure (XML
-//! syntax, mismatched tags, a record over the size limit in an XML file, an I/O error) it ends.
+//! syntax, mismatched tags, a record over the size limit in an XML file, an I/O error) it ends; such an
+//! error has [`BatchError::fatal`] set. [`BatchError::in_prompt`] tells an error inside one prompt
+//! record (the record still counts as a prompt of the batch) from one in the file's own structure.
 
 use std::io::{self, BufRead};
 use std::path::Path;
@@ -170,6 +172,12 @@ pub struct BatchError {
     pub line: u32,
     pub column: u32,
     pub message: String,
+    /// The error is inside one prompt record (a `<prompt>` element or a line): the batch holds that
+    /// prompt, but it could not be read. False for the file's own structure (the root, stray text or
+    /// elements between prompts) and for read errors.
+    pub in_prompt: bool,
+    /// Reading stopped at this error: the rest of the input was not read (the iterator ends).
+    pub fatal: bool,
 }
 
 /// Streams the prompts of a batch file. See the module documentation.
@@ -246,8 +254,9 @@ impl<R: BufRead> Iterator for BatchReader<R> {
         match item {
             Step::Prompt(p) => Some(Ok(p)),
             Step::Error(e) => Some(Err(e)),
-            Step::Fatal(e) => {
+            Step::Fatal(mut e) => {
                 self.done = true;
+                e.fatal = true;
                 Some(Err(e))
             }
             Step::End => {
@@ -267,8 +276,25 @@ enum Step {
     End,
 }
 
+impl Step {
+    /// Marks an error as one inside a prompt record.
+    fn in_prompt(self) -> Step {
+        match self {
+            Step::Error(mut e) => {
+                e.in_prompt = true;
+                Step::Error(e)
+            }
+            Step::Fatal(mut e) => {
+                e.in_prompt = true;
+                Step::Fatal(e)
+            }
+            other => other,
+        }
+    }
+}
+
 fn berr(line: u32, column: u32, message: impl Into<String>) -> BatchError {
-    BatchError { line, column, message: message.into() }
+    BatchError { line, column, message: message.into(), in_prompt: false, fatal: false }
 }
 
 /// Checks `text` (starting at file `line`/`column`) with `parse_prompt`, mapping a diagnostic to the file.
@@ -359,6 +385,14 @@ impl<R: BufRead> LineSource<R> {
     }
 
     fn next_prompt(&mut self, json: bool, limits: Option<&PromptLimits>, cap: usize) -> Step {
+        match self.next_record(json, limits, cap) {
+            // A read error is not about a record; every other error is about the line just read.
+            s @ Step::Fatal(_) => s,
+            s => s.in_prompt(),
+        }
+    }
+
+    fn next_record(&mut self, json: bool, limits: Option<&PromptLimits>, cap: usize) -> Step {
         loop {
             let overflow = match self.read_line(cap) {
                 Ok(None) => return Step::End,
@@ -732,13 +766,14 @@ impl<R: BufRead> XmlBatch<R> {
                 }
                 (XmlState::InBatch, "start") if name == "prompt" => {
                     let attrs = prompt_attrs.expect("parsed for <prompt> in <batch>");
-                    return self.read_prompt(pos, attrs, limits);
+                    return self.read_prompt(pos, attrs, limits).in_prompt();
                 }
                 (XmlState::InBatch, "empty") if name == "prompt" => {
                     return match prompt_attrs.expect("parsed for <prompt> in <batch>") {
                         Err(e) => Step::Error(e),
                         Ok(_) => Step::Error(self.err_at(pos, "the prompt is empty")),
-                    };
+                    }
+                    .in_prompt();
                 }
                 (XmlState::InBatch, "start" | "empty") => {
                     return Step::Fatal(
@@ -1068,6 +1103,24 @@ mod tests {
         assert_eq!(q.seed, Some(u64::MAX));
         assert_eq!((q.width, q.cfg_scale, q.negative_prompt.as_deref()), (None, None, None));
         assert_eq!(q.line, 10);
+    }
+
+    /// (in_prompt, fatal) of each error, in order.
+    fn error_kinds(input: &str, format: BatchFormat) -> Vec<(bool, bool)> {
+        read_both(input, format)
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| (e.in_prompt, e.fatal)))
+            .collect()
+    }
+
+    #[test]
+    fn errors_say_whether_they_are_in_a_prompt_and_whether_reading_stopped() {
+        // A bad attribute, stray text between prompts, then a mismatched tag inside a prompt.
+        let s = "<batch><prompt size=\"1\">a</prompt> x <prompt><n>b</m></prompt><prompt>c</prompt></batch>";
+        assert_eq!(error_kinds(s, BatchFormat::Xml), vec![(true, false), (false, false), (true, true)]);
+        assert_eq!(error_kinds("<batch><prompt/><prompt>a</prompt>", BatchFormat::Xml), vec![(true, false), (false, true)]);
+        assert_eq!(error_kinds("<other/>", BatchFormat::Xml), vec![(false, true)]);
+        assert_eq!(error_kinds("{\"prompt\": 1}\n\n[1]\n{\"prompt\": \"a\"}", BatchFormat::Jsonl), vec![(true, false), (true, false)]);
     }
 
     #[test]
