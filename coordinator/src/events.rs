@@ -41,6 +41,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return seq
 ";
 
+/// Raises a job's sequence counter to ARGV[1] when it is lower (a watch resuming after sequence
+/// numbers that Redis no longer holds, after a restart without persistence): new events then
+/// continue above what the watcher has seen, instead of being numbered from 1 and filtered out.
+const RAISE_SCRIPT: &str = r"
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return v
+";
+
 struct LocalJob {
     seq: u64,
     history: VecDeque<JobEvent>,
@@ -211,9 +222,11 @@ impl Events {
                 let (history, mut rx) = {
                     let mut map = self.local.lock().unwrap();
                     let entry = map.entry(job).or_insert_with(LocalJob::new);
-                    // A watch resuming after sequence `after` on a history this replica no longer
-                    // has (pruned, or lost with a restart): new events continue above it.
-                    if entry.history.is_empty() && entry.seq < after {
+                    // A watch resuming after sequence `after` that this replica never reached (its
+                    // history was pruned, or lost with a restart, and the reconnected workers may
+                    // have published a few events since): new events continue above it, or the
+                    // watcher would filter them all out as already seen.
+                    if entry.seq < after {
                         entry.seq = after;
                     }
                     let h: Vec<JobEvent> = entry.history.iter().filter(|e| e.sequence > after).cloned().collect();
@@ -238,9 +251,11 @@ impl Events {
             Some(r) => {
                 let client = r.client.clone();
                 let key = format!("farm:ev:{job}");
+                let seq_key = format!("farm:seq:{job}");
                 Box::pin(async_stream::stream! {
                     let mut last = after;
                     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+                    let mut raised = after == 0;
                     loop {
                         if conn.is_none() {
                             match client.get_multiplexed_async_connection().await {
@@ -249,6 +264,17 @@ impl Events {
                             }
                         }
                         let c = conn.as_mut().unwrap();
+                        if !raised {
+                            let script = redis::Script::new(RAISE_SCRIPT);
+                            let mut inv = script.prepare_invoke();
+                            inv.key(&seq_key).arg(after).arg(REDIS_TTL_SECS);
+                            if inv.invoke_async::<u64>(c).await.is_err() {
+                                conn = None;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                continue;
+                            }
+                            raised = true;
+                        }
                         let opts = redis::streams::StreamReadOptions::default().block(1000).count(1000);
                         let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
                             redis::AsyncCommands::xread_options(c, &[&key], &[format!("{last}-0")], &opts).await;
@@ -339,5 +365,43 @@ mod tests {
         let mut resumed = events.subscribe(running, 3);
         assert_eq!(events.publish(running, task_event()).await, Some(4));
         assert_eq!(resumed.next().await.map(|e| e.sequence), Some(4), "the resumed watch sees the new event");
+    }
+
+    /// A watch resuming after sequence numbers the events no longer hold (a restarted coordinator
+    /// without Redis, or a Redis that lost its keys), after a few new events were published: the
+    /// next event is numbered above what the watcher saw, so it reaches it.
+    async fn resumed_watch_sees_new_events(events: &Events, redis_url: Option<&str>) {
+        let job = Uuid::new_v4();
+        for _ in 0..3 {
+            events.publish(job, task_event()).await.expect("published");
+        }
+        let mut resumed = events.subscribe(job, 500);
+        if let Some(url) = redis_url {
+            // The subscription raises the counter before its first read: drive it until it has.
+            let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let first = tokio::time::timeout(Duration::from_millis(50), resumed.next()).await;
+                assert!(first.is_err(), "nothing after 500 yet: {first:?}");
+                let seq: Option<u64> = redis::AsyncCommands::get(&mut conn, format!("farm:seq:{job}")).await.unwrap();
+                if seq >= Some(500) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the counter was not raised: {seq:?}");
+            }
+        }
+        assert_eq!(events.publish(job, task_event()).await, Some(501));
+        let next = tokio::time::timeout(Duration::from_secs(10), resumed.next()).await;
+        assert_eq!(next.ok().flatten().map(|e| e.sequence), Some(501), "the resumed watch sees the new event");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_watch_sees_new_events_after_the_history_was_lost() {
+        resumed_watch_sees_new_events(&Events::local(), None).await;
+        let redis = tokio::task::spawn_blocking(|| xtask::redis::RedisServer::start().expect("Redis for the test"))
+            .await
+            .unwrap();
+        let events = Events::redis(&redis.url()).await.unwrap();
+        resumed_watch_sees_new_events(&events, Some(&redis.url())).await;
     }
 }
