@@ -189,7 +189,16 @@ impl JobService for JobApi {
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
         let p = self.client(&req).await?;
         let id = parse_job_id(&req.get_ref().job_id)?;
-        let (queued, running) = self.shared.store.cancel_job(&p.tenant, id).await?;
+        let (queued, running) = match self.shared.store.cancel_job(&p.tenant, id).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, Error::FailedPrecondition(_)) {
+                    // A job refused because all its tasks settled closes now, with its own outcome.
+                    self.shared.maybe_finish_job(id).await;
+                }
+                return Err(e.into());
+            }
+        };
         for (task, token, owner) in &running {
             if !self.shared.cancel_local(*owner, *task, *token) {
                 // The cancel is committed; a notice that cannot reach the worker's replica only

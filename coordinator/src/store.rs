@@ -434,6 +434,7 @@ impl Store {
         kind: &str,
     ) -> Result<Option<FailureOutcome>> {
         let HeldLease { worker, task: task_id, token } = lease;
+        let (error, kind) = (&storable_text(error), &storable_text(kind));
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "select t.job_id, t.idx, t.failures, j.max_attempts, j.cancelled_at is not null as cancelled,
@@ -789,6 +790,24 @@ impl Store {
                 job_state_name(i32::from(state))
             )));
         }
+        if !cancelled {
+            // Every task settled and the job is about to close (its finish check runs a moment
+            // after the last commit): a cancel now would turn a finished outcome into CANCELLED.
+            let (open, failed): (bool, bool) = sqlx::query_as(
+                "select (select 1 from tasks where job_id = $1 and state = 1 limit 1) is not null
+                     or (select 1 from tasks where job_id = $1 and state = 2 limit 1) is not null,
+                        exists (select 1 from tasks where job_id = $1 and state = 4)",
+            )
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !open {
+                return Err(Error::FailedPrecondition(format!(
+                    "job {job_id} has no queued or running task left and is closing as {}; there is nothing to cancel",
+                    if failed { "failed" } else { "succeeded" }
+                )));
+            }
+        }
         sqlx::query("update jobs set cancelled_at = coalesce(cancelled_at, now()), state = 5 where id = $1")
             .bind(job_id)
             .execute(&mut *tx)
@@ -890,4 +909,38 @@ pub fn job_not_found(job_id: Uuid) -> Error {
 /// Parses a job id from the API; a malformed id is simply not found.
 pub fn parse_job_id(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s.trim()).map_err(|_| Error::NotFound(format!("job {s:?} not found")))
+}
+/// Longest failure text stored (longer ones are cut at a character boundary, with a mark).
+pub const MAX_ERROR_TEXT: usize = 8 * 1024;
+
+/// A worker's failure text as PostgreSQL can store it: without NUL bytes (which a text column
+/// refuses: the report would fail, and the task come back uncharged at every lease expiry) and
+/// at most [`MAX_ERROR_TEXT`] bytes.
+pub fn storable_text(text: &str) -> String {
+    let mut out = text.replace('\0', "\u{FFFD}");
+    if out.len() > MAX_ERROR_TEXT {
+        let mut cut = MAX_ERROR_TEXT;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str(" [...]");
+    }
+    out
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_texts_are_stored_without_nul_and_within_the_limit() {
+        assert_eq!(storable_text("CUDA error\0 at 0x0"), "CUDA error\u{FFFD} at 0x0");
+        assert_eq!(storable_text("fine"), "fine");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let cut = storable_text(&long);
+        assert!(cut.len() <= MAX_ERROR_TEXT + 6 && cut.ends_with(" [...]"), "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+    }
 }
