@@ -488,7 +488,10 @@ impl BlobStore {
                             std::io::Write::write_all(&mut f, &buffer)?;
                             f.sync_all()?;
                         }
-                        std::fs::rename(&tmp, &final_path)
+                        std::fs::rename(&tmp, &final_path)?;
+                        // The rename, and the job's directory if it is new, must survive a crash
+                        // once the result row is committed: sync the directory entries too.
+                        sync_dir_and_parent(final_path.parent().expect("key has a directory"))
                     })();
                     if placed.is_err() {
                         let _ = std::fs::remove_file(&tmp);
@@ -576,6 +579,17 @@ impl BlobStore {
             }
         }
     }
+}
+
+/// fsyncs a directory and its parent (on Unix; a directory cannot be opened for syncing elsewhere).
+fn sync_dir_and_parent(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 #[cfg(test)]
