@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Address of the gRPC listener.
     #[arg(long, env = "FARM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Name of this replica in ListWorkers (`coordinator`) and in the workers' welcome [default: the
+    /// listen address, or HOSTNAME:PORT when it listens on every interface]
+    #[arg(long, env = "FARM_REPLICA_NAME", value_name = "NAME")]
+    replica_name: Option<String>,
     /// PostgreSQL URL (the job store).
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
@@ -222,7 +226,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
             let addr = listener.local_addr()?;
-            let shared = server::build(&opts, addr.to_string()).await?;
+            let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+            let replica = replica_name(a.replica_name.as_deref(), addr, hostname.as_deref());
+            let shared = server::build(&opts, replica).await?;
             if let Some(m) = opts.metrics_listen {
                 let s = shared.clone();
                 tokio::spawn(async move {
@@ -244,5 +250,34 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The replica's name: the one given, else the bound address, or `HOSTNAME:PORT` when the
+/// listener is bound to every interface (so that replicas started from one configuration,
+/// all on 0.0.0.0, tell themselves apart).
+fn replica_name(given: Option<&str>, addr: SocketAddr, hostname: Option<&str>) -> String {
+    if let Some(name) = given.map(str::trim).filter(|n| !n.is_empty()) {
+        return name.to_string();
+    }
+    match hostname.map(str::trim).filter(|h| !h.is_empty()) {
+        Some(host) if addr.ip().is_unspecified() => format!("{host}:{}", addr.port()),
+        _ => addr.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replica_name;
+
+    #[test]
+    fn replicas_on_every_interface_are_named_by_host() {
+        let any = "0.0.0.0:50051".parse().unwrap();
+        assert_eq!(replica_name(None, any, Some("coord-7f9c\n")), "coord-7f9c:50051");
+        assert_eq!(replica_name(None, any, None), "0.0.0.0:50051");
+        assert_eq!(replica_name(Some("east-1"), any, Some("coord-7f9c")), "east-1");
+        let local = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(replica_name(None, local, Some("box")), "127.0.0.1:4000");
+        assert_eq!(replica_name(Some(" "), local, Some("box")), "127.0.0.1:4000");
     }
 }

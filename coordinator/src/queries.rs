@@ -393,13 +393,17 @@ pub const RECENT_ATTEMPTS_SCANNED: i64 = 200_000;
 /// they belong to `tenant`'s jobs: other tenants' job and task ids are not shown.
 pub async fn list_workers(pool: &PgPool, tenant: &str, include_disconnected: bool) -> Result<Vec<WorkerInfo>> {
     let rows = sqlx::query(
-        "select w.id, w.name, w.capabilities::text as caps, w.connected_at, w.last_heartbeat, w.disconnected_at,
-                w.completed, w.failed, w.coordinator,
-                extract(epoch from least(interval '60 seconds', now() - w.connected_at))::float8 as rate_window_s
-         from workers w
-         where $1 or w.disconnected_at is null
-         order by w.name, w.connected_at desc
-         limit 10000",
+        // At most 10,000 sessions, the connected ones first and then the most recent: old
+        // sessions (a row is kept per session) never push a live worker out of the listing.
+        "select * from (
+             select w.id, w.name, w.capabilities::text as caps, w.connected_at, w.last_heartbeat, w.disconnected_at,
+                    w.completed, w.failed, w.coordinator,
+                    extract(epoch from least(interval '60 seconds', now() - w.connected_at))::float8 as rate_window_s
+             from workers w
+             where $1 or w.disconnected_at is null
+             order by w.disconnected_at is not null, w.connected_at desc
+             limit 10000) w
+         order by w.name, w.connected_at desc",
     )
     .bind(include_disconnected)
     .fetch_all(pool)
