@@ -421,7 +421,11 @@ async fn handle_message(
     match msg {
         worker_message::Msg::Hello(_) => {}
         worker_message::Msg::Credits(c) => {
-            credits.fetch_add(c.add, Ordering::SeqCst);
+            if c.withdraw {
+                credits.store(c.add, Ordering::SeqCst);
+            } else {
+                credits.fetch_add(c.add, Ordering::SeqCst);
+            }
             credit_added.notify_one();
         }
         worker_message::Msg::Heartbeat(h) => {
@@ -531,15 +535,17 @@ async fn dispatch_loop(
                 Metrics::add(&shared.metrics.tasks_dispatched, u64::from(n));
                 Metrics::add(&shared.metrics.dispatch_claims, 1);
                 Metrics::add(&shared.metrics.dispatch_latency_us_sum, started.elapsed().as_micros() as u64);
+                // RUNNING goes out before the worker can see the tasks: its progress and results,
+                // published from the session's other handlers, then always follow it.
+                for c in &claimed {
+                    let t = Transition { job_id: c.job_id, idx: c.idx, state: TASK_RUNNING, error: None };
+                    shared.task_event(&t, Some(slot.worker_id)).await;
+                }
                 let msg = CoordinatorMessage {
                     msg: Some(coordinator_message::Msg::Assign(Assign { tasks: claimed.iter().map(assignment).collect() })),
                 };
                 if tx.send(msg).await.is_err() {
                     return; // the session ends; its leases are requeued there
-                }
-                for c in &claimed {
-                    let t = Transition { job_id: c.job_id, idx: c.idx, state: TASK_RUNNING, error: None };
-                    shared.task_event(&t, Some(slot.worker_id)).await;
                 }
             }
             Ok(_) => {

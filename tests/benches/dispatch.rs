@@ -117,7 +117,7 @@ async fn session(
         .connect(authed(&token, ReceiverStream::new(rx)))
         .await?
         .into_inner();
-    let credits = |add: u32| WorkerMessage { msg: Some(worker_message::Msg::Credits(Credits { add })) };
+    let credits = |add: u32| WorkerMessage { msg: Some(worker_message::Msg::Credits(Credits { add, withdraw: false })) };
     out.send(credits(batch * 2)).await?;
     let blob = b"\x89PNG\r\n\x1a\nbenchmark result".to_vec();
     let sha = hex::encode(Sha256::digest(&blob));

@@ -411,7 +411,7 @@ impl Session {
     async fn credits(&self, add: u32) {
         self.out
             .send(WorkerMessage {
-                msg: Some(worker_message::Msg::Credits(Credits { add })),
+                msg: Some(worker_message::Msg::Credits(Credits { add, withdraw: false })),
             })
             .await
             .expect("the session is open");
@@ -1029,6 +1029,26 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
         listed.workers.iter().any(|w| w.name == "hand-worker" && w.connected)
     })
     .await;
+    // The listing is capped at 10,000 sessions: with more disconnected sessions than that, whose
+    // names sort first, the connected worker is still listed.
+    sqlx::query(
+        "insert into workers (id, tenant_id, name, capabilities, model, max_pixels, max_batch, coordinator, disconnected_at)
+         select gen_random_uuid(), 'alice', 'a-gone-' || lpad(i::text, 5, '0'), '{}'::jsonb, 'tiny', 0, 1, 'gone', now()
+         from generate_series(1, 10000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let listed = jobs(&ch)
+        .list_workers(authed(&alice, ListWorkersRequest { include_disconnected: true }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.workers.iter().any(|w| w.name == "hand-worker" && w.connected), "the connected worker is listed");
+    assert!(listed.workers.iter().any(|w| w.name.starts_with("a-gone-")), "disconnected sessions are listed too");
+    let names: Vec<&str> = listed.workers.iter().map(|w| w.name.as_str()).collect();
+    assert!(names.windows(2).all(|p| p[0] <= p[1]), "listed by name");
+    sqlx::query("delete from workers where coordinator = 'gone'").execute(&pool).await.unwrap();
     let worker_auth = bearer(&alice_worker);
     let wa = Some(worker_auth.as_str());
     let blob_path = coord.results_dir().join(format!("{id}/{index}.{}.png", lease.lease_token));
@@ -1390,6 +1410,25 @@ async fn workers_get_only_tasks_within_their_pixel_limit() {
     let got = large.next_assign(Duration::from_secs(10)).await;
     assert_eq!(got.tasks.len(), 3);
     assert!(got.tasks.iter().all(|t| t.job_id == big.to_string()));
+
+    // A worker that withdraws its unused credit (as a draining one does) gets no more tasks until
+    // it grants new ones.
+    large
+        .out
+        .send(WorkerMessage { msg: Some(worker_message::Msg::Credits(Credits { add: 0, withdraw: true })) })
+        .await
+        .unwrap();
+    let mut later_header = header("big images, later", 2);
+    if let Some(d) = later_header.defaults.as_mut() {
+        (d.width, d.height) = (512, 512);
+    }
+    let later = submit_ok(&ch, &client, later_header, prompts(2)).await;
+    let more = large.assign_within(Duration::from_millis(1500)).await;
+    assert!(more.is_none(), "a task went to a worker that withdrew its credits: {more:?}");
+    large.credits(1).await;
+    let got = large.next_assign(Duration::from_secs(10)).await;
+    assert_eq!(got.tasks.len(), 1, "one new credit, one task");
+    assert_eq!(got.tasks[0].job_id, later.to_string());
 }
 
 /// A job that asks for a precision goes only to workers rendering in it; one that asks for none goes
@@ -1937,6 +1976,25 @@ async fn cancel_and_retry_never_rewrite_a_finished_outcome() {
     );
     let state: i16 = sqlx::query_scalar("select state from jobs where id = $1").bind(done).fetch_one(&pool).await.unwrap();
     assert_eq!(i32::from(state), JobState::Succeeded as i32, "the succeeded job stays succeeded");
+
+    // Every task settled, and the job's finish check has not run yet (it runs a moment after the
+    // last commit, or at the next sweep): a cancel in that window is refused too, and the job
+    // closes with its own outcome.
+    let settled = submit_ok(&ch, &client, header("settled", 2), prompts(2)).await;
+    sqlx::query("update tasks set state = 4, finished_at = now(), last_error = 'bad prompt' where job_id = $1")
+        .bind(settled)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_status(
+        c.cancel_job(authed(&client, CancelJobRequest { job_id: settled.to_string() })).await,
+        Code::FailedPrecondition,
+        "failed",
+        "cancel of a job whose tasks all settled",
+    );
+    wait_job_finished(&pool, settled, Duration::from_secs(10)).await;
+    let state: i16 = sqlx::query_scalar("select state from jobs where id = $1").bind(settled).fetch_one(&pool).await.unwrap();
+    assert_eq!(i32::from(state), JobState::Failed as i32, "the job closes as failed, not cancelled");
 
     let queued = submit_ok(&ch, &client, header("queued", 2), prompts(2)).await;
     let r = c.cancel_job(authed(&client, CancelJobRequest { job_id: queued.to_string() })).await.unwrap().into_inner();

@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, env = "FARM_CA_CERT", value_name = "PEM")]
     ca_cert: Option<PathBuf>,
     /// Worker token (`farm-coordinator token create --role worker`).
-    #[arg(long, env = "FARM_WORKER_TOKEN")]
+    #[arg(long, env = "FARM_WORKER_TOKEN", value_parser = farm_worker::runtime::parse_token)]
     token: String,
     /// Model preset: newbie-exp0.1 (needs --model-dir) or tiny (random weights, for tests and demos).
     #[arg(long, default_value = "newbie-exp0.1")]
@@ -342,7 +342,10 @@ fn main() -> anyhow::Result<()> {
                 tracing::error!("{stalled}; exiting with status 3");
                 unsafe { libc::_exit(3) }
             }
-            Err(e)
+            // Any other end of the session (the coordinator refused the worker at a reconnect,
+            // say) can come while a batch is rendering: the same unsafe teardown applies.
+            eprintln!("Error: {e:?}");
+            unsafe { libc::_exit(1) }
         }
     }
 }

@@ -119,6 +119,21 @@ impl Liveness {
     }
 }
 
+/// A worker token as given (flag, environment, a secret file's contents): surrounding whitespace,
+/// such as the line break a secret file ends with, is dropped; an empty token, or one with a
+/// character that cannot travel in a gRPC header, is refused at start instead of at every
+/// reconnect.
+pub fn parse_token(given: &str) -> Result<String, String> {
+    let token = given.trim();
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("the token contains {c:?}, which cannot be sent in a request header"));
+    }
+    Ok(token.to_string())
+}
+
 /// The coordinator endpoint: plaintext for `http://`, TLS for `https://` (trusting `ca_cert_pem` when
 /// given, else the system's roots or, when the system has none, the bundled webpki roots). A CA with
 /// an `http://` URL is refused so that a token never goes out in clear when TLS was asked for.
@@ -514,7 +529,7 @@ impl Controller {
             if let Some(s) = self.session.as_mut() {
                 s.granted_unfilled += want;
             }
-            self.send(worker_message::Msg::Credits(Credits { add: want })).await;
+            self.send(worker_message::Msg::Credits(Credits { add: want, withdraw: false })).await;
         }
     }
 
@@ -652,6 +667,12 @@ impl Controller {
             return;
         }
         self.draining = true;
+        // No more tasks: the credits not used yet are withdrawn first, so that the tasks handed
+        // back below are not assigned here again.
+        self.send(worker_message::Msg::Credits(Credits { add: 0, withdraw: true })).await;
+        if let Some(s) = self.session.as_mut() {
+            s.granted_unfilled = 0;
+        }
         let queued: Vec<TaskAssignment> = self.queue.drain(..).collect();
         tracing::info!(released = queued.len(), running = self.running.len(), "draining");
         for t in queued {
@@ -729,8 +750,10 @@ impl Controller {
             GpuEvent::Failed { tasks, error } => {
                 self.running.clear();
                 tracing::warn!(error = %error, tasks = tasks.len(), "render failed");
-                if matches!(error, RenderError::OutOfMemory(_)) && self.batch_limit > 1 {
-                    self.batch_limit = (self.batch_limit / 2).max(1);
+                // Only a batch of several tasks says that smaller batches would fit: one task
+                // out of memory (an oversized job, a spike from another process) leaves the limit.
+                if matches!(error, RenderError::OutOfMemory(_)) && tasks.len() > 1 {
+                    self.batch_limit = self.batch_limit.min(tasks.len() as u32 / 2).max(1);
                     tracing::warn!(batch_limit = self.batch_limit, "out of memory: smaller batches from now on");
                 }
                 // Any other failure of a batch may come from one of its prompts (a latent or text
@@ -1153,6 +1176,16 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_trimmed_and_checked_at_start() {
+        assert_eq!(parse_token("abc.DEF-1\n").unwrap(), "abc.DEF-1");
+        assert_eq!(parse_token(" \tabc\r\n").unwrap(), "abc");
+        assert!(parse_token("\n").unwrap_err().contains("empty"));
+        assert!(parse_token("ab\ncd").unwrap_err().contains("'\\n'"));
+        assert!(parse_token("ab cd").is_err());
+        assert!(parse_token("tök").is_err());
+    }
 
     #[test]
     fn upload_failures_are_sorted_by_what_retrying_can_do() {
