@@ -168,6 +168,7 @@ async fn main() {
         negative: None,
         chunk_size: chunk,
         chunk_bytes: submit::CHUNK_BYTES,
+        keepalive: submit::KEEPALIVE,
         max_errors: 20,
     };
     let t = Instant::now();

@@ -152,7 +152,14 @@ pub struct SubmitOptions {
     pub chunk_bytes: usize,
     /// Stop scanning after this many local errors.
     pub max_errors: usize,
+    /// While the input is quiet (a slow generator on a pipe), an empty chunk goes out this often,
+    /// so that the coordinator's limit between messages (`--submit-idle-timeout-s`, 60 s by
+    /// default) does not end a submission that is still being read.
+    pub keepalive: Duration,
 }
+
+/// Default [`SubmitOptions::keepalive`].
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 impl SubmitOptions {
     /// Builds the header and seed plan from the command-line flags.
@@ -200,6 +207,7 @@ impl SubmitOptions {
             chunk_size: args.chunk_size as usize,
             chunk_bytes: CHUNK_BYTES,
             max_errors: args.max_errors as usize,
+            keepalive: KEEPALIVE,
         }
     }
 }
@@ -631,6 +639,7 @@ fn abort_marker() -> SubmitJobRequest {
 
 struct Feeder {
     rx: mpsc::Receiver<Feed>,
+    keepalive: Duration,
     abort: watch::Receiver<bool>,
     finished: bool,
     /// Prompts sent so far, for the end marker.
@@ -652,6 +661,7 @@ pub async fn submit_stream(
     let header = SubmitJobRequest {
         msg: Some(submit_job_request::Msg::Header(opts.header.clone())),
     };
+    let keepalive = opts.keepalive;
     let producer = Producer {
         inputs,
         opts,
@@ -667,6 +677,7 @@ pub async fn submit_stream(
     // `Done`) it yields the abort marker at once, ahead of any queued chunk, and ends.
     let feeder = Feeder {
         rx,
+        keepalive,
         abort: abort_rx.clone(),
         finished: false,
         sent: 0,
@@ -679,7 +690,10 @@ pub async fn submit_stream(
             biased;
             // An error only means the reader finished without aborting: the branch is then disabled.
             Ok(_) = f.abort.wait_for(|a| *a) => None,
-            m = f.rx.recv() => match m {
+            m = tokio::time::timeout(f.keepalive, f.rx.recv()) => match m {
+                // The input is quiet: an empty chunk keeps the call alive.
+                Err(_) => Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(PromptChunk::default())) }),
+                Ok(m) => match m {
                 Some(Feed::Chunk(c)) => {
                     f.sent += c.prompts.len() as u64;
                     Some(SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(c)) })
@@ -689,6 +703,7 @@ pub async fn submit_stream(
                     msg: Some(submit_job_request::Msg::End(SubmitEnd { prompt_count: f.sent })),
                 }),
                 None => None,
+                },
             },
         };
         match next {
@@ -780,7 +795,32 @@ pub async fn submit_stream(
 pub async fn run(service: Service, args: &SubmitArgs, ui: Ui) -> CliResult<Option<String>> {
     let inputs = expand_inputs(&args.files)?;
     let opts = SubmitOptions::from_args(args, &inputs, &mut rand::thread_rng());
-    check_defaults(&opts)?;
+    match stream_inputs(service, inputs, &opts, ui).await {
+        Ok(outcome) => report(&outcome, &opts, ui),
+        // With --json, every invalid-input exit prints the submission object: the problem that is
+        // not about one prompt (invalid job defaults, inputs without prompts, a header the
+        // coordinator refused) is its one error.
+        Err(e) if ui.json && e.kind == ErrorKind::InvalidInput && !e.reported => {
+            println!("{}", outcome_json(&request_problem(&e.message), &opts));
+            Err(CliError::reported(e.kind, e.message))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Code of an invalid request that is not about one prompt.
+pub const INVALID_REQUEST: &str = "invalid_request";
+
+/// An outcome whose one error is a problem of the whole request.
+pub fn request_problem(message: &str) -> SubmitOutcome {
+    SubmitOutcome {
+        local_errors: vec![PromptIssue { code: INVALID_REQUEST.into(), message: message.to_string(), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+async fn stream_inputs(service: Service, inputs: Vec<Input>, opts: &SubmitOptions, ui: Ui) -> CliResult<SubmitOutcome> {
+    check_defaults(opts)?;
     let total_bytes: Option<u64> = inputs
         .iter()
         .map(|i| match i {
@@ -795,8 +835,7 @@ pub async fn run(service: Service, args: &SubmitArgs, ui: Ui) -> CliResult<Optio
         ),
         None => ui.spinner("{spinner} uploading {msg} ({elapsed})"),
     };
-    let outcome = submit_stream(service, inputs, opts.clone(), progress).await?;
-    report(&outcome, &opts, ui)
+    submit_stream(service, inputs, opts.clone(), progress).await
 }
 
 /// The `--json` object of a submission.
@@ -985,6 +1024,7 @@ mod tests {
             chunk_size: 10,
             chunk_bytes: CHUNK_BYTES,
             max_errors: 1,
+            keepalive: KEEPALIVE,
         };
         let ok = SubmitOutcome {
             response: Some(SubmitJobResponse {
@@ -1073,6 +1113,26 @@ mod tests {
         let mut fine = opts.clone();
         fine.negative = Some("x".repeat(16 * 1024));
         assert!(check_defaults(&fine).is_ok());
+    }
+
+    #[test]
+    fn a_request_problem_is_one_error_of_the_submission_object() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let opts = SubmitOptions {
+            header: SubmitHeader::default(),
+            seeds: SeedPlan::new(SeedMode::Increment, Some(9), &mut rng),
+            negative: None,
+            chunk_size: 10,
+            chunk_bytes: 1 << 20,
+            max_errors: 20,
+            keepalive: KEEPALIVE,
+        };
+        let v = outcome_json(&request_problem("no prompts in a.txt; nothing was submitted"), &opts);
+        assert!(v["job_id"].is_null());
+        assert_eq!(v["accepted"], 0);
+        assert_eq!(v["errors"][0]["code"], INVALID_REQUEST);
+        assert_eq!(v["errors"][0]["message"], "no prompts in a.txt; nothing was submitted");
+        assert_eq!(v["errors"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]

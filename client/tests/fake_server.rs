@@ -418,6 +418,7 @@ fn options(chunk_size: usize) -> SubmitOptions {
         chunk_size,
         chunk_bytes: submit::CHUNK_BYTES,
         max_errors: 20,
+        keepalive: submit::KEEPALIVE,
     }
 }
 
@@ -918,6 +919,41 @@ async fn a_batch_over_the_prompt_limit_stops_at_the_limit() {
     assert!(seen.completed.is_empty(), "nothing stored");
     let sent: usize = seen.chunks.iter().sum();
     assert!(sent as u64 <= max, "{sent} prompts sent");
+}
+
+/// Input that is slow to come (a generator on a pipe) keeps the call alive with empty chunks while
+/// it is quiet, and is submitted whole.
+#[tokio::test]
+async fn quiet_input_keeps_the_call_alive() {
+    let fake = Fake::default();
+    let c = connected(&fake).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("slow.txt");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            writeln!(w, "1girl, first").unwrap();
+            w.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(700));
+            writeln!(w, "1girl, second").unwrap();
+        })
+    };
+    let mut opts = options(1);
+    opts.keepalive = Duration::from_millis(100);
+    let out = submit::submit_stream(c.service(), vec![Input::File(fifo)], opts, indicatif::ProgressBar::hidden())
+        .await
+        .unwrap();
+    writer.join().unwrap();
+    assert!(out.local_errors.is_empty(), "{:?}", out.local_errors);
+    assert_eq!(out.response.map(|r| r.accepted), Some(2));
+    let seen = fake.seen.lock().unwrap();
+    let keepalives = seen.chunks.iter().filter(|&&n| n == 0).count();
+    assert!(keepalives >= 3, "empty chunks while the input was quiet: {:?}", seen.chunks);
+    assert_eq!(seen.chunks.iter().sum::<usize>(), 2);
 }
 
 /// In an XML batch, an unreadable prompt record names its prompt number (records after it keep

@@ -80,9 +80,20 @@ fn submit_wait_status_results_cancel_retry() {
     let long_job = sub["job_id"].as_str().unwrap().to_string();
     wait_state(&cli, &long_job, "running", Duration::from_secs(120));
     let c = cli.run(&["--json", "cancel", &long_job]).expect_success().json();
-    assert!(c.to_string().contains("cancel"), "{c}");
-    let s = wait_state(&cli, &long_job, "cancelled", Duration::from_secs(300));
-    assert!(s["counts"]["cancelled"].as_u64().unwrap() >= 1, "{s}");
+    let (queued_at_cancel, running_at_cancel) = (c["cancelled_queued"].as_u64().unwrap(), c["cancelling_running"].as_u64().unwrap());
+    assert!(running_at_cancel >= 1, "a task was rendering when the cancel came: {c}");
+    wait_state(&cli, &long_job, "cancelled", Duration::from_secs(300));
+    // The renders that were running stop (cancelled, not finished and uploaded).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let s = loop {
+        let s = cli.run(&["--json", "status", &long_job]).expect_success().json();
+        if s["counts"]["running"] == 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the cancelled renders never stopped: {s}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(s["counts"]["cancelled"].as_u64(), Some(queued_at_cancel + running_at_cancel), "{s}");
     let r = cli.run(&["--json", "retry", &long_job, "--include-cancelled"]).expect_success().json();
     assert!(r["requeued"].as_u64().unwrap() >= 1, "{r}");
     let s = wait_state(&cli, &long_job, "succeeded", Duration::from_secs(600));
@@ -117,6 +128,16 @@ fn submit_wait_status_results_cancel_retry() {
     let out = cli.run(&["submit", bad.to_str().unwrap(), "--model", "tiny"]);
     assert_eq!(out.code, 3, "invalid input: {}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("line") && out.stderr.contains("column"), "{}", out.stderr);
+    // With --json every invalid-input exit prints the submission object, a whole-request problem
+    // as its one error.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing here\n").unwrap();
+    let out = cli.run(&["--json", "submit", empty.to_str().unwrap()]);
+    assert_eq!(out.code, 3, "no prompts: {}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert!(v["job_id"].is_null(), "{v}");
+    assert_eq!(v["errors"][0]["code"], "invalid_request", "{v}");
+    assert!(v["errors"][0]["message"].as_str().is_some_and(|m| m.contains("no prompts")), "{v}");
     let out = cli.run(&["status", "00000000-0000-0000-0000-000000000000"]);
     assert_eq!(out.code, 5, "not found: {}", out.stderr);
     let out = Cli::new(&coord.url(), "farm_not_a_token").run(&["jobs"]);
