@@ -659,6 +659,23 @@ async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_t
         .expect("a complete submission is stored")
         .into_inner();
     assert_eq!(r.accepted, 2, "{r:?}");
+    // A slow submission that sends empty chunks (the client's keep-alive while its input is
+    // quiet) for longer than the limit is stored.
+    let mut messages = submit_messages(Some(header("slow input", 2)), prompts(2));
+    let keepalive = SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(PromptChunk { prompts: vec![] })) };
+    messages.splice(1..1, std::iter::repeat_n(keepalive, 6));
+    let slow = futures::stream::unfold(messages.into_iter(), |mut rest| async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rest.next().map(|m| (m, rest))
+    });
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), jobs(&ch).submit_job(authed(&alice, slow)))
+        .await
+        .expect("answered")
+        .expect("a slow submission that keeps sending is stored")
+        .into_inner();
+    assert_eq!(r.accepted, 2, "{r:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "it lasted longer than the limit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -880,6 +897,34 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
             message,
             &format!("UploadResult, {what}"),
         );
+        // Every other job API call authenticates too (each on its own).
+        let job_id = Uuid::new_v4().to_string();
+        let c = &mut jobs(&ch);
+        let calls: Vec<(&str, Result<(), Status>)> = vec![
+            ("GetJob", c.get_job(with_auth(auth, GetJobRequest { job_id: job_id.clone() })).await.map(|_| ())),
+            ("GetTask", c.get_task(with_auth(auth, GetTaskRequest { job_id: job_id.clone(), index: 0 })).await.map(|_| ())),
+            (
+                "WatchJob",
+                c.watch_job(with_auth(auth, WatchJobRequest { job_id: job_id.clone(), after_sequence: 0 })).await.map(|_| ()),
+            ),
+            ("CancelJob", c.cancel_job(with_auth(auth, CancelJobRequest { job_id: job_id.clone() })).await.map(|_| ())),
+            (
+                "RetryJob",
+                c.retry_job(with_auth(auth, RetryJobRequest { job_id: job_id.clone(), include_cancelled: false })).await.map(|_| ()),
+            ),
+            (
+                "ListResults",
+                c.list_results(with_auth(auth, ListResultsRequest { job_id: job_id.clone(), ..Default::default() })).await.map(|_| ()),
+            ),
+            (
+                "DownloadResult",
+                c.download_result(with_auth(auth, DownloadResultRequest { job_id: job_id.clone(), index: 0 })).await.map(|_| ()),
+            ),
+            ("ListWorkers", c.list_workers(with_auth(auth, ListWorkersRequest::default())).await.map(|_| ())),
+        ];
+        for (call, result) in calls {
+            assert_status(result, Code::Unauthenticated, message, &format!("{call}, {what}"));
+        }
     }
     // Roles: a worker token cannot use the job API and a client token cannot act as a worker.
     assert_status(
@@ -2379,7 +2424,7 @@ async fn coordinator_and_postgres_restarts_mid_batch_lose_nothing() {
         synthetic_worker(&coord.url(), &worker_token, "w2", 3, 4),
     ];
     wait_connected(&workers.iter().collect::<Vec<_>>());
-    const TASKS: i64 = 600;
+    const TASKS: i64 = 1200;
     let job = submit_ok(&channel(&coord.url()).await, &client, header("restarts", 2), prompts(TASKS as usize)).await;
 
     // The coordinator crashes (SIGKILL) mid-batch and comes back on the same port.
@@ -2388,10 +2433,12 @@ async fn coordinator_and_postgres_restarts_mid_batch_lose_nothing() {
     let at_crash = count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     coord.resume().expect("the coordinator restarts");
-    wait_succeeded(&pool, job, at_crash + TASKS / 5, Duration::from_secs(60)).await;
+    wait_succeeded(&pool, job, at_crash + TASKS / 10, Duration::from_secs(60)).await;
 
     // PostgreSQL stops mid-batch, stays away for two seconds and comes back.
+    let before_outage = count(&pool, "select count(*) from tasks where job_id = $1 and state = 3", job).await;
     pg.stop().expect("stop PostgreSQL");
+    assert!(before_outage < TASKS, "the job was still running when PostgreSQL stopped ({before_outage} of {TASKS} done)");
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.resume().expect("start PostgreSQL again");
 

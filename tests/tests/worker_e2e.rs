@@ -182,20 +182,27 @@ async fn cancel_stops_a_task_within_a_step_and_the_batch_goes_on() {
     let wtoken = coord.token("tenant-c", "worker").unwrap();
     let cli = coord.cli("tenant-c").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // Job A (one prompt) and job B (three) share a shape, so the worker renders them as one batch.
-    let (fa, fb) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    // Job A (one prompt) and job B (three) share a shape. The coordinator hands tasks out job by
+    // job, so they are submitted while the worker renders a long first job, W: when W is done, the
+    // worker gathers the same-shape tasks queued meanwhile, A's and B's, into one batch.
+    let (fw, fa, fb) = (dir.path().join("w.jsonl"), dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    write_jsonl(&fw, &prompts(1, 500));
     write_jsonl(&fa, &prompts(1, 1));
     write_jsonl(&fb, &prompts(3, 100));
+    let job_w = submit(&cli, &fw, &["--width", "256", "--height", "256", "--steps", "200"]);
+    let mut c = client(&coord.url()).await;
+    let _worker = Worker::spawn(&coord.url(), &wtoken, TINY_CPU_WORKER).unwrap();
+    wait_task_step(&mut c, &token, &job_w, 1, Duration::from_secs(300)).await;
     let common = ["--width", "256", "--height", "256", "--steps", "20"];
     let job_a = submit(&cli, &fa, &common);
     let job_b = submit(&cli, &fb, &common);
-    let mut c = client(&coord.url()).await;
+    let w = c.get_task(authed(&token, GetTaskRequest { job_id: job_w.clone(), index: 0 })).await.unwrap().into_inner();
+    assert!(w.current_step < 200, "W was still rendering when A and B came: {w:?}");
     let mut events = c
         .watch_job(authed(&token, WatchJobRequest { job_id: job_a.clone(), after_sequence: 0 }))
         .await
         .unwrap()
         .into_inner();
-    let _worker = Worker::spawn(&coord.url(), &wtoken, TINY_CPU_WORKER).unwrap();
 
     // Cancel once A has made two steps.
     let mut step_at_cancel = 0;
@@ -210,6 +217,17 @@ async fn cancel_stops_a_task_within_a_step_and_the_batch_goes_on() {
         }
     }
     assert!(step_at_cancel >= 2, "job A made progress");
+    // B renders in A's batch: its task makes steps while A is still early in its 20 (one GPU
+    // thread: a batch of its own would start only after A's).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tb = c.get_task(authed(&token, GetTaskRequest { job_id: job_b.clone(), index: 0 })).await.unwrap().into_inner();
+        if tb.current_step >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B made no step while A rendered: {tb:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = c.cancel_job(authed(&token, CancelJobRequest { job_id: job_a.clone() })).await.unwrap().into_inner();
     assert_eq!(r.cancelling_running, 1);
 
@@ -226,7 +244,7 @@ async fn cancel_stops_a_task_within_a_step_and_the_batch_goes_on() {
     );
     assert_eq!(t.attempts.last().map(|a| a.outcome.as_str()), Some("cancelled"));
     assert_eq!(t.failures, 0, "a cancel is not a render failure");
-    // B's tasks and A's ran in one batch.
+    // B's task went on after A's was cancelled: one attempt, no retry.
     let tb = c.get_task(authed(&token, GetTaskRequest { job_id: job_b.clone(), index: 0 })).await.unwrap().into_inner();
     assert_eq!(tb.attempts.len(), 1);
 }
@@ -307,6 +325,9 @@ async fn sigterm_drains_the_running_batch_and_hands_back_the_rest() {
     let running_after: i64 = sqlx::query_scalar("select count(*) from tasks where state = 2").fetch_one(&pool).await.unwrap();
     assert_eq!(running_after, 0, "nothing stays leased to the drained worker");
     assert!(by_a + released >= 2);
+    // Its credits (twice --max-batch) had brought it more tasks than the running batch: those were
+    // handed back, not rendered during the drain.
+    assert!(released >= 1 && by_a <= 2, "drain: {by_a} rendered, {released} handed back");
     let args_b = ["--model", "tiny", "--device", "cpu", "--precision", "fp32", "--max-batch", "2", "--name", "worker-b"];
     let _worker_b = Worker::spawn(&coord.url(), &wtoken, &args_b).unwrap();
     let j = wait_job_done(&mut c, &token, &job, Duration::from_secs(600)).await;

@@ -52,7 +52,8 @@ fn assert_close(name: &str, a: &Tensor, b: &Tensor, rows: Option<&Tensor>, atol:
     let b = b.to_kind(Kind::Double);
     let diff = (&a - &b).abs();
     let bound = b.abs() * rtol + atol;
-    let mut bad = diff.gt_tensor(&bound);
+    // NaN compares false with everything: it counts as out of tolerance explicitly.
+    let mut bad = diff.gt_tensor(&bound).logical_or(&diff.isnan());
     let mut considered = a.numel() as i64;
     if let Some(r) = rows {
         let mut m = r.ne(0);

@@ -1146,6 +1146,14 @@ fn hash_component(h: &mut Sha256, name: &str, dir: &Path) -> Result<(), Pipeline
 mod tests {
     use super::*;
 
+    #[test]
+    fn fp16_runs_the_caption_encoder_in_bf16_and_other_kinds_as_they_are() {
+        // Gemma's activations overflow fp16; the other precisions run it in their own dtype.
+        assert_eq!(caption_encoder_kind(Kind::Half), Kind::BFloat16);
+        assert_eq!(caption_encoder_kind(Kind::BFloat16), Kind::BFloat16);
+        assert_eq!(caption_encoder_kind(Kind::Float), Kind::Float);
+    }
+
     fn t(v: f32) -> Tensor {
         Tensor::from_slice(&[v])
     }
