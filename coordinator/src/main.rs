@@ -108,6 +108,12 @@ struct ServeArgs {
     /// Lease time-to-live in milliseconds; heartbeats renew it.
     #[arg(long, env = "FARM_LEASE_TTL_MS", default_value_t = 15_000)]
     lease_ttl_ms: u64,
+    /// On SIGTERM/SIGINT: how long, in seconds, calls in flight (uploads, submissions) may take to
+    /// end before the coordinator exits; worker sessions and watches, which never end by
+    /// themselves, are then dropped (workers reconnect to another replica and keep their leases).
+    /// Keep it below the supervisor's stop timeout (30 s in the shipped units and manifests).
+    #[arg(long, env = "FARM_SHUTDOWN_GRACE_S", default_value_t = 10)]
+    shutdown_grace_s: u64,
     /// Heartbeat interval asked of workers, in milliseconds.
     #[arg(long, env = "FARM_HEARTBEAT_MS", default_value_t = 5_000)]
     heartbeat_ms: u64,
@@ -238,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
                 });
             }
             tracing::info!(%addr, redis = opts.redis_url.is_some(), tls = tls.is_some(), "coordinator listening");
-            server::run(listener, shared, tls, shutdown_signal()).await?;
+            server::run(listener, shared, tls, shutdown_signal(), Duration::from_secs(a.shutdown_grace_s)).await?;
             tracing::info!("coordinator stopped");
         }
     }

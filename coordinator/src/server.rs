@@ -134,11 +134,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Serves until `shutdown` resolves; with `tls` (see [`load_tls`]) the gRPC port accepts TLS only.
+/// At shutdown the health service says NOT_SERVING, new connections are refused, and calls in
+/// flight get up to `grace` to end; the long-lived streams (worker sessions, watches), which never
+/// end by themselves, are dropped after it.
 pub async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
@@ -161,15 +165,35 @@ pub async fn run(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration: {}", error_chain(&e)))?;
     }
-    let result = builder
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let health = health_reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        health.set_not_serving::<JobServiceServer<JobApi>>().await;
+        health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
+        tracing::info!(grace_s = grace.as_secs_f64(), "stopping: calls in flight may end");
+        let _ = stopping_tx.send(());
+    };
+    let serve = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(jobs)
         .add_service(workers)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let result = tokio::select! {
+        r = serve => r,
+        _ = async {
+            match stopping_rx.await {
+                Ok(()) => tokio::time::sleep(grace).await,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        } => {
+            tracing::info!("grace period over: dropping the open worker sessions and watches");
+            Ok(())
+        }
+    };
     for b in background {
         b.abort();
     }

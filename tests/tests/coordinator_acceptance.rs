@@ -678,6 +678,38 @@ async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_t
     assert!(started.elapsed() >= Duration::from_secs(3), "it lasted longer than the limit");
 }
 
+/// SIGTERM with a worker session and a watch open (streams that never end by themselves): the
+/// coordinator exits cleanly after its grace period instead of waiting for its supervisor's SIGKILL,
+/// and the worker's lease survives for another replica to take back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_coordinator_after_its_grace_with_streams_open() {
+    let Farm { mut coord, pool, ch, .. } = Farm::start("acc_sigterm", &["--shutdown-grace-s", "2"]).await;
+    let client = coord.token("tess", "client").unwrap();
+    let worker = bearer(&coord.token("tess", "worker").unwrap());
+    let job = submit_ok(&ch, &client, header("held", 2), prompts(1)).await;
+    let mut session = Session::open(&ch, Some(&worker), "holder", 1).await.unwrap();
+    session.credits(1).await;
+    let a = session.next_assign(Duration::from_secs(10)).await;
+    let _watch = jobs(&ch)
+        .watch_job(authed(&client, WatchJobRequest { job_id: job.to_string(), after_sequence: 0 }))
+        .await
+        .expect("a watch");
+    let started = Instant::now();
+    let status = coord.stop(Duration::from_secs(25)).expect("it ended");
+    let took = started.elapsed();
+    assert!(status.success(), "the coordinator ended by itself, cleanly: {status:?} after {took:?}");
+    assert!(took < Duration::from_secs(15), "stopped {took:?} after SIGTERM (grace 2 s)");
+    // The lease was not given up: the task is still running under it, for the worker to keep.
+    let lease = a.tasks[0].lease.as_ref().unwrap();
+    let (state, token): (i16, i64) = sqlx::query_as("select state, lease_token from tasks where id = $1")
+        .bind(Uuid::parse_str(&lease.task_id).unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((state, token as u64), (2, lease.lease_token));
+    drop(session);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     let Farm { coord, pool, ch, .. } = Farm::start("acc_bad_input", &[]).await;
