@@ -8,10 +8,9 @@
 //! from installing at once.
 
 use std::env;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::paths;
-use crate::process::{self, LocalServer, Process, TempDir};
+use crate::process::{self, FileLock, LocalServer, Process, TempDir};
 
 /// The moto release the tests are written against.
 pub const MOTO_VERSION: &str = "5.2.5";
@@ -105,37 +104,6 @@ pub fn ensure_installed() -> Result<(PathBuf, bool)> {
     fs::write(venv.join(STAMP), MOTO_VERSION)
         .with_context(|| format!("write the stamp in {}", venv.display()))?;
     Ok((venv, true))
-}
-
-/// An exclusive `flock` on a file, released when dropped.
-struct FileLock {
-    file: File,
-}
-
-impl FileLock {
-    fn acquire(path: &Path) -> Result<FileLock> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("lock {}", path.display()));
-        }
-        Ok(FileLock { file })
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: unlocks the descriptor locked in `acquire`.
-        unsafe {
-            libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
-        }
-    }
 }
 
 /// A moto server of ours (installed first when missing). Stopped when dropped.

@@ -47,6 +47,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let result = demo.render(&torch, stay);
     if let Err(err) = &result {
         if !signal::interrupted() {
+            // The logs outlive the demo, for the user to read.
+            demo.dir.keep();
             eprintln!("xtask demo: {err:#}\nlogs are in {}", demo.dir.path().display());
             demo.print_logs();
         }
@@ -128,9 +130,13 @@ impl Demo {
             &self.dir.path().join("worker.log"),
         )?);
 
+        let no_config = self.dir.path().join("no-config");
         let cli = |args: &[&str]| {
             let mut command = farm::command(&paths::bin("farm"), Some(torch));
             command
+                // The user's own client configuration (a TLS farm's CA, another endpoint) is not
+                // the demo's: it reads from an empty configuration directory.
+                .env("XDG_CONFIG_HOME", &no_config)
                 .args(["--endpoint", &endpoint, "--token", &client_token])
                 .args(args)
                 .current_dir(paths::repo_root());

@@ -82,6 +82,14 @@ fn ensure_torch_venv(apt: &mut Apt) -> Result<(TorchEnv, bool)> {
     if let Some(found) = TorchEnv::cached(&venv).filter(TorchEnv::is_expected_version) {
         return Ok((found, false));
     }
+    // One installer at a time (`xtask demo` and `xtask test` started together, two checkouts
+    // sharing the cache): the others wait, then find it installed.
+    let parent = venv.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    let _lock = xtask::process::FileLock::acquire(&parent.join("torch-venv.lock"))?;
+    if let Some(found) = TorchEnv::cached(&venv).filter(TorchEnv::is_expected_version) {
+        return Ok((found, false));
+    }
     if torch::python(&venv).exists() {
         match TorchEnv::probe(&venv) {
             Ok(found) if found.is_expected_version() => return Ok((found, false)),
