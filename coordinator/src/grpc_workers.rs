@@ -437,7 +437,13 @@ async fn handle_message(
                     Err(s) => tracing::warn!(%worker_id, error = %s.message(), "heartbeat entry ignored"),
                 }
             }
-            shared.store.heartbeat(worker_id, &leases, h.vram_free_bytes).await?
+            let gone = shared.store.heartbeat(worker_id, &leases, h.vram_free_bytes).await?;
+            if !gone.is_empty() {
+                // Renders of tasks that went elsewhere (the lease expired and another worker took
+                // it): the worker stops them between steps instead of rendering them for nothing.
+                tracing::info!(%worker_id, leases = gone.len(), "leases no longer the worker's: revoked");
+                shared.revoke_local(worker_id, &gone);
+            }
         }
         worker_message::Msg::Progress(p) => {
             if let Some((job_id, idx)) = shared.store.progress(held(&p.lease)?, p.step as i32).await? {

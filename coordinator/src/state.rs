@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use farm_proto::pb::{coordinator_message, job_event, CancelTasks, CoordinatorMessage, JobStateChanged, Lease,
+use farm_proto::pb::{coordinator_message, job_event, CancelTasks, CoordinatorMessage, JobStateChanged, Lease, LeaseRevoked,
                      TaskCounts, TaskStateChanged};
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
@@ -129,6 +129,16 @@ impl Shared {
     }
 
     /// Routes a cancel to a worker session of this replica; false if the session is not here.
+    /// Tells this replica's session of `worker_id` that `leases` are no longer its own
+    /// (`LeaseRevoked`); best effort, like progress.
+    pub fn revoke_local(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) {
+        let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
+        if let Some(tx) = tx {
+            let leases = leases.iter().map(|(task, token)| Lease { task_id: task.to_string(), lease_token: *token as u64 }).collect();
+            let _ = tx.try_send(CoordinatorMessage { msg: Some(coordinator_message::Msg::Revoked(LeaseRevoked { leases })) });
+        }
+    }
+
     pub fn cancel_local(&self, worker_id: Uuid, task_id: Uuid, token: i64) -> bool {
         let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
         match tx {

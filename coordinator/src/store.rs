@@ -310,12 +310,15 @@ impl Store {
     ///
     /// `vram_free_bytes`, when the worker measured it (non-zero), replaces the hello's figure in
     /// the worker's capabilities, so listings show the memory free now.
-    pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)], vram_free_bytes: u64) -> Result<()> {
+    /// Returns the listed leases that are no longer this worker's (neither renewed nor taken back:
+    /// their task was claimed by another worker, finished, failed or cancelled), for it to drop.
+    pub async fn heartbeat(&self, worker_id: Uuid, leases: &[(Uuid, i64)], vram_free_bytes: u64) -> Result<Vec<(Uuid, i64)>> {
         let (ids, tokens): (Vec<Uuid>, Vec<i64>) = leases.iter().copied().unzip();
-        sqlx::query(
+        let gone = sqlx::query(
             "with t as (update tasks t set lease_expires_at = now() + $2 * interval '1 millisecond'
                         from unnest($3::uuid[], $4::bigint[]) as l(id, token)
-                        where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2),
+                        where t.id = l.id and t.lease_token = l.token and t.lease_owner = $1 and t.state = 2
+                        returning t.id),
                   back as (update tasks t set state = 2, lease_owner = $1,
                                   lease_expires_at = now() + $2 * interval '1 millisecond'
                            from unnest($3::uuid[], $4::bigint[]) as l(id, token), jobs j
@@ -329,21 +332,23 @@ impl Store {
                                            and a.outcome in ('expired', 'lost') and w.tenant_id = me.tenant_id)
                            returning t.id, t.lease_token),
                   att as (update task_attempts a set worker_id = $1, outcome = 'running', ended_at = null
-                          from back where a.task_id = back.id and a.lease_token = back.lease_token)
-             update workers set last_heartbeat = now(), disconnected_at = null,
-                    capabilities = case when $5 > 0
-                                        then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))
-                                        else capabilities end
-             where id = $1",
+                          from back where a.task_id = back.id and a.lease_token = back.lease_token),
+                  w as (update workers set last_heartbeat = now(), disconnected_at = null,
+                               capabilities = case when $5 > 0
+                                                   then jsonb_set(capabilities, '{vram_free_bytes}', to_jsonb($5))
+                                                   else capabilities end
+                        where id = $1)
+             select l.id, l.token from unnest($3::uuid[], $4::bigint[]) as l(id, token)
+             where l.id not in (select id from t) and l.id not in (select id from back)",
         )
         .bind(worker_id)
         .bind(self.ttl_ms())
         .bind(&ids)
         .bind(&tokens)
         .bind(i64::try_from(vram_free_bytes).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(())
+        Ok(gone.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// The session ended: every lease it holds goes back to the queue, no attempt charged.

@@ -1410,6 +1410,23 @@ async fn a_lease_its_worker_stops_listing_expires_while_the_session_keeps_the_ot
     want.sort();
     assert_eq!(held, want);
     assert_eq!(attempt_outcome(&pool, free.lease_token as i64).await, "running");
+    // The listed leases that are no longer the session's (another worker's claim, a committed
+    // result) come back revoked, for the worker to stop rendering them.
+    let revoked = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), session.inbound.message())
+            .await
+            .expect("a revocation in time")
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        if let Some(coordinator_message::Msg::Revoked(r)) = msg.msg {
+            break r.leases;
+        }
+    };
+    let mut named: Vec<(String, u64)> = revoked.into_iter().map(|l| (l.task_id, l.lease_token)).collect();
+    named.sort();
+    let mut want = vec![(claimed.task_id.clone(), claimed.lease_token), (early.task_id.clone(), early.lease_token)];
+    want.sort();
+    assert_eq!(named, want, "revoked: the claimed and the committed lease, not the kept or taken-back ones");
     assert_status(
         upload(&ch, Some(&worker), &claimed.task_id, claimed.lease_token, b"stale").await,
         Code::FailedPrecondition,
@@ -1697,6 +1714,44 @@ async fn one_failing_prompt_does_not_fail_its_batchmates() {
             .await
             .unwrap();
     assert_eq!(rows, vec![(0, 3, 0), (1, 3, 0), (2, 4, 2), (3, 3, 0)], "(index, state, failures charged)");
+}
+
+/// A render that fails while the coordinator is away (killed, restarting) is charged once it is
+/// back: the worker keeps the report and lists its lease in the next hello, the coordinator keeps
+/// the lease, and the report goes out, instead of being lost and the lease expiring uncharged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_while_the_coordinator_is_away_is_charged_after_the_reconnect() {
+    let Farm { mut coord, pool, ch, .. } = Farm::start("acc_failure_offline", &[]).await;
+    let (job, worker_token) = submit_with_marker(&coord, &ch, "ivan", "fails offline", 1, 0, "[synthetic:nan]").await;
+    // Two steps of 1.5 s: the render fails at its end, about 3 s after it starts.
+    let _worker = synthetic_worker(&coord.url(), &worker_token, "offline", 1500, 1);
+    wait_for("the render to start", Duration::from_secs(60), || async {
+        count(&pool, "select count(*) from tasks where job_id = $1 and state = 2", job).await == 1
+    })
+    .await;
+    coord.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    coord.resume().expect("the coordinator restarts");
+    wait_for("the first attempt to end", Duration::from_secs(40), || async {
+        let outcome: Option<String> = sqlx::query_scalar(
+            "select a.outcome from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.attempt = 1",
+        )
+        .bind(job)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        outcome.is_some_and(|o| o != "running")
+    })
+    .await;
+    let (outcome, error): (String, Option<String>) = sqlx::query_as(
+        "select a.outcome, a.error from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.attempt = 1",
+    )
+    .bind(job)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "failed", "the failure made while the coordinator was away is charged: {error:?}");
+    assert!(error.is_some_and(|e| e.contains("NaN")));
 }
 
 /// A render that stops making progress (the synthetic renderer's hang marker; on a GPU, a wedged

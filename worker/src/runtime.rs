@@ -352,6 +352,9 @@ struct Controller {
     draining: bool,
     /// Set when the running batch stalled: the drain then ends in [`RenderStalled`].
     stalled: Option<Duration>,
+    /// Failure reports made while no session was open: their leases are still listed in the next
+    /// hello, and the reports go out once the coordinator kept them, so the failure is charged.
+    unreported: Vec<TaskFailed>,
     alive: Liveness,
     job_tx: std::sync::mpsc::SyncSender<Vec<TaskAssignment>>,
     /// (task id, lease token, outcome): an outcome of an older lease of the same task is ignored.
@@ -384,6 +387,7 @@ impl Controller {
             .chain(self.running.iter())
             .chain(self.uploads.values().map(|u| &u.task))
             .map(lease_of)
+            .chain(self.unreported.iter().filter_map(|f| f.lease.clone()))
             .collect()
     }
 
@@ -478,6 +482,8 @@ impl Controller {
             }
         }
         self.uploads.retain(|id, _| kept.contains(id));
+        // A failure whose lease the coordinator did not keep (it went to another worker) is moot.
+        self.unreported.retain(|f| f.lease.as_ref().is_some_and(|l| kept.contains(&l.task_id)));
         tracing::info!(worker_id = %w.worker_id, coordinator = %w.coordinator, kept = kept.len(), held = before,
                        "connected to the coordinator");
         let (in_tx, in_rx) = mpsc::channel(1024);
@@ -508,6 +514,10 @@ impl Controller {
         });
         self.session_epoch += 1;
         self.connected_at = Some(Instant::now());
+        for failed in std::mem::take(&mut self.unreported) {
+            tracing::info!(task = %failed.lease.as_ref().map_or("", |l| l.task_id.as_str()), "reporting a failure from while disconnected");
+            self.report_failure_msg(failed).await;
+        }
         self.top_up().await;
         self.retry_uploads();
         Ok(())
@@ -653,13 +663,21 @@ impl Controller {
     }
 
     async fn report_failure(&mut self, t: &TaskAssignment, error: &str, retryable: bool, kind: &str) {
-        self.send(worker_message::Msg::Failed(TaskFailed {
-            lease: Some(lease_of(t)),
-            error: error.to_string(),
-            retryable,
-            kind: kind.to_string(),
-        }))
-        .await;
+        let failed = TaskFailed { lease: Some(lease_of(t)), error: error.to_string(), retryable, kind: kind.to_string() };
+        self.report_failure_msg(failed).await;
+    }
+
+    /// Sends a failure report, or keeps it for the next session when none is open.
+    async fn report_failure_msg(&mut self, failed: TaskFailed) {
+        if self.session.is_none() {
+            self.unreported.push(failed);
+            return;
+        }
+        self.send(worker_message::Msg::Failed(failed.clone())).await;
+        if self.session.is_none() {
+            // The stream broke under this report: it goes out again after the next hello.
+            self.unreported.push(failed);
+        }
     }
 
     async fn begin_drain(&mut self) {
@@ -878,7 +896,7 @@ impl Controller {
     }
 
     fn busy(&self) -> bool {
-        !self.running.is_empty() || !self.queue.is_empty() || !self.uploads.is_empty()
+        !self.running.is_empty() || !self.queue.is_empty() || !self.uploads.is_empty() || !self.unreported.is_empty()
     }
 
     /// The pending upload of task `id` under lease `token`, if it is still waiting.
@@ -1056,6 +1074,7 @@ pub async fn run(
         cancelled,
         draining: false,
         stalled: None,
+        unreported: Vec::new(),
         alive,
         job_tx,
         upload_tx,
