@@ -349,6 +349,22 @@ fn synthetic_worker(url: &str, token: &str, name: &str, step_ms: u64, extra: &[&
     Worker::spawn(url, token, &args).expect("start a worker")
 }
 
+/// A worker whose token the coordinator refuses exits with status 4 (which the systemd unit does
+/// not restart) instead of retrying for ever; a token read with a trailing line break (a secret
+/// file) is trimmed and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_worker_exits_with_status_4_and_a_token_with_a_line_break_works() {
+    let db = fresh_database("worker_refused");
+    let coord = Coordinator::spawn(CoordinatorOptions::new(&db).arg("--idle-poll-ms").arg("100")).unwrap();
+    let unknown = format!("farm_{}", "0".repeat(64));
+    let mut refused = synthetic_worker(&coord.url(), &unknown, "refused", 1, &[]);
+    let status = refused.wait_exit(Duration::from_secs(60)).expect("the refused worker exits");
+    assert_eq!(status.code(), Some(4), "{status:?}");
+    let wtoken = coord.token("tenant-k", "worker").unwrap();
+    let trimmed = synthetic_worker(&coord.url(), &format!("{wtoken}\n"), "trimmed", 1, &[]);
+    trimmed.wait_for_log("connected to the coordinator", Duration::from_secs(60)).expect("it connects");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_past_its_timeout_exits_and_hands_the_task_back() {
     let db = fresh_database("worker_drain_timeout");

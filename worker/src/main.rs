@@ -11,7 +11,7 @@ use farm_proto::pb::{Precision, RenderParams};
 use farm_worker::device::parse_device;
 use farm_worker::model::pipeline::{Pipeline, PipelineOptions, Preset};
 use farm_worker::render::{ModelRenderer, RenderItem, Renderer, SyntheticRenderer};
-use farm_worker::runtime::{coordinator_endpoint, run, RenderStalled, RunEnd, WorkerOptions};
+use farm_worker::runtime::{coordinator_endpoint, run, Refused, RenderStalled, RunEnd, WorkerOptions};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -345,7 +345,8 @@ fn main() -> anyhow::Result<()> {
             // Any other end of the session (the coordinator refused the worker at a reconnect,
             // say) can come while a batch is rendering: the same unsafe teardown applies.
             eprintln!("Error: {e:?}");
-            unsafe { libc::_exit(1) }
+            let status = if e.downcast_ref::<Refused>().is_some() { Refused::EXIT_STATUS } else { 1 };
+            unsafe { libc::_exit(status) }
         }
     }
 }

@@ -98,6 +98,17 @@ pub struct RenderStalled {
     pub seconds: u64,
 }
 
+/// [`run`]'s error when the coordinator refuses this worker (its token is unknown, revoked or not a
+/// worker token): restarting cannot help, so the process exits with [`Refused::EXIT_STATUS`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the coordinator refuses this worker: {0}")]
+pub struct Refused(pub String);
+
+impl Refused {
+    /// The exit status for a refused worker (supervisors are told not to restart it).
+    pub const EXIT_STATUS: i32 = 4;
+}
+
 /// When the GPU thread last showed progress, in milliseconds since `origin`.
 #[derive(Clone)]
 struct Liveness {
@@ -1116,7 +1127,7 @@ pub async fn run(
                 }
                 Err(e) if e.starts_with("Unauthenticated") || e.starts_with("PermissionDenied") => {
                     // Retrying cannot help: the token is unknown, revoked or not a worker token.
-                    anyhow::bail!("the coordinator refuses this worker: {e}");
+                    return Err(Refused(e).into());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = ctl.backoff.as_millis() as u64, "cannot reach the coordinator");
