@@ -490,8 +490,11 @@ impl BlobStore {
                         }
                         std::fs::rename(&tmp, &final_path)?;
                         // The rename, and the job's directory if it is new, must survive a crash
-                        // once the result row is committed: sync the directory entries too.
-                        sync_dir_and_parent(final_path.parent().expect("key has a directory"))
+                        // once the result row is committed: sync the directory entries too. A
+                        // failure there takes the blob back out (nothing is left behind).
+                        sync_dir_and_parent(final_path.parent().expect("key has a directory")).inspect_err(|_| {
+                            let _ = std::fs::remove_file(&final_path);
+                        })
                     })();
                     if placed.is_err() {
                         let _ = std::fs::remove_file(&tmp);

@@ -22,6 +22,10 @@ use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+/// The largest sequence number a watch may resume after (2^53: exact in JSON too, and far below
+/// what Redis counts in a signed 64-bit integer).
+pub const MAX_SEQUENCE: u64 = 1 << 53;
+
 /// Events kept per job for replay.
 pub const HISTORY: usize = 10_000;
 /// See [`Events::prune`].

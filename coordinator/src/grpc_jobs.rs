@@ -113,6 +113,14 @@ impl JobService for JobApi {
         let id = parse_job_id(&req.get_ref().job_id)?;
         self.shared.store.job_of_tenant(&p.tenant, id).await?;
         let after = req.get_ref().after_sequence;
+        // Sequence numbers are counted in a signed 64-bit Redis integer: a resume point past what
+        // can be counted would stop the job's counter (see `Events::subscribe`).
+        if after > crate::events::MAX_SEQUENCE {
+            return Err(Status::invalid_argument(format!(
+                "after_sequence {after} is past the largest sequence number ({})",
+                crate::events::MAX_SEQUENCE
+            )));
+        }
         let shared = self.shared.clone();
         let mut events = shared.events.subscribe(id, after);
         let stream = async_stream::stream! {

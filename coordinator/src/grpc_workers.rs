@@ -524,7 +524,8 @@ async fn dispatch_loop(
         match shared.store.claim(&slot, want).await {
             Ok(claimed) if !claimed.is_empty() => {
                 let n = claimed.len() as u32;
-                credits.fetch_sub(n, Ordering::SeqCst);
+                // Saturating: a withdraw (a draining worker) may have zeroed the count during the claim.
+                let _ = credits.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| Some(c.saturating_sub(n)));
                 {
                     let mut issued = shared.issued.lock().unwrap();
                     for c in &claimed {

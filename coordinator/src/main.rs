@@ -138,6 +138,12 @@ struct ServeArgs {
     /// hold a database connection; after the end marker the submission is stored.
     #[arg(long, env = "FARM_SUBMIT_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     submit_idle_timeout_s: u64,
+    /// Longest time, in seconds, a submission may go without a prompt while it sends empty chunks
+    /// (`farm submit` sends one every 15 s while its input, a slow pipe, is quiet); past it the
+    /// submission is refused (ABORTED, nothing stored), so quiet submissions cannot hold the
+    /// replica's turns and database connections for ever.
+    #[arg(long, env = "FARM_SUBMIT_QUIET_LIMIT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    submit_quiet_limit_s: u64,
     /// Submissions stored at once by this replica (each holds a database connection while its
     /// prompts stream in); more wait up to 30 s for a turn, then are refused as UNAVAILABLE.
     #[arg(long, env = "FARM_MAX_CONCURRENT_SUBMISSIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
@@ -228,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
                 metrics_listen: a.metrics_listen,
                 max_prompts_per_job: a.max_prompts_per_job,
                 submit_idle_timeout: Duration::from_secs(a.submit_idle_timeout_s),
+                submit_quiet_limit: Duration::from_secs(a.submit_quiet_limit_s),
                 max_concurrent_submissions,
             };
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub max_prompts_per_job: u64,
     /// Longest wait between two messages of a submission.
     pub submit_idle_timeout: Duration,
+    /// Longest time a submission may send only empty chunks.
+    pub submit_quiet_limit: Duration,
     /// Submissions stored at once by this replica.
     pub max_concurrent_submissions: u32,
 }
@@ -93,6 +95,7 @@ pub async fn build(opts: &ServeOptions, replica: String) -> anyhow::Result<Arc<S
         limits: SubmitLimits {
             max_prompts: opts.max_prompts_per_job,
             idle_timeout: opts.submit_idle_timeout,
+            quiet_limit: opts.submit_quiet_limit,
             ..SubmitLimits::default()
         },
         submit_slots: tokio::sync::Semaphore::new(opts.max_concurrent_submissions.max(1) as usize),

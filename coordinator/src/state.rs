@@ -128,7 +128,6 @@ impl Shared {
         });
     }
 
-    /// Routes a cancel to a worker session of this replica; false if the session is not here.
     /// Tells this replica's session of `worker_id` that `leases` are no longer its own
     /// (`LeaseRevoked`); best effort, like progress.
     pub fn revoke_local(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) {
@@ -139,6 +138,7 @@ impl Shared {
         }
     }
 
+    /// Routes a cancel to a worker session of this replica; false if the session is not here.
     pub fn cancel_local(&self, worker_id: Uuid, task_id: Uuid, token: i64) -> bool {
         let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
         match tx {

@@ -348,7 +348,24 @@ impl Store {
         .bind(i64::try_from(vram_free_bytes).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        Ok(gone.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        let gone: Vec<(Uuid, i64)> = gone.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        // The statement above read one snapshot: a lease the sweep requeued while it waited for the
+        // row is neither renewed nor taken back there, though the next heartbeat (or an upload)
+        // would take it back. Only leases that are really gone, read now, are revoked.
+        let (ids, tokens): (Vec<Uuid>, Vec<i64>) = gone.into_iter().unzip();
+        let really: Vec<(Uuid, i64)> = sqlx::query_as(
+            "select l.id, l.token from unnest($1::uuid[], $2::bigint[]) as l(id, token)
+             where not exists (select 1 from tasks t
+                               where t.id = l.id and t.lease_token = l.token and t.state in (1, 2))",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(really)
     }
 
     /// The session ended: every lease it holds goes back to the queue, no attempt charged.
@@ -539,6 +556,7 @@ impl Store {
     /// failure) it is also the task's last error and the next claim waits that long.
     pub async fn release(&self, lease: HeldLease, reason: &str, retry_after_ms: i64) -> Result<Option<Transition>> {
         let HeldLease { worker, task: task_id, token } = lease;
+        let reason = &storable_text(reason);
         let row = sqlx::query(
             r#"
             with upd as (

@@ -30,6 +30,10 @@ pub struct SubmitLimits {
     pub prompt: PromptLimits,
     /// Longest wait between two messages of a submission.
     pub idle_timeout: Duration,
+    /// Longest time a submission may go without a prompt while it sends empty chunks (the
+    /// client's keep-alive while its input is quiet): it holds a database connection and one of
+    /// the replica's turns to store submissions meanwhile.
+    pub quiet_limit: Duration,
 }
 
 impl Default for SubmitLimits {
@@ -38,6 +42,7 @@ impl Default for SubmitLimits {
             max_prompts: limits::MAX_PROMPTS_PER_JOB,
             prompt: PromptLimits::default(),
             idle_timeout: Duration::from_secs(60),
+            quiet_limit: Duration::from_secs(600),
         }
     }
 }
@@ -269,6 +274,7 @@ pub async fn submit(
         let mut over_limit = false;
 
         let mut ended: Option<u64> = None;
+        let mut last_prompt_at = std::time::Instant::now();
         while let Some(item) = chunks.next().await {
             let chunk = match item {
                 Ok(SubmitItem::Prompts(_)) if ended.is_some() => {
@@ -277,7 +283,22 @@ pub async fn submit(
                     }
                     return Err(Error::InvalidArgument("prompts after the end marker".into()));
                 }
-                Ok(SubmitItem::Prompts(c)) => c,
+                Ok(SubmitItem::Prompts(c)) if c.is_empty() && last_prompt_at.elapsed() > limits.quiet_limit => {
+                    if let Some(c) = copy.take() {
+                        let _ = c.abort("submission sent no prompt").await;
+                    }
+                    return Err(Error::Aborted(format!(
+                        "the submission sent no prompt for {} s (the coordinator's limit, --submit-quiet-limit-s); \
+                         nothing was stored",
+                        limits.quiet_limit.as_secs()
+                    )));
+                }
+                Ok(SubmitItem::Prompts(c)) => {
+                    if !c.is_empty() {
+                        last_prompt_at = std::time::Instant::now();
+                    }
+                    c
+                }
                 Ok(SubmitItem::End(n)) => {
                     ended = Some(n);
                     continue;

@@ -625,7 +625,7 @@ async fn a_submission_over_the_prompt_limit_is_refused_without_reading_the_rest(
 /// to store submissions, so with one turn the next submission is stored only after it was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_turn() {
-    let args = ["--submit-idle-timeout-s", "2", "--max-concurrent-submissions", "1"];
+    let args = ["--submit-idle-timeout-s", "2", "--submit-quiet-limit-s", "5", "--max-concurrent-submissions", "1"];
     let Farm { coord, pool, ch, .. } = Farm::start("acc_stalled_submit", &args).await;
     let alice = coord.token("alice", "client").unwrap();
     let before = row_counts(&pool).await;
@@ -676,6 +676,26 @@ async fn a_stalled_submission_is_refused_after_the_idle_limit_and_gives_up_its_t
         .into_inner();
     assert_eq!(r.accepted, 2, "{r:?}");
     assert!(started.elapsed() >= Duration::from_secs(3), "it lasted longer than the limit");
+    // Keep-alives alone, for longer than the quiet limit (5 s), are refused: nothing is stored.
+    let before = row_counts(&pool).await;
+    let quiet = futures::stream::unfold(0u32, |n| async move {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let msg = if n == 0 {
+            SubmitJobRequest { msg: Some(submit_job_request::Msg::Header(header("only keep-alives", 2))) }
+        } else {
+            SubmitJobRequest { msg: Some(submit_job_request::Msg::Chunk(PromptChunk { prompts: vec![] })) }
+        };
+        (n < 40).then_some((msg, n + 1))
+    });
+    let refused = tokio::time::timeout(Duration::from_secs(30), jobs(&ch).submit_job(authed(&alice, quiet)))
+        .await
+        .expect("answered")
+        .expect_err("a submission of keep-alives alone is refused");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("--submit-quiet-limit-s"), "{}", refused.message());
+    assert_eq!(row_counts(&pool).await, before, "nothing stored");
 }
 
 /// SIGTERM with a worker session and a watch open (streams that never end by themselves): the
@@ -999,6 +1019,16 @@ async fn bad_input_gets_its_documented_status_and_stores_nothing() {
     // --- Another tenant's job is NOT_FOUND everywhere, like a job that does not exist.
     let job = submit_ok(&ch, &alice, header("alice's job", 2), prompts(3)).await;
     let id = job.to_string();
+    // A watch resuming past the largest sequence number is refused (it would stop the job's counter).
+    assert_status(
+        jobs(&ch)
+            .watch_job(authed(&alice, WatchJobRequest { job_id: id.clone(), after_sequence: u64::MAX }))
+            .await
+            .map(|_| ()),
+        Code::InvalidArgument,
+        "after_sequence",
+        "a resume point past the largest sequence number",
+    );
     let missing = Uuid::new_v4().to_string();
     for job_id in [&id, &missing] {
         let what = |call: &str| format!("{call} of {} by bob", if job_id == &id { "alice's job" } else { "a missing job" });
@@ -2316,13 +2346,18 @@ async fn silent_worker_loses_its_leases_after_the_ttl_and_its_late_upload_is_ref
     let before = snapshot().await;
     assert!(before.0.iter().all(|r| r.3 == "rescuer"), "every result is the rescuer's: {:?}", before.0);
 
-    // SIGCONT: the worker finishes its stale renders and uploads them; the coordinator refuses them.
+    // SIGCONT: the worker's next heartbeat lists its stale leases and gets them revoked, or it
+    // uploads a stale render first and the coordinator refuses it; either way it drops that work.
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
-    victim
-        .wait_for_log("result dropped: the lease is no longer ours", Duration::from_secs(30))
-        .expect("the late upload is refused");
-    assert!(victim.log().contains("lease is not current"), "the refusal names the stale lease");
+    let (refused, revoked) = ("result dropped: the lease is no longer ours", "leases revoked");
+    wait_for("the worker to drop its stale work", Duration::from_secs(30), || async {
+        let log = victim.log();
+        log.contains(refused) || log.contains(revoked)
+    })
+    .await;
+    let log = victim.log();
+    assert!(!log.contains(refused) || log.contains("lease is not current"), "a refusal names the stale lease");
     assert_eq!(snapshot().await, before, "a late upload changed a committed result");
     assert_each_task_succeeded_once(&pool, job, 4, coord.results_dir()).await;
 

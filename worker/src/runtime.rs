@@ -623,7 +623,10 @@ impl Controller {
                 }
             }
             Some(coordinator_message::Msg::Cancel(c)) => self.cancel(c.leases, true).await,
-            Some(coordinator_message::Msg::Revoked(r)) => self.cancel(r.leases, false).await,
+            Some(coordinator_message::Msg::Revoked(r)) => {
+                tracing::warn!(leases = r.leases.len(), "leases revoked (their tasks went to another worker): their work is dropped");
+                self.cancel(r.leases, false).await
+            }
             Some(coordinator_message::Msg::Drain(d)) => {
                 tracing::info!(reason = %d.reason, "the coordinator asks us to drain");
                 self.begin_drain().await;
