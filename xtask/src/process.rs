@@ -512,37 +512,6 @@ impl Drop for TempDir {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kill_reaches_descendants_that_left_the_group() {
-        let dir = TempDir::new("xtask-process-test").unwrap();
-        // The grandchild moves into a session of its own, as PostgreSQL backends do.
-        let mut command = Command::new("sh");
-        command.args(["-c", "setsid sleep 60 & wait"]);
-        let mut process = Process::spawn("sh", command, &dir.path().join("sh.log")).unwrap();
-        let mut grandchild = None;
-        wait_until("the grandchild to start", Duration::from_secs(10), || {
-            grandchild = descendants_of(process.pid()).into_iter().next();
-            Ok(grandchild.is_some())
-        })
-        .unwrap();
-        process.kill();
-        let grandchild = grandchild.unwrap();
-        wait_until("the grandchild to die", Duration::from_secs(10), || {
-            let stat = fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
-            // Gone, or a zombie waiting for init.
-            Ok(stat.is_empty()
-                || stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-        })
-        .unwrap();
-    }
-}
-
 /// An exclusive `flock` on a file, released when dropped.
 pub struct FileLock {
     file: File,
@@ -571,5 +540,36 @@ impl Drop for FileLock {
         unsafe {
             libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_reaches_descendants_that_left_the_group() {
+        let dir = TempDir::new("xtask-process-test").unwrap();
+        // The grandchild moves into a session of its own, as PostgreSQL backends do.
+        let mut command = Command::new("sh");
+        command.args(["-c", "setsid sleep 60 & wait"]);
+        let mut process = Process::spawn("sh", command, &dir.path().join("sh.log")).unwrap();
+        let mut grandchild = None;
+        wait_until("the grandchild to start", Duration::from_secs(10), || {
+            grandchild = descendants_of(process.pid()).into_iter().next();
+            Ok(grandchild.is_some())
+        })
+        .unwrap();
+        process.kill();
+        let grandchild = grandchild.unwrap();
+        wait_until("the grandchild to die", Duration::from_secs(10), || {
+            let stat = fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+            // Gone, or a zombie waiting for init.
+            Ok(stat.is_empty()
+                || stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        })
+        .unwrap();
     }
 }
