@@ -315,6 +315,9 @@ impl Producer {
         };
         let mut chunk_len = 0usize;
         let mut sending = true;
+        // A slow input (a generator on a pipe) does not wait for a full chunk: a prompt that comes
+        // a keep-alive interval after the last send goes out with the ones before it.
+        let mut last_send = Instant::now();
 
         'inputs: for input in &self.inputs {
             let source = input.display_name();
@@ -424,9 +427,17 @@ impl Producer {
                         return report;
                     }
                     chunk_len = 0;
+                    last_send = Instant::now();
                 }
                 chunk_len += len;
                 chunk.prompts.push(spec);
+                if last_send.elapsed() >= self.opts.keepalive {
+                    if !self.send(&mut chunk, &mut report) {
+                        return report;
+                    }
+                    chunk_len = 0;
+                    last_send = Instant::now();
+                }
             }
         }
         if report.failure.is_some() {

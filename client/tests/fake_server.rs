@@ -940,20 +940,28 @@ async fn quiet_input_keeps_the_call_alive() {
             w.flush().unwrap();
             std::thread::sleep(Duration::from_millis(700));
             writeln!(w, "1girl, second").unwrap();
+            w.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(700));
+            writeln!(w, "1girl, third").unwrap();
         })
     };
-    let mut opts = options(1);
+    // Chunks of up to 100 prompts: a slow input still sends its prompts as they come.
+    let mut opts = options(100);
     opts.keepalive = Duration::from_millis(100);
     let out = submit::submit_stream(c.service(), vec![Input::File(fifo)], opts, indicatif::ProgressBar::hidden())
         .await
         .unwrap();
     writer.join().unwrap();
     assert!(out.local_errors.is_empty(), "{:?}", out.local_errors);
-    assert_eq!(out.response.map(|r| r.accepted), Some(2));
+    assert_eq!(out.response.map(|r| r.accepted), Some(3));
     let seen = fake.seen.lock().unwrap();
     let keepalives = seen.chunks.iter().filter(|&&n| n == 0).count();
     assert!(keepalives >= 3, "empty chunks while the input was quiet: {:?}", seen.chunks);
-    assert_eq!(seen.chunks.iter().sum::<usize>(), 2);
+    assert_eq!(seen.chunks.iter().sum::<usize>(), 3);
+    // The prompts went out as they came (a prompt a keep-alive interval after the last send goes
+    // out at once), not all at the end in one chunk.
+    let with_prompts = seen.chunks.iter().filter(|&&n| n > 0).count();
+    assert!(with_prompts >= 2, "{:?}", seen.chunks);
 }
 
 /// In an XML batch, an unreadable prompt record names its prompt number (records after it keep

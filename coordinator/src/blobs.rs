@@ -488,12 +488,17 @@ impl BlobStore {
                             std::io::Write::write_all(&mut f, &buffer)?;
                             f.sync_all()?;
                         }
+                        // A retried upload may replace a blob that was already committed: only a
+                        // new one is taken back out below.
+                        let existed = final_path.exists();
                         std::fs::rename(&tmp, &final_path)?;
                         // The rename, and the job's directory if it is new, must survive a crash
                         // once the result row is committed: sync the directory entries too. A
-                        // failure there takes the blob back out (nothing is left behind).
+                        // failure there takes a new blob back out (nothing is left behind).
                         sync_dir_and_parent(final_path.parent().expect("key has a directory")).inspect_err(|_| {
-                            let _ = std::fs::remove_file(&final_path);
+                            if !existed {
+                                let _ = std::fs::remove_file(&final_path);
+                            }
                         })
                     })();
                     if placed.is_err() {
