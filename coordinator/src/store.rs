@@ -933,6 +933,7 @@ pub fn job_not_found(job_id: Uuid) -> Error {
 pub fn parse_job_id(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s.trim()).map_err(|_| Error::NotFound(format!("job {s:?} not found")))
 }
+
 /// Longest failure text stored (longer ones are cut at a character boundary, with a mark).
 pub const MAX_ERROR_TEXT: usize = 8 * 1024;
 
@@ -951,7 +952,6 @@ pub fn storable_text(text: &str) -> String {
     }
     out
 }
-
 
 #[cfg(test)]
 mod tests {
