@@ -95,6 +95,8 @@ struct RedisEvents {
     /// Connected on first use, so that a coordinator starts while Redis is away.
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     script: redis::Script,
+    /// [`RAISE_SCRIPT`], loaded once like the publishing script.
+    raise: redis::Script,
     /// Set while Redis is known to be away: publishes fail fast until then.
     away_until: Mutex<Option<Instant>>,
 }
@@ -154,6 +156,7 @@ impl Events {
                 config,
                 conn: tokio::sync::Mutex::new(None),
                 script: redis::Script::new(PUBLISH_SCRIPT),
+                raise: redis::Script::new(RAISE_SCRIPT),
                 away_until: Mutex::new(None),
             }),
             publish_failures: AtomicU64::new(0),
@@ -254,6 +257,7 @@ impl Events {
             }
             Some(r) => {
                 let client = r.client.clone();
+                let raise = r.raise.clone();
                 let key = format!("farm:ev:{job}");
                 let seq_key = format!("farm:seq:{job}");
                 Box::pin(async_stream::stream! {
@@ -269,8 +273,7 @@ impl Events {
                         }
                         let c = conn.as_mut().unwrap();
                         if !raised {
-                            let script = redis::Script::new(RAISE_SCRIPT);
-                            let mut inv = script.prepare_invoke();
+                            let mut inv = raise.prepare_invoke();
                             inv.key(&seq_key).arg(after).arg(REDIS_TTL_SECS);
                             if inv.invoke_async::<u64>(c).await.is_err() {
                                 conn = None;

@@ -131,26 +131,20 @@ impl Shared {
     /// Tells this replica's session of `worker_id` that `leases` are no longer its own
     /// (`LeaseRevoked`); best effort, like progress.
     pub fn revoke_local(&self, worker_id: Uuid, leases: &[(Uuid, i64)]) {
-        let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
-        if let Some(tx) = tx {
-            let leases = leases.iter().map(|(task, token)| Lease { task_id: task.to_string(), lease_token: *token as u64 }).collect();
-            let _ = tx.try_send(CoordinatorMessage { msg: Some(coordinator_message::Msg::Revoked(LeaseRevoked { leases })) });
-        }
+        let leases = leases.iter().map(|(task, token)| Lease { task_id: task.to_string(), lease_token: *token as u64 }).collect();
+        self.send_local(worker_id, coordinator_message::Msg::Revoked(LeaseRevoked { leases }));
     }
 
     /// Routes a cancel to a worker session of this replica; false if the session is not here.
     pub fn cancel_local(&self, worker_id: Uuid, task_id: Uuid, token: i64) -> bool {
+        let leases = vec![Lease { task_id: task_id.to_string(), lease_token: token as u64 }];
+        self.send_local(worker_id, coordinator_message::Msg::Cancel(CancelTasks { leases }))
+    }
+
+    /// Queues `msg` on this replica's session of `worker_id` without waiting; false if the session
+    /// is not here or its queue is full.
+    fn send_local(&self, worker_id: Uuid, msg: coordinator_message::Msg) -> bool {
         let tx = self.sessions.lock().unwrap().get(&worker_id).cloned();
-        match tx {
-            Some(tx) => {
-                let msg = CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::Cancel(CancelTasks {
-                        leases: vec![Lease { task_id: task_id.to_string(), lease_token: token as u64 }],
-                    })),
-                };
-                tx.try_send(msg).is_ok()
-            }
-            None => false,
-        }
+        tx.is_some_and(|tx| tx.try_send(CoordinatorMessage { msg: Some(msg) }).is_ok())
     }
 }

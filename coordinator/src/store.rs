@@ -708,14 +708,7 @@ impl Store {
     /// Whether the job has a queued or running task (scalar sub-selects: each reads its partial
     /// index and stops at the first row).
     async fn has_open_tasks(&self, job_id: Uuid) -> Result<bool> {
-        let open: bool = sqlx::query_scalar(
-            "select (select 1 from tasks where job_id = $1 and state = 1 limit 1) is not null
-                 or (select 1 from tasks where job_id = $1 and state = 2 limit 1) is not null",
-        )
-        .bind(job_id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(open)
+        has_open_tasks_in(&self.pool, job_id).await
     }
 
     /// The key and SHA-256 of a task's committed result, if it has one.
@@ -813,23 +806,17 @@ impl Store {
                 job_state_name(i32::from(state))
             )));
         }
-        if !cancelled {
-            // Every task settled and the job is about to close (its finish check runs a moment
-            // after the last commit): a cancel now would turn a finished outcome into CANCELLED.
-            let (open, failed): (bool, bool) = sqlx::query_as(
-                "select (select 1 from tasks where job_id = $1 and state = 1 limit 1) is not null
-                     or (select 1 from tasks where job_id = $1 and state = 2 limit 1) is not null,
-                        exists (select 1 from tasks where job_id = $1 and state = 4)",
-            )
-            .bind(job_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            if !open {
-                return Err(Error::FailedPrecondition(format!(
-                    "job {job_id} has no queued or running task left and is closing as {}; there is nothing to cancel",
-                    if failed { "failed" } else { "succeeded" }
-                )));
-            }
+        // Every task settled and the job is about to close (its finish check runs a moment after
+        // the last commit): a cancel now would turn a finished outcome into CANCELLED.
+        if !cancelled && !has_open_tasks_in(&mut *tx, job_id).await? {
+            let failed: bool = sqlx::query_scalar("select exists (select 1 from tasks where job_id = $1 and state = 4)")
+                .bind(job_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Err(Error::FailedPrecondition(format!(
+                "job {job_id} has no queued or running task left and is closing as {}; there is nothing to cancel",
+                if failed { "failed" } else { "succeeded" }
+            )));
         }
         sqlx::query("update jobs set cancelled_at = coalesce(cancelled_at, now()), state = 5 where id = $1")
             .bind(job_id)
@@ -932,6 +919,18 @@ pub fn job_not_found(job_id: Uuid) -> Error {
 /// Parses a job id from the API; a malformed id is simply not found.
 pub fn parse_job_id(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s.trim()).map_err(|_| Error::NotFound(format!("job {s:?} not found")))
+}
+
+/// Whether the job has a queued or running task, read through `ex` (the pool, or a transaction).
+async fn has_open_tasks_in<'e>(ex: impl sqlx::PgExecutor<'e>, job_id: Uuid) -> Result<bool> {
+    let open: bool = sqlx::query_scalar(
+        "select (select 1 from tasks where job_id = $1 and state = 1 limit 1) is not null
+             or (select 1 from tasks where job_id = $1 and state = 2 limit 1) is not null",
+    )
+    .bind(job_id)
+    .fetch_one(ex)
+    .await?;
+    Ok(open)
 }
 
 /// Longest failure text stored (longer ones are cut at a character boundary, with a mark).

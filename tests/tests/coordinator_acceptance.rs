@@ -1762,24 +1762,21 @@ async fn a_failure_while_the_coordinator_is_away_is_charged_after_the_reconnect(
     coord.kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     coord.resume().expect("the coordinator restarts");
-    wait_for("the first attempt to end", Duration::from_secs(40), || async {
-        let outcome: Option<String> = sqlx::query_scalar(
-            "select a.outcome from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.attempt = 1",
+    // (outcome, error) of the job's first attempt.
+    let first_attempt = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "select a.outcome, a.error from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.attempt = 1",
         )
         .bind(job)
         .fetch_optional(&pool)
         .await
-        .unwrap();
-        outcome.is_some_and(|o| o != "running")
+        .unwrap()
+    };
+    wait_for("the first attempt to end", Duration::from_secs(40), || async {
+        first_attempt().await.is_some_and(|(outcome, _)| outcome != "running")
     })
     .await;
-    let (outcome, error): (String, Option<String>) = sqlx::query_as(
-        "select a.outcome, a.error from task_attempts a join tasks t on t.id = a.task_id where t.job_id = $1 and a.attempt = 1",
-    )
-    .bind(job)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (outcome, error) = first_attempt().await.expect("the first attempt");
     assert_eq!(outcome, "failed", "the failure made while the coordinator was away is charged: {error:?}");
     assert!(error.is_some_and(|e| e.contains("NaN")));
 }
